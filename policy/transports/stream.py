@@ -1,0 +1,163 @@
+"""TCP and Unix stream transport: netstring or line-framed JSON, pipelined, answered in order."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any, cast
+
+import structlog
+
+from policy.errors import ProtocolError
+from policy.service import PolicyService
+from policy.wire import BadMessage, Framing, StreamDecoder, encode
+
+log = structlog.get_logger("policy.transports.stream")
+
+
+class ConnectionStats:
+    """Counts shared by every connection of a listener."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.open = 0
+        self.accepted = 0
+        self.refused = 0
+        self.protocol_errors = 0
+
+
+class StreamProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, service: PolicyService, stats: ConnectionStats, *, max_message: int,
+                 partial_timeout: float, name: str = "tcp") -> None:
+        self.service = service
+        self.stats = stats
+        self.name = name
+        self.decoder = StreamDecoder(max_message)
+        self.partial_timeout = partial_timeout
+        self.transport: asyncio.Transport | None = None
+        self.pending: collections.deque[tuple[asyncio.Future[dict[str, Any]], Framing]] = collections.deque()
+        self.peer: Any = None
+        self.closing = False
+        self.counted = False
+        self._partial_timer: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_event_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = transport.get_extra_info("peername") or self.name
+        st = self.stats
+        if st.open >= st.max_connections:
+            st.refused += 1
+            log.warning("connection_refused", transport=self.name, peer=str(self.peer),
+                        reason="max_connections", limit=st.max_connections)
+            self.transport.write(encode({"ok": False, "error": {"code": "busy",
+                                    "message": "too many connections"}}, Framing.LINE))
+            self.closing = True
+            transport.close()
+            return
+        st.open += 1
+        st.accepted += 1
+        self.counted = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+        if self.counted:
+            self.counted = False
+            self.stats.open -= 1
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        dec = self.decoder
+        dec.receive_data(data)
+        handle = self.service.handle
+        while True:
+            try:
+                event = dec.next_event()
+            except ProtocolError as exc:
+                self._fatal(exc)
+                return
+            if event is None:
+                break
+            if isinstance(event, BadMessage):
+                log.warning("bad_message", transport=self.name, peer=str(self.peer), code=event.code,
+                            error=event.message)
+                fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+                fut.set_result({"ok": False, "error": {"code": event.code, "message": event.message}})
+                self._queue(fut, event.framing)
+            else:
+                self._queue(asyncio.ensure_future(handle(event.data)), event.framing)
+        self._arm_partial_timer()
+
+    def _queue(self, fut: asyncio.Future[dict[str, Any]], framing: Framing) -> None:
+        self.pending.append((fut, framing))
+        if fut.done() and len(self.pending) == 1:
+            self._flush()
+        else:
+            fut.add_done_callback(self._on_done)
+
+    def _on_done(self, _fut: asyncio.Future[dict[str, Any]]) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self.pending
+        out = []
+        while pending and pending[0][0].done():
+            fut, framing = pending.popleft()
+            out.append(encode(fut.result(), framing))
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+        if self.closing and not pending and self.transport is not None:
+            self.transport.close()
+
+    def _fatal(self, exc: ProtocolError) -> None:
+        self.stats.protocol_errors += 1
+        log.warning("protocol_error", transport=self.name, peer=str(self.peer), code=exc.code,
+                    error=exc.message)
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        fut.set_result({"ok": False, "error": {"code": exc.code, "message": exc.message}})
+        self.closing = True
+        # a stream that cannot be resynchronised: answer after what came before, then close
+        self._queue(fut, Framing.NETSTRING if exc.code == "bad_netstring" else Framing.LINE)
+
+    def _arm_partial_timer(self) -> None:
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+        if self.decoder.buffered and not self.closing:
+            self._partial_timer = self.loop.call_later(self.partial_timeout, self._partial_expired)
+
+    def _partial_expired(self) -> None:
+        self._partial_timer = None
+        if self.transport is None or not self.decoder.buffered:
+            return
+        self._fatal(ProtocolError("timeout", f"incomplete message for {self.partial_timeout:g} s"))
+
+
+async def serve_tcp(service: PolicyService, host: str, port: int, stats: ConnectionStats, *,
+                    max_message: int, partial_timeout: float, reuse_port: bool = False) -> asyncio.Server:
+    """Listen on TCP."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: StreamProtocol(service, stats, max_message=max_message, partial_timeout=partial_timeout),
+        host, port, reuse_port=reuse_port or None,
+    )
+
+
+async def serve_unix(service: PolicyService, path: str, stats: ConnectionStats, *,
+                     max_message: int, partial_timeout: float) -> asyncio.Server:
+    """Listen on a Unix stream socket (an old socket file is replaced)."""
+    import os
+
+    loop = asyncio.get_running_loop()
+    if os.path.exists(path):
+        os.unlink(path)
+    return await loop.create_unix_server(
+        lambda: StreamProtocol(service, stats, max_message=max_message, partial_timeout=partial_timeout,
+                               name="unix"),
+        path,
+    )

@@ -1,0 +1,192 @@
+"""The pure wire codec: bytes in, messages out. No sockets, no asyncio (like h11).
+
+A stream carries JSON objects, each framed either as a netstring `<len>:<json>,` (the
+framing of Kamailio's evapi module) or as one line ending in `\\n`. The framing is chosen
+per message by its first byte: a digit starts a netstring, anything else a line. White
+space between messages is skipped. Replies go back in the framing of their request.
+
+`StreamDecoder.receive_data(data)` buffers bytes; `next_event()` returns the next
+`Message` (a decoded JSON object) or `BadMessage` (a framed message that is not a valid
+JSON object: answer it, the stream goes on), or None when it needs more bytes. A stream
+that cannot be resynchronised (a bad netstring length, a message over the size limit)
+raises `ProtocolError`, and so does every later call: answer it and close. Nothing else
+is ever raised.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from policy.errors import ProtocolError
+
+DEFAULT_MAX_MESSAGE = 64 * 1024
+_WS = b" \t\r\n"
+_DIGITS = b"0123456789"
+
+
+class Framing(enum.Enum):
+    """How a message was framed; its reply uses the same."""
+
+    NETSTRING = "netstring"
+    LINE = "line"
+    DATAGRAM = "datagram"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A framed JSON object."""
+
+    data: dict[str, Any]
+    framing: Framing
+
+
+@dataclass(frozen=True, slots=True)
+class BadMessage:
+    """A framed message that is not a JSON object; the stream stays usable."""
+
+    code: str
+    message: str
+    framing: Framing
+
+
+Event = Message | BadMessage
+
+
+def parse_json(payload: bytes, framing: Framing) -> Event:
+    """Decode one framed payload into a Message or a BadMessage."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return BadMessage("invalid_json", "message is not valid UTF-8", framing)
+        return BadMessage("invalid_json", f"invalid JSON: {exc}", framing)
+    if not isinstance(data, dict):
+        return BadMessage("invalid_json", "message must be a JSON object", framing)
+    return Message(data, framing)
+
+
+class StreamDecoder:
+    """Incremental decoder for one stream connection."""
+
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._max_digits = len(str(max_message))
+        self._buf = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete message."""
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes received from the peer."""
+        if self._error is None and data:
+            self._buf += data
+
+    def next_event(self) -> Event | None:
+        """The next complete event, or None when more bytes are needed; raises ProtocolError."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except ProtocolError as exc:
+            self._error = exc
+            self._buf.clear()
+            raise
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Add bytes and return every event they complete (raises ProtocolError like next_event)."""
+        self.receive_data(data)
+        events: list[Event] = []
+        while (event := self.next_event()) is not None:
+            events.append(event)
+        return events
+
+    def _next(self) -> Event | None:
+        buf = self._buf
+        # skip white space between messages
+        i = 0
+        n = len(buf)
+        while i < n and buf[i] in _WS:
+            i += 1
+        if i:
+            del buf[:i]
+            n -= i
+        if not n:
+            return None
+        if buf[0] in _DIGITS:
+            return self._netstring()
+        return self._line()
+
+    def _netstring(self) -> Event | None:
+        buf = self._buf
+        colon = buf.find(b":", 0, self._max_digits + 1)
+        if colon < 0:
+            head = bytes(buf[: self._max_digits + 1])
+            if not head.isdigit():
+                raise ProtocolError("bad_netstring", "netstring length must be digits followed by ':'")
+            if len(head) > self._max_digits:
+                raise ProtocolError(
+                    "too_long", f"netstring length has too many digits (limit {self.max_message} bytes)"
+                )
+            return None
+        digits = bytes(buf[:colon])
+        if not digits.isdigit():
+            raise ProtocolError("bad_netstring", "netstring length must be digits followed by ':'")
+        length = int(digits)
+        if length > self.max_message:
+            raise ProtocolError(
+                "too_long", f"netstring of {length} bytes is over the limit of {self.max_message}"
+            )
+        end = colon + 1 + length
+        if len(buf) <= end:
+            return None
+        if buf[end] != 0x2C:  # ','
+            raise ProtocolError("bad_netstring", "netstring does not end with ','")
+        payload = bytes(buf[colon + 1 : end])
+        del buf[: end + 1]
+        return parse_json(payload, Framing.NETSTRING)
+
+    def _line(self) -> Event | None:
+        buf = self._buf
+        nl = buf.find(b"\n", 0, self.max_message + 1)
+        if nl < 0:
+            if len(buf) > self.max_message:
+                raise ProtocolError("too_long", f"line is over the limit of {self.max_message} bytes")
+            return None
+        payload = bytes(buf[:nl])
+        del buf[: nl + 1]
+        return parse_json(payload, Framing.LINE)
+
+
+def encode(data: dict[str, Any], framing: Framing) -> bytes:
+    """Serialise a reply in the given framing."""
+    body = orjson.dumps(data)
+    if framing is Framing.NETSTRING:
+        return b"%d:%s," % (len(body), body)
+    if framing is Framing.LINE:
+        return body + b"\n"
+    return body
+
+
+def decode_datagram(data: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> Event:
+    """Decode one UDP datagram: a bare JSON object (a netstring frame is accepted too)."""
+    if len(data) > max_message:
+        return BadMessage("too_long", f"datagram of {len(data)} bytes is over the limit", Framing.DATAGRAM)
+    stripped = data.strip(_WS)
+    if stripped[:1].isdigit():
+        colon = stripped.find(b":")
+        if colon > 0 and stripped[:colon].isdigit() and stripped.endswith(b","):
+            body = stripped[colon + 1 : -1]
+            if len(body) == int(stripped[:colon]):
+                ev = parse_json(body, Framing.NETSTRING)
+                return ev
+    ev = parse_json(stripped, Framing.DATAGRAM)
+    return ev
