@@ -161,7 +161,7 @@ class ServiceProcess:
                 continue
         return out
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         """Send a signal."""
         assert self.proc is not None
         self.proc.send_signal(sig)
