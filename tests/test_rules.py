@@ -1,0 +1,292 @@
+"""The rule compiler and evaluator: every capability, every load error, the shipped rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policy.errors import RuleError
+from policy.rules import Ruleset, compile_sources, load_rules
+
+ROOT = Path(__file__).resolve().parent.parent
+BAD = Path(__file__).resolve().parent / "rules_bad"
+SHIPPED = load_rules(ROOT / "rules")
+
+PROFILES = """
+[profiles]
+no_value = ["total", "emergency", "local", "international"]
+with_value = ["user", "account", "type"]
+"""
+
+# One bad file per error, each with the exact message an operator sees (file, rule, key).
+EXPECTED = {
+    "bad_cidr": "bad_cidr.toml: rule 'trusted': key 'match.src_ip.cidr': bad network '10.0.0.0/33': '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network",
+    "bad_code": "bad_code.toml: rule 'cap': key 'deny.code': must be a SIP final error code 400-699, not 200",
+    "bad_on_store_error": "bad_on_store_error.toml: rule 'cap': key 'on_store_error': must be 'allow' or 'deny', not 'maybe'",
+    "bad_regex": "bad_regex.toml: rule 'intl': key 'match.to_user.regex': bad regex '^(00': missing ), unterminated subpattern at position 1",
+    "classify_bad_regex": "classify_bad_regex.toml: classify 'type': key 'cases[0].regex': bad regex '^00[': unterminated character set at position 3",
+    "duplicate_rule": "duplicate_rule.toml: rule 'all': key 'name': duplicate rule name (first defined in duplicate_rule.toml)",
+    "invalid_toml": "invalid_toml.toml: invalid TOML: Expected '=' after a key in a key/value pair (at line 1, column 6)",
+    "missing_value": "missing_value.toml: rule 'cap': key 'limit.value': profile 'account' is declared with value: a value is required",
+    "override_not_int": "override_not_int.toml: key 'overrides.cap.acme': must be an integer, not a string",
+    "override_unknown_rule": "override_unknown_rule.toml: key 'overrides.acount-cap': no rule named 'acount-cap'",
+    "rule_does_nothing": "rule_does_nothing.toml: rule 'idle': does nothing: give it a join, a limit or final = true",
+    "shadow_without_limit": "shadow_without_limit.toml: rule 'all': key 'shadow': needs a limit (only limits can be shadowed)",
+    "undefined_profile": "undefined_profile.toml: rule 'cap': key 'limit.profile': undefined profile 'acount'",
+    "unknown_key": "unknown_key.toml: rule 'cap': key 'limit.maxx': unknown key (expected one of: max, overrides, profile, value)",
+    "unknown_match_field": "unknown_match_field.toml: rule 'all': key 'match.to_usr': unknown field 'to_usr' (known: account, call_id, from, from_domain, from_user, ruri, ruri_domain, ruri_user, src_ip, to, to_domain, to_user, attrs.NAME)",
+    "unknown_template_field": "unknown_template_field.toml: rule 'cap': key 'limit.value': template '{acount}' uses unknown field 'acount' (known: account, call_id, from, from_domain, from_user, ruri, ruri_domain, ruri_user, src_ip, to, to_domain, to_user, attrs.NAME)",
+    "unknown_top_level": "unknown_top_level.toml: key 'rules': unknown key (expected one of: classify, overrides, profiles, rule)",
+    "value_on_no_value": "value_on_no_value.toml: rule 'all': key 'join[0].value': profile 'total' is declared without value: it takes no value",
+    "wrong_type": "wrong_type.toml: rule 'cap': key 'limit.max': must be an integer, not a string",
+}
+
+
+def rules(text: str, name: str = "t.toml") -> Ruleset:
+    """Compile one rule file of TOML text (profiles prepended)."""
+    return compile_sources([(name, PROFILES + text)])
+
+
+def plan_of(rs: Ruleset, **req: str) -> list[tuple[str, str | None, int | None]]:
+    """The (profile, value, limit) triples of a request's plan."""
+    return [(e.profile, e.value, e.limit) for e in rs.evaluate(dict(req)).plan]
+
+
+def test_every_bad_file_has_an_expected_message() -> None:
+    """Each file in tests/rules_bad is covered by EXPECTED and vice versa."""
+    assert sorted(p.stem for p in BAD.glob("*.toml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_rule_file_message(name: str) -> None:
+    """A broken file is refused with the exact message naming file, rule and key."""
+    path = BAD / f"{name}.toml"
+    with pytest.raises(RuleError) as info:
+        compile_sources([(path.name, path.read_text())])
+    assert str(info.value) == EXPECTED[name]
+
+
+def test_attribute_from_a_later_file_is_unknown_to_earlier_rules() -> None:
+    """Derived attributes exist only for rules after their classifier."""
+    a = PROFILES + '[[rule]]\nname = "intl"\nmatch = { type = "international" }\njoin = [{ profile = "total" }]\n'
+    b = '[[classify]]\nattr = "type"\nfield = "to_user"\ncases = [{ value = "international", regex = "^00" }]\n'
+    with pytest.raises(RuleError, match=r"a\.toml: rule 'intl': key 'match\.type': unknown field 'type'"):
+        compile_sources([("a.toml", a), ("b.toml", b)])
+    compile_sources([("a.toml", PROFILES + b), ("b.toml", a.replace(PROFILES, ""))])
+
+
+def test_profile_declared_twice_names_both_files() -> None:
+    """Declaring a profile in two files is an error naming the first."""
+    with pytest.raises(RuleError, match=r"b\.toml: key 'profiles\.no_value': profile 'total' is already "
+                                        r"declared in a\.toml"):
+        compile_sources([("a.toml", PROFILES), ("b.toml", '[profiles]\nno_value = ["total"]\n')])
+
+
+def test_no_value_and_with_value_profiles() -> None:
+    """A no-value profile joins without a value; a with-value profile with its rendered value."""
+    rs = rules('[[rule]]\nname = "r"\njoin = [{ profile = "total" }, { profile = "user", '
+               'value = "{from_user}@{from_domain}" }]\n')
+    assert plan_of(rs, from_user="6001", from_domain="example.com") == [
+        ("total", None, None), ("user", "6001@example.com", None)]
+
+
+def test_template_with_missing_field_skips_the_rule() -> None:
+    """A template whose field is empty makes its rule not apply (and says why)."""
+    rs = rules('[[rule]]\nname = "r"\nlimit = { profile = "account", value = "{account}", max = 2 }\n')
+    ev = rs.evaluate({"from_user": "x"}, explain=True)
+    assert ev.plan == []
+    assert ev.outcomes[0].why == "skipped: template '{account}' has an empty field"
+
+
+def test_classify_first_match_wins_with_default() -> None:
+    """Cases are tried in order; the default applies when none matches."""
+    rs = rules('''
+[[classify]]
+attr = "type"
+field = "to_user"
+default = "local"
+cases = [
+  { value = "emergency", regex = '^(110|112|119|120|911)$' },
+  { value = "international", regex = '^00' },
+  { value = "domestic", regex = '^0' },
+]
+[[rule]]
+name = "t"
+join = [{ profile = "type", value = "{type}" }]
+''')
+    for to_user, want in [("112", "emergency"), ("1120", "local"), ("0049301234", "international"),
+                          ("030123", "domestic"), ("6002", "local"), ("", "local")]:
+        req = {"to_user": to_user}
+        assert plan_of(rs, **req) == [("type", want, None)], to_user
+
+
+def test_classify_without_default_leaves_attribute_unset() -> None:
+    """With no default and no match, the attribute is absent, so `present` is false."""
+    rs = rules('''
+[[classify]]
+attr = "vip"
+field = "account"
+cases = [{ value = "yes", regex = "^vip-" }]
+[[rule]]
+name = "vip"
+match = { vip = { present = true } }
+join = [{ profile = "total" }]
+''')
+    assert plan_of(rs, account="vip-1") == [("total", None, None)]
+    assert plan_of(rs, account="acme") == []
+
+
+@pytest.mark.parametrize(("cond", "req", "want"), [
+    ('{ account = "acme" }', {"account": "acme"}, True),
+    ('{ account = "acme" }', {"account": "acme2"}, False),
+    ('{ account = { eq = "acme" } }', {"account": "acme"}, True),
+    ('{ account = { ne = "acme" } }', {"account": "beta"}, True),
+    ('{ to_user = { regex = "^00" } }', {"to_user": "0044"}, True),
+    ('{ to_user = { regex = "^00" } }', {"to_user": "044"}, False),
+    ('{ to_user = { prefix = ["00", "+"] } }', {"to_user": "+44"}, True),
+    ('{ to_user = { prefix = "00" } }', {"to_user": "0"}, False),
+    ('{ account = { in = ["a", "b"] } }', {"account": "b"}, True),
+    ('{ account = { in = ["a", "b"] } }', {"account": "c"}, False),
+    ('{ account = { not_in = ["a"] } }', {"account": "c"}, True),
+    ('{ src_ip = { cidr = ["10.0.0.0/8", "2001:db8::/32"] } }', {"src_ip": "10.1.2.3"}, True),
+    ('{ src_ip = { cidr = ["10.0.0.0/8", "2001:db8::/32"] } }', {"src_ip": "2001:db8::1"}, True),
+    ('{ src_ip = { cidr = "10.0.0.0/8" } }', {"src_ip": "192.168.1.1"}, False),
+    ('{ src_ip = { cidr = "10.0.0.0/8" } }', {"src_ip": "not-an-ip"}, False),
+    ('{ src_ip = { cidr = "10.0.0.0/8" } }', {}, False),
+    ('{ account = { present = true } }', {"account": ""}, False),
+    ('{ account = { present = false } }', {}, True),
+    ('{ account = "acme", to_user = "1" }', {"account": "acme", "to_user": "2"}, False),
+    ('{ all = [{ account = "acme" }, { to_user = "1" }] }', {"account": "acme", "to_user": "1"}, True),
+    ('{ any = [{ account = "x" }, { to_user = "1" }] }', {"account": "acme", "to_user": "1"}, True),
+    ('{ any = [{ account = "x" }, { to_user = "2" }] }', {"account": "acme", "to_user": "1"}, False),
+    ('{ not = { account = "acme" } }', {"account": "acme"}, False),
+    ('{ not = { account = "acme" } }', {"account": "beta"}, True),
+    ('{ "attrs.tenant" = "t1" }', {"attrs.tenant": "t1"}, True),
+])
+def test_match_conditions(cond: str, req: dict[str, str], want: bool) -> None:
+    """Equality, regex, prefix, set membership, CIDR, presence, all-of, any-of, negation."""
+    rs = rules(f'[[rule]]\nname = "r"\nmatch = {cond}\njoin = [{{ profile = "total" }}]\n')
+    assert bool(plan_of(rs, **req)) is want
+
+
+def test_limit_with_inline_and_file_overrides() -> None:
+    """Per-value overrides come inline or from an overrides table in another file."""
+    main = PROFILES + ('[[rule]]\nname = "cap"\nlimit = { profile = "account", value = "{account}", max = 10, '
+                       'overrides = { beta = 7 } }\n')
+    extra = "[overrides.cap]\nacme = 3\n"
+    rs = compile_sources([("a.toml", main), ("b.toml", extra)])
+    assert plan_of(rs, account="acme") == [("account", "acme", 3)]
+    assert plan_of(rs, account="beta") == [("account", "beta", 7)]
+    assert plan_of(rs, account="other") == [("account", "other", 10)]
+    with pytest.raises(RuleError, match=r"b\.toml: key 'overrides\.cap\.beta': override already set inline"):
+        compile_sources([("a.toml", main), ("b.toml", "[overrides.cap]\nbeta = 1\n")])
+
+
+def test_thousands_of_overrides() -> None:
+    """A file of thousands of account caps compiles and is one lookup per call."""
+    main = PROFILES + '[[rule]]\nname = "cap"\nlimit = { profile = "account", value = "{account}", max = 10 }\n'
+    extra = "[overrides.cap]\n" + "".join(f'"acct{i}" = {i % 50}\n' for i in range(5000))
+    rs = compile_sources([("a.toml", main), ("accounts.toml", extra)])
+    assert plan_of(rs, account="acct4321") == [("account", "acct4321", 4321 % 50)]
+
+
+def test_final_stops_later_rules() -> None:
+    """A matching final rule ends evaluation; a non-matching one does not."""
+    rs = rules('''
+[[rule]]
+name = "emergency"
+match = { to_user = "112" }
+limit = { profile = "emergency", max = 5 }
+final = true
+[[rule]]
+name = "cap"
+limit = { profile = "account", value = "{account}", max = 3 }
+''')
+    assert plan_of(rs, to_user="112", account="acme") == [("emergency", None, 5)]
+    assert plan_of(rs, to_user="6000", account="acme") == [("account", "acme", 3)]
+
+
+def test_rule_fields_are_kept() -> None:
+    """deny code/reason, shadow and on_store_error are compiled as given, with defaults."""
+    rs = rules('''
+[[rule]]
+name = "a"
+limit = { profile = "total", max = 1 }
+deny = { code = 503, reason = "Busy here" }
+shadow = true
+on_store_error = "allow"
+[[rule]]
+name = "b"
+limit = { profile = "total", max = 1 }
+''')
+    a, b = rs.by_name["a"], rs.by_name["b"]
+    assert (a.code, a.reason, a.shadow, a.on_store_error) == (503, "Busy here", True, "allow")
+    assert (b.code, b.reason, b.shadow, b.on_store_error) == (486, "Call limit reached", False, "deny")
+    assert rs.evaluate({}).plan[0].shadow is True
+
+
+def test_explain_names_the_failing_condition() -> None:
+    """A dry-run explanation says which condition did not hold."""
+    rs = rules('[[rule]]\nname = "r"\nmatch = { account = "acme", to_user = { prefix = "00" } }\n'
+               'join = [{ profile = "total" }]\n')
+    ev = rs.evaluate({"account": "acme", "to_user": "12"}, explain=True)
+    assert ev.outcomes[0].why == "not matched: to_user starts with '00'"
+
+
+# -- the shipped rules -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Ruleset:
+    """The rules/ directory as shipped."""
+    return load_rules(ROOT / "rules")
+
+
+def test_shipped_profiles(shipped: Ruleset) -> None:
+    """The dialog module's documented profiles."""
+    assert shipped.no_value == {"total", "emergency", "local", "domestic", "international"}
+    assert shipped.with_value == {"user", "account", "type"}
+
+
+def test_shipped_emergency_plan(shipped: Ruleset) -> None:
+    """Emergency: total, type=emergency, and the emergency cap of 5 only (final)."""
+    for number in ("110", "112", "119", "120", "911"):
+        assert plan_of(shipped, to_user=number, account="acme", from_user="6001", from_domain="example.com") == [
+            ("total", None, None), ("type", "emergency", None), ("emergency", None, 5)]
+    rule = shipped.by_name["emergency"]
+    assert (rule.code, rule.reason, rule.final, rule.on_store_error) == (
+        503, "Emergency capacity exhausted", True, "allow")
+
+
+def test_shipped_ordinary_plan(shipped: Ruleset) -> None:
+    """Ordinary calls join their class and meet the account (acme: 3) and user (4) caps."""
+    assert plan_of(shipped, to_user="0301234", account="acme", from_user="6001", from_domain="example.com") == [
+        ("total", None, None), ("type", "domestic", None), ("domestic", None, None),
+        ("account", "acme", 3), ("user", "6001@example.com", 4)]
+    assert plan_of(shipped, to_user="6002", account="other", from_user="6001", from_domain="example.com") == [
+        ("total", None, None), ("type", "local", None), ("local", None, None),
+        ("account", "other", 10), ("user", "6001@example.com", 4)]
+    assert shipped.by_name["account-cap"].code == 486
+    assert shipped.by_name["account-cap"].reason == "Account call limit reached"
+    assert shipped.by_name["user-cap"].reason == "User call limit reached"
+
+
+def test_shipped_shadow_rule(shipped: Ruleset) -> None:
+    """The shipped shadow rule limits international calls without enforcing."""
+    ev = shipped.evaluate({"to_user": "00861012345678", "from_user": "6001", "from_domain": "example.com"})
+    shadow = [e for e in ev.plan if e.shadow]
+    assert [(e.profile, e.limit, e.rule) for e in shadow] == [("international", 2, "international-shadow")]
+
+
+@given(st.dictionaries(st.sampled_from(["to_user", "from_user", "from_domain", "account", "src_ip",
+                                        "attrs.x", "call_id"]), st.text(max_size=20)))
+def test_evaluate_any_request(req: dict[str, str]) -> None:
+    """Any request of strings evaluates without error into a plan of declared profiles."""
+    rs = SHIPPED
+    ev = rs.evaluate(dict(req))
+    for e in ev.plan:
+        assert e.profile in rs.profiles
+        assert (e.value is None) == (e.profile in rs.no_value)
