@@ -1,0 +1,140 @@
+"""The pure wire codec: framing, errors, and a fuzz rule (events or ProtocolError, nothing else)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy.errors import ProtocolError
+from policy.wire import BadMessage, Framing, Message, StreamDecoder, decode_datagram, encode
+
+
+def ns(obj: object) -> bytes:
+    """A netstring of a JSON value."""
+    body = orjson.dumps(obj)
+    return b"%d:%s," % (len(body), body)
+
+
+def test_netstring_and_line_messages_in_one_stream() -> None:
+    """Both framings mix freely, whitespace between them is skipped, each keeps its framing."""
+    data = ns({"op": "ping", "id": 1}) + b"\r\n  " + b'{"op":"stats"}\n' + ns({"op": "ping", "id": 2})
+    events = StreamDecoder().feed(data)
+    assert events == [Message({"op": "ping", "id": 1}, Framing.NETSTRING),
+                      Message({"op": "stats"}, Framing.LINE),
+                      Message({"op": "ping", "id": 2}, Framing.NETSTRING)]
+
+
+def test_partial_input_waits_for_more() -> None:
+    """A message split anywhere comes out once, when complete."""
+    data = ns({"op": "check", "call_id": "x"}) + b'{"op":"ping"}\n'
+    for cut in range(len(data) + 1):
+        dec = StreamDecoder()
+        events = dec.feed(data[:cut]) + dec.feed(data[cut:])
+        assert [e.data["op"] for e in events if isinstance(e, Message)] == ["check", "ping"], cut
+
+
+def test_bad_json_is_recoverable() -> None:
+    """Invalid JSON, non-objects and non-UTF-8 give BadMessage and the stream goes on."""
+    dec = StreamDecoder()
+    events = dec.feed(b'{"op":\n[1,2]\n\xff\xfe\n3:abc,{"op":"ping"}\n')
+    assert [type(e).__name__ for e in events] == ["BadMessage", "BadMessage", "BadMessage", "BadMessage",
+                                                  "Message"]
+    assert isinstance(events[2], BadMessage) and events[2].message == "message is not valid UTF-8"
+    assert events[1].framing is Framing.LINE and events[3].framing is Framing.NETSTRING
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    (b"12x:{}", "bad_netstring"),
+    (b"2:{}x", "bad_netstring"),
+    (b"9999999:", "too_long"),
+    (b"70000:", "too_long"),
+    (b"1234567", "too_long"),
+])
+def test_unrecoverable_streams(data: bytes, code: str) -> None:
+    """A bad netstring length or an oversize message raises ProtocolError, then again on every call."""
+    dec = StreamDecoder()
+    with pytest.raises(ProtocolError) as info:
+        dec.feed(data)
+    assert info.value.code == code
+    with pytest.raises(ProtocolError):
+        dec.feed(b'{"op":"ping"}\n')
+
+
+def test_line_over_the_limit() -> None:
+    """A line longer than the limit without a newline is refused."""
+    dec = StreamDecoder(max_message=100)
+    with pytest.raises(ProtocolError, match="too_long"):
+        dec.feed(b"{" + b"a" * 200)
+
+
+def test_complete_messages_before_an_error_are_delivered() -> None:
+    """Events before the error come out first; the error comes with the next call."""
+    dec = StreamDecoder()
+    dec.receive_data(b'{"op":"ping"}\n5:abc')
+    assert isinstance(dec.next_event(), Message)
+    assert dec.next_event() is None
+    dec.receive_data(b"!!x")
+    with pytest.raises(ProtocolError):
+        dec.next_event()
+
+
+def test_encode_round_trips() -> None:
+    """Replies are framed like their requests."""
+    obj = {"ok": True, "id": 3}
+    assert StreamDecoder().feed(encode(obj, Framing.NETSTRING)) == [Message(obj, Framing.NETSTRING)]
+    assert StreamDecoder().feed(encode(obj, Framing.LINE)) == [Message(obj, Framing.LINE)]
+    assert encode(obj, Framing.DATAGRAM) == orjson.dumps(obj)
+
+
+def test_datagrams() -> None:
+    """A datagram is one JSON object (a netstring frame is accepted too)."""
+    assert decode_datagram(b'{"op":"ping"}') == Message({"op": "ping"}, Framing.DATAGRAM)
+    assert decode_datagram(b'{"op":"ping"}\n') == Message({"op": "ping"}, Framing.DATAGRAM)
+    assert decode_datagram(ns({"op": "ping"})) == Message({"op": "ping"}, Framing.NETSTRING)
+    assert isinstance(decode_datagram(b"garbage"), BadMessage)
+    assert isinstance(decode_datagram(b"x" * 70000), BadMessage)
+
+
+def _run(chunks: list[bytes]) -> None:
+    dec = StreamDecoder(max_message=256)
+    for chunk in chunks:
+        try:
+            events = dec.feed(chunk)
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                dec.feed(b"")
+            return
+        for e in events:
+            assert isinstance(e, Message | BadMessage)
+            if isinstance(e, Message):
+                assert isinstance(e.data, dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | st.lists(st.sampled_from(
+    [b"1", b"0", b"9", b":", b",", b"{", b"}", b'"', b"\n", b" ", b"op", b"\xff", b"[]"]), max_size=60).map(b"".join))
+def test_fuzz_any_bytes_whole_and_split_everywhere(data: bytes) -> None:
+    """Any bytes, whole or split at every position, give messages or a ProtocolError, nothing else."""
+    _run([data])
+    for cut in range(len(data) + 1):
+        _run([data[:cut], data[cut:]])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.dictionaries(st.text(max_size=5), st.integers(-(2**53), 2**53) | st.text(max_size=10), max_size=4).map(ns),
+    st.dictionaries(st.text(max_size=5), st.integers(-(2**53), 2**53), max_size=3).map(lambda d: orjson.dumps(d) + b"\n"),
+    st.sampled_from([b" ", b"\n", b"\r\n\t"]),
+), max_size=8), st.integers(min_value=1, max_value=7))
+def test_fuzz_valid_streams_decode_exactly(parts: list[bytes], step: int) -> None:
+    """Valid messages fed in arbitrary chunk sizes decode to exactly the messages sent."""
+    stream = b"".join(parts)
+    expected = StreamDecoder().feed(stream)
+    dec = StreamDecoder()
+    got = []
+    for i in range(0, len(stream), step):
+        got += dec.feed(stream[i : i + step])
+    assert got == expected
+    assert sum(1 for p in parts if p.strip()) == len(got)
