@@ -1,0 +1,14 @@
+-- refresh: extend a held call's lease to now + timeout (state unchanged).
+--
+-- KEYS[1] call record {P}:c:<call id>   KEYS[2] expiry index {P}:exp   KEYS[3] stats {P}:stats
+-- ARGV[1] now   ARGV[2] record key prefix {P}:c:   ARGV[3] lease expiry (now + timeout)
+-- ARGV[4] lease length (timeout)   ARGV[5] call id
+-- Returns the updated record (HGETALL form), or false (nil) when the call is not held.
+local now = ARGV[1]
+local id = ARGV[5]
+purge(KEYS[2], KEYS[3], ARGV[2], now, PURGE_LIMIT)
+if not live_record(KEYS[1], KEYS[2], KEYS[3], id, now) then
+  return false
+end
+set_lease(KEYS[1], KEYS[2], id, ARGV[3], ARGV[4])
+return redis.call('HGETALL', KEYS[1])

@@ -1,0 +1,543 @@
+"""The Redis counter store: leases in sorted sets, one Lua script per operation.
+
+Every operation is one atomic Lua script (``policy/store/lua/*.lua``, each headed by its
+KEYS, ARGV and return value), so any number of service instances sharing one Redis see
+one truth: a cap of 10 holds across all of them, and a call admitted by an instance that
+died is still listed, still released by `end`, and dropped at its lease expiry otherwise.
+
+Key layout (every key carries the hash tag ``{prefix}``, so a Redis Cluster would place
+them all on one slot, which the multi-key scripts need):
+
+- ``{P}:k:<profile>`` / ``{P}:k:<profile>=<value>``: zset of call ids scored by lease expiry
+- ``{P}:a:<profile>``: the same for every value of the profile (profile_size without value)
+- ``{P}:c:<call id>``: hash, the call record (state, timestamps, from/to/account, keys)
+- ``{P}:exp``: zset of every held call id scored by lease expiry (the sweep's index)
+- ``{P}:stats``: hash of counters (processed, expired, failed, early, active)
+
+Speed: store operations that arrive in the same event-loop tick (and while a round trip is
+in flight) go to Redis as ONE pipelined write of EVALSHA commands on a dedicated connection,
+and their replies are read back in order. Every operation is bounded by `timeout`: past it,
+it raises `StoreError`, and a round trip that overran drops its connection so a hung socket
+cannot stall later calls; the next operation reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
+from redis.retry import Retry
+
+from policy.errors import StoreError
+from policy.store.base import (
+    FAILED_REASONS,
+    CallInfo,
+    CallRecord,
+    CounterStore,
+    DialogStats,
+    PlanEntry,
+    ReserveResult,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Redis as RedisClient
+    from redis.asyncio.connection import AbstractConnection
+    from redis.commands.core import AsyncScript
+
+    from policy.settings import Settings
+
+log = structlog.get_logger("policy.store.redis")
+
+SCRIPTS = ("reserve", "answer", "refresh", "end", "get", "size", "list", "stats", "sweep")
+#: How many ended leases one sweep script drops at most (the sweep loops for more).
+SWEEP_BATCH = 1000
+#: Bound on sweep/stats rounds per call, so a huge backlog cannot hold one call forever.
+MAX_ROUNDS = 50
+
+
+def load_script_source(name: str) -> str:
+    """The text Redis runs for operation `name`: the shared helpers, then the operation."""
+    base = resources.files("policy.store") / "lua"
+    lib = (base / "_lib.lua").read_text(encoding="utf-8")
+    body = (base / f"{name}.lua").read_text(encoding="utf-8")
+    return lib + "\n" + body
+
+
+def _num(x: float) -> str:
+    """A float as text Redis and Lua parse back to the same double."""
+    return repr(float(x))
+
+
+def _esc(profile: str) -> str:
+    return profile.replace("%", "%25").replace("=", "%3D")
+
+
+def _text(b: Any) -> str:
+    return b.decode("utf-8") if isinstance(b, bytes) else str(b)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None, str | None]:
+    """Split ``redis+sentinel://[user:pass@]host:port[,host:port]/service[/db]``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    username = password = None
+    if "@" in netloc:
+        cred, netloc = netloc.rsplit("@", 1)
+        if ":" in cred:
+            u, p = cred.split(":", 1)
+            username, password = unquote(u) or None, unquote(p)
+        else:
+            password = unquote(cred)
+    hosts = [_hostport(h, 26379) for h in netloc.split(",") if h]
+    if not hosts:
+        raise StoreError(f"no sentinel address in {url!r}")
+    path = [p for p in parts.path.split("/") if p]
+    service = unquote(path[0]) if path else "mymaster"
+    try:
+        db = int(path[1]) if len(path) > 1 else 0
+    except ValueError:
+        raise StoreError(f"bad database number in {url!r}") from None
+    return hosts, service, db, username, password
+
+
+def _hostport(text: str, default: int) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default
+    try:
+        return host, int(port)
+    except ValueError:
+        raise StoreError(f"bad port in sentinel address {text!r}") from None
+
+
+@dataclass(slots=True)
+class _Op:
+    cmd: tuple[Any, ...]
+    fut: asyncio.Future[Any]
+
+
+class RedisStore(CounterStore):
+    """Dialog-profile counters shared through Redis by every service instance."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "callpolicy",
+        timeout: float = 0.05,
+        sentinels: list[str] | None = None,
+        sentinel_service: str = "mymaster",
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+        tag = prefix if prefix.startswith("{") and prefix.endswith("}") else "{" + prefix + "}"
+        self._p = tag + ":"
+        self._rec = self._p + "c:"
+        self._exp = self._p + "exp"
+        self._stats = self._p + "stats"
+        common: dict[str, Any] = {
+            "socket_connect_timeout": timeout,
+            "socket_timeout": None,  # every exchange is bounded by asyncio.timeout instead
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+        self._client: RedisClient
+        if url.startswith("redis+sentinel://") or sentinels:
+            if url.startswith("redis+sentinel://"):
+                hosts, service, db, username, password = parse_sentinel_url(url)
+            else:
+                hosts = [_hostport(s, 26379) for s in sentinels or []]
+                service = sentinel_service
+                p = urlsplit(url)
+                db = int(p.path.strip("/") or 0) if p.path.strip("/").isdigit() else 0
+                username, password = p.username, p.password
+            self._sentinel: Sentinel | None = Sentinel(  # type: ignore[no-untyped-call]
+                hosts, socket_timeout=timeout, socket_connect_timeout=timeout,
+                sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                 "retry": Retry(NoBackoff(), 0)},
+            )
+            self._client = self._sentinel.master_for(
+                service, db=db, username=username, password=password, **common
+            )
+            self._where = f"sentinel {service} via {','.join(f'{h}:{p}' for h, p in hosts)}"
+        else:
+            self._sentinel = None
+            self._client = Redis.from_url(url, **common)
+            self._where = url.split("@")[-1]
+        self._scripts: dict[str, AsyncScript] = {
+            name: self._client.register_script(load_script_source(name)) for name in SCRIPTS
+        }
+        self._sha = {name: s.sha for name, s in self._scripts.items()}
+        self._conn: AbstractConnection | None = None
+        self._queue: list[_Op] = []
+        self._busy = False
+        self._kicked = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._down_since: float | None = None
+        self.errors = 0
+        self.batches = 0
+        self.ops = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisStore:
+        """The store service.toml asks for (`store = "redis"` or a redis URL)."""
+        store = settings.store
+        url = store if store.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")) \
+            else settings.redis_url
+        return cls(
+            url,
+            prefix=settings.redis_prefix,
+            timeout=settings.store_timeout,
+            sentinels=list(settings.redis_sentinels) or None,
+            sentinel_service=settings.redis_service,
+        )
+
+    # -- key names ---------------------------------------------------------------------
+
+    def profile_key(self, profile: str, value: str | None) -> str:
+        """The zset of one profile key."""
+        base = f"{self._p}k:{_esc(profile)}"
+        return base if value is None else f"{base}={value}"
+
+    def aggregate_key(self, profile: str) -> str:
+        """The zset of every value of a profile."""
+        return f"{self._p}a:{_esc(profile)}"
+
+    def record_key(self, call_id: str) -> str:
+        """The hash of one call."""
+        return self._rec + call_id
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and load the scripts; a Redis that is down now is not fatal (we reconnect)."""
+        self._closed = False
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0)):
+                conn = await self._connection()
+                await self._load_scripts(conn)
+        except Exception as exc:  # any failure here only means "not yet"
+            await self._drop_connection()
+            log.warning("redis_unavailable_at_start", where=self._where, error=_describe(exc))
+            return
+        log.info("redis_connected", where=self._where, prefix=self.prefix)
+
+    async def close(self) -> None:
+        """Fail what is queued, stop the flusher, disconnect."""
+        self._closed = True
+        for op in self._queue:
+            if not op.fut.done():
+                op.fut.set_exception(StoreError("redis store closed"))
+        self._queue = []
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._task = None
+        await self._drop_connection()
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+    # -- the batching pipe ---------------------------------------------------------------
+
+    async def _connection(self) -> AbstractConnection:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        if not conn.is_connected:
+            await conn.connect()
+        return conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(0.2):
+                    await conn.disconnect(nowait=True)
+
+    async def _load_scripts(self, conn: AbstractConnection) -> None:
+        cmds = [("SCRIPT", "LOAD", s.script) for s in self._scripts.values()]
+        for reply in await self._exchange(conn, cmds):
+            if isinstance(reply, Exception):
+                raise reply
+
+    @staticmethod
+    async def _exchange(conn: AbstractConnection, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        """Write every command in one go, then read every reply (errors as values)."""
+        await conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
+        out: list[Any] = []
+        for _ in cmds:
+            try:
+                out.append(await conn.read_response())
+            except ResponseError as exc:
+                out.append(exc)
+        return out
+
+    async def _call(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """Queue one script call for the next round trip; its reply, or StoreError."""
+        if self._closed:
+            raise StoreError("redis store closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.append(_Op(("EVALSHA", self._sha[script], len(keys), *keys, *args), fut))
+        if not self._busy and not self._kicked:
+            self._kicked = True
+            loop.call_soon(self._kick)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await fut
+        except TimeoutError:
+            self.errors += 1
+            raise StoreError(f"redis ({self._where}) did not answer within "
+                             f"{self.timeout * 1000:.0f} ms") from None
+
+    def _kick(self) -> None:
+        self._kicked = False
+        if self._busy or not self._queue or self._closed:
+            return
+        self._busy = True
+        self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue and not self._closed:
+                batch = [op for op in self._queue if not op.fut.done()]
+                self._queue = []
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._busy = False
+            if self._queue and not self._closed and not self._kicked:
+                self._kicked = True
+                asyncio.get_running_loop().call_soon(self._kick)
+
+    async def _send(self, batch: list[_Op]) -> None:
+        """One round trip for the batch; resolves every future, never raises."""
+        self.batches += 1
+        self.ops += len(batch)
+        err: StoreError | None = None
+        results: list[Any] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = await self._connection()
+                results = await self._exchange(conn, [op.cmd for op in batch])
+                retry = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+                if retry:  # Redis restarted or SCRIPT FLUSH: load them again, retry once
+                    log.info("redis_scripts_reloaded", where=self._where)
+                    await self._load_scripts(conn)
+                    again = await self._exchange(conn, [batch[i].cmd for i in retry])
+                    for i, r in zip(retry, again, strict=True):
+                        results[i] = r
+        except TimeoutError:
+            err = StoreError(f"redis ({self._where}) did not answer within {self.timeout * 1000:.0f} ms")
+        except (RedisError, OSError) as exc:
+            err = StoreError(f"redis ({self._where}) unavailable: {_describe(exc)}")
+        except Exception as exc:  # a store raises nothing but StoreError
+            err = StoreError(f"redis ({self._where}) failed: {_describe(exc)}")
+        if err is not None:
+            await self._drop_connection()
+            self.errors += 1
+            if self._down_since is None:
+                self._down_since = asyncio.get_running_loop().time()
+                log.warning("redis_down", where=self._where, error=str(err))
+            for op in batch:
+                if not op.fut.done():
+                    op.fut.set_exception(err)
+            return
+        if self._down_since is not None:
+            log.info("redis_up", where=self._where,
+                     down_for=round(asyncio.get_running_loop().time() - self._down_since, 3))
+            self._down_since = None
+        readonly = False
+        for op, res in zip(batch, results, strict=True):
+            if op.fut.done():
+                continue
+            if isinstance(res, Exception):
+                readonly = readonly or isinstance(res, ReadOnlyError)
+                op.fut.set_exception(StoreError(f"redis ({self._where}) refused: {_describe(res)}"))
+            else:
+                op.fut.set_result(res)
+        if readonly:  # a failover demoted our primary: reconnect (Sentinel finds the new one)
+            await self._drop_connection()
+
+    # -- decoding ----------------------------------------------------------------------
+
+    @staticmethod
+    def _record(flat: Sequence[Any]) -> CallRecord:
+        try:
+            h = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+            profiles = orjson.loads(h["p"])
+            return CallRecord(
+                call_id=h["id"],
+                from_uri=h["f"],
+                to_uri=h["t"],
+                account=h["a"],
+                state=h["s"],
+                init_ts=float(h["i"]),
+                start_ts=float(h["st"]) if h.get("st") else None,
+                timeout=float(h["to"]),
+                expires=float(h["e"]),
+                profiles=[(str(p), None if v is None else str(v)) for p, v in profiles],
+            )
+        except (KeyError, TypeError, ValueError, IndexError, orjson.JSONDecodeError) as exc:
+            raise StoreError(f"malformed call record in redis: {exc!r}") from None
+
+    def _maybe_record(self, reply: Any) -> CallRecord | None:
+        if not reply:
+            return None
+        if not isinstance(reply, list):
+            raise StoreError(f"unexpected reply from redis: {reply!r}")
+        return self._record(reply)
+
+    def _base(self, call_id: str) -> list[str]:
+        return [self.record_key(call_id), self._exp, self._stats]
+
+    # -- operations --------------------------------------------------------------------
+
+    async def reserve(
+        self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
+    ) -> ReserveResult:
+        """Admit the call into every key of the plan, or into none (reserve.lua)."""
+        distinct: dict[tuple[str, str | None], int] = {}
+        for e in plan:
+            distinct.setdefault(e.key, len(distinct) + 1)
+        keys = self._base(call.call_id)
+        keys += [self.profile_key(p, v) for p, v in distinct]
+        keys += [self.aggregate_key(p) for p, _ in distinct]
+        checks: list[str] = []
+        for i, e in enumerate(plan):
+            if e.limit is not None and not e.shadow:
+                checks += [str(i), str(distinct[e.key]), str(e.limit)]
+        expires = now + timeout
+        profiles = list(distinct)
+        args = [_num(now), self._rec, _num(expires), _num(timeout), call.call_id, call.from_uri,
+                call.to_uri, call.account, orjson.dumps(profiles).decode(), str(len(distinct)),
+                str(len(checks) // 3), *checks]
+        reply = await self._call("reserve", keys, args)
+        try:
+            status, blocked = int(reply[0]), int(reply[1])
+            n = len(distinct)
+            key_sizes = [int(x) for x in reply[2 : 2 + n]]
+            sizes = [key_sizes[distinct[e.key] - 1] for e in plan]
+        except (TypeError, ValueError, IndexError) as exc:
+            raise StoreError(f"unexpected reserve reply from redis: {exc!r}") from None
+        if status == 2:
+            return ReserveResult(True, True, None, sizes, self._record(reply[2 + n :]))
+        if status == 0:
+            return ReserveResult(False, False, blocked, sizes, None)
+        rec = CallRecord(
+            call_id=call.call_id,
+            from_uri=call.from_uri,
+            to_uri=call.to_uri,
+            account=call.account,
+            state="early",
+            init_ts=now,
+            start_ts=None,
+            timeout=timeout,
+            expires=expires,
+            profiles=profiles,
+        )
+        return ReserveResult(True, False, None, sizes, rec)
+
+    async def answer(self, call_id: str, now: float, timeout: float) -> CallRecord | None:
+        """Mark a held call answered with a new lease (answer.lua)."""
+        reply = await self._call("answer", self._base(call_id),
+                                 [_num(now), self._rec, _num(now + timeout), _num(timeout), call_id])
+        return self._maybe_record(reply)
+
+    async def refresh(self, call_id: str, now: float, timeout: float) -> CallRecord | None:
+        """Extend a held call's lease (refresh.lua)."""
+        reply = await self._call("refresh", self._base(call_id),
+                                 [_num(now), self._rec, _num(now + timeout), _num(timeout), call_id])
+        return self._maybe_record(reply)
+
+    async def end(self, call_id: str, now: float, reason: str) -> CallRecord | None:
+        """Release a held call (end.lua)."""
+        counter = "failed" if reason in FAILED_REASONS else "expired" if reason == "timeout" else ""
+        reply = await self._call("end", self._base(call_id), [_num(now), self._rec, call_id, counter])
+        return self._maybe_record(reply)
+
+    async def get_call(self, call_id: str, now: float) -> CallRecord | None:
+        """The record of a held call (get.lua)."""
+        reply = await self._call("get", self._base(call_id), [_num(now), self._rec, call_id])
+        return self._maybe_record(reply)
+
+    def _subject(self, profile: str, value: str | None) -> str:
+        return self.aggregate_key(profile) if value is None else self.profile_key(profile, value)
+
+    async def profile_size(self, profile: str, value: str | None, now: float) -> int:
+        """Calls in the key, or in every value of the profile, cluster-wide (size.lua)."""
+        reply = await self._call("size", [self._subject(profile, value), self._exp, self._stats],
+                                 [_num(now), self._rec])
+        try:
+            return int(reply)
+        except (TypeError, ValueError):
+            raise StoreError(f"unexpected size reply from redis: {reply!r}") from None
+
+    async def profile_list(self, profile: str, value: str | None, now: float) -> list[CallRecord]:
+        """The calls in the key (or every value of the profile), ordered by Call-ID (list.lua)."""
+        reply = await self._call("list", [self._subject(profile, value), self._exp, self._stats],
+                                 [_num(now), self._rec])
+        if not isinstance(reply, list):
+            raise StoreError(f"unexpected list reply from redis: {reply!r}")
+        return sorted((self._record(r) for r in reply), key=lambda r: r.call_id)
+
+    async def stats(self, now: float) -> DialogStats:
+        """Dialog statistics of every instance sharing this Redis and prefix (stats.lua)."""
+        for _ in range(MAX_ROUNDS):
+            reply = await self._call("stats", [self._stats, self._exp, self._stats],
+                                     [_num(now), self._rec, str(SWEEP_BATCH)])
+            try:
+                early, active, processed, expired, failed, left = (int(x) for x in reply)
+            except (TypeError, ValueError) as exc:
+                raise StoreError(f"unexpected stats reply from redis: {exc!r}") from None
+            if left == 0:
+                break
+        return DialogStats(
+            active_dialogs=max(active, 0),
+            early_dialogs=max(early, 0),
+            processed_dialogs=processed,
+            expired_dialogs=expired,
+            failed_dialogs=failed,
+        )
+
+    async def sweep(self, now: float) -> int:
+        """Drop every call whose lease ended by `now`, cluster-wide (sweep.lua)."""
+        total = 0
+        for _ in range(MAX_ROUNDS):
+            reply = await self._call("sweep", [self._exp, self._exp, self._stats],
+                                     [_num(now), self._rec, str(SWEEP_BATCH)])
+            try:
+                dropped, left = int(reply[0]), int(reply[1])
+            except (TypeError, ValueError, IndexError) as exc:
+                raise StoreError(f"unexpected sweep reply from redis: {exc!r}") from None
+            total += dropped
+            if left == 0:
+                break
+        return total
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
