@@ -93,6 +93,13 @@ class StreamProtocol(asyncio.Protocol):
                 self._queue(asyncio.ensure_future(handle(event.data)), event.framing)
         self._arm_partial_timer()
 
+    def eof_received(self) -> bool:
+        """The client half-closed (`nc` at end of input): answer what is pending, then close."""
+        self.closing = True
+        if not self.pending and self.transport is not None:
+            self.transport.close()
+        return True
+
     def _queue(self, fut: asyncio.Future[dict[str, Any]], framing: Framing) -> None:
         self.pending.append((fut, framing))
         if fut.done() and len(self.pending) == 1:

@@ -1,0 +1,206 @@
+"""The real `callpolicy` process: restarts with snapshots, signals, and the CLI as an operator uses it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.helpers import ROOT, LineClient, ServiceProcess
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run `python -m policy ARGS` and capture its output."""
+    return subprocess.run([sys.executable, "-m", "policy", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=30)
+
+
+def check(c: LineClient, cid: str, user: str = "6001", account: str = "acme", to: str = "6002") -> str:
+    """Send a check, return the decision."""
+    r = c.call("check", call_id=cid, account=account, **{"from": f"sip:{user}@example.com",
+                                                          "to": f"sip:{to}@example.com"})
+    assert r["ok"], r
+    decision: str = r["decision"]
+    return decision
+
+
+def write_config(tmp: Path, snapshot_interval: float = 10.0) -> Path:
+    """A service.toml for a test (ports and paths come from the command line)."""
+    cfg = tmp / "service.toml"
+    cfg.write_text(f"[store]\nsnapshot_interval = {snapshot_interval}\n[metrics]\nlisten = false\n")
+    return cfg
+
+
+def test_sigterm_snapshot_restores_every_call(tmp_path: Path) -> None:
+    """A restart for an upgrade forgets no call: SIGTERM writes the snapshot, start restores it."""
+    svc = ServiceProcess(workdir=tmp_path, config=write_config(tmp_path)).start()
+    c = svc.client()
+    for i in range(3):
+        assert check(c, f"a{i}", user=f"u{i}") == "allow"
+    c.call("answer", call_id="a0")
+    c.close()
+    assert svc.stop(signal.SIGTERM) == 0
+    snap = orjson.loads((tmp_path / "snapshot.json").read_bytes())
+    assert sorted(x["call_id"] for x in snap["calls"]) == ["a0", "a1", "a2"]
+    svc2 = ServiceProcess(workdir=tmp_path, config=write_config(tmp_path), port=svc.port).start()
+    c = svc2.client()
+    assert c.call("profile_size", profile="account", value="acme")["size"] == 3
+    assert check(c, "a3", user="u3") == "deny"
+    [active] = [x for x in c.call("profile_list", profile="account", value="acme")["calls"]
+                if x["state"] == "active"]
+    assert active["call_id"] == "a0"
+    assert c.call("end", call_id="a1")["released"] is True
+    assert check(c, "a3", user="u3") == "allow"
+    c.close()
+    svc2.stop()
+    assert any(e["event"] == "snapshot_restored" and e["calls"] == 3 for e in svc2.log_events())
+
+
+def test_sigkill_loses_at_most_the_last_interval(tmp_path: Path) -> None:
+    """With periodic snapshots, a SIGKILL keeps every call admitted before the last snapshot."""
+    cfg = write_config(tmp_path, snapshot_interval=0.2)
+    svc = ServiceProcess(workdir=tmp_path, config=cfg).start()
+    c = svc.client()
+    for i in range(2):
+        assert check(c, f"k{i}", user=f"u{i}") == "allow"
+    c.close()
+    deadline = time.monotonic() + 5
+    snap = tmp_path / "snapshot.json"
+    while time.monotonic() < deadline:
+        if snap.exists() and len(orjson.loads(snap.read_bytes())["calls"]) == 2:
+            break
+        time.sleep(0.05)
+    svc.stop(signal.SIGKILL)
+    svc2 = ServiceProcess(workdir=tmp_path, config=cfg, port=svc.port).start()
+    c = svc2.client()
+    assert c.call("profile_size", profile="account", value="acme")["size"] == 2
+    c.close()
+    svc2.stop()
+
+
+def test_corrupt_snapshot_is_set_aside(tmp_path: Path) -> None:
+    """A corrupt snapshot is reported and moved aside; the service starts empty, no crash."""
+    (tmp_path / "snapshot.json").write_bytes(b'{"version": 1, "calls": [{"call_id": ')
+    svc = ServiceProcess(workdir=tmp_path, config=write_config(tmp_path)).start()
+    c = svc.client()
+    assert c.call("profile_size", profile="total")["size"] == 0
+    assert check(c, "x") == "allow"
+    c.close()
+    svc.stop()
+    errors = [e for e in svc.log_events() if e["event"] == "snapshot_unreadable"]
+    assert len(errors) == 1 and errors[0]["level"] == "error"
+    assert list(tmp_path.glob("snapshot.json.corrupt-*"))
+
+
+def test_sighup_reloads_and_logs_listening_line(tmp_path: Path) -> None:
+    """SIGHUP reloads edited rules; the start logs one line with where it listens and the rule count."""
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=write_config(tmp_path)).start()
+    [listening] = [e for e in svc.log_events() if e["event"] == "listening"]
+    assert listening["tcp"] == f"127.0.0.1:{svc.port}" and listening["udp"] == f"127.0.0.1:{svc.port}"
+    assert listening["unix"] == svc.unix and listening["rules"] == 8 and listening["store"] == "embedded"
+    c = svc.client()
+    v1 = c.call("stats")["rules_version"]
+    (rules / "account-limits.toml").write_text("[overrides.account-cap]\nacme = 1\n")
+    svc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while c.call("stats")["rules_version"] == v1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert check(c, "a0", user="u0") == "allow"
+    assert check(c, "a1", user="u1") == "deny"
+    c.close()
+    svc.stop()
+
+
+def test_bad_rules_at_start_exit_with_the_message(tmp_path: Path) -> None:
+    """A broken rules directory at start is refused with file, rule and key, exit code 2."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.toml").write_text('[profiles]\nno_value = ["total"]\n[[rule]]\nname = "x"\n'
+                                  'join = [{ profile = "totl" }]\n')
+    r = cli("serve", "--rules", str(rules), "--listen", "127.0.0.1:0", "--unix", "none", "--snapshot", "none",
+            "--metrics", "none")
+    assert r.returncode == 2
+    assert f"{rules / 'r.toml'}: rule 'x': key 'join[0].profile': undefined profile 'totl'" in r.stderr
+
+
+def test_cli_check_rules() -> None:
+    """check-rules validates offline with the same messages as a reload."""
+    ok = cli("check-rules", "rules")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 8 rules, 1 classifiers, 8 profiles in 2 file(s)")
+    bad = cli("check-rules", str(ROOT / "tests" / "rules_bad" / "wrong_type.toml"))
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == (f"error: {ROOT / 'tests' / 'rules_bad' / 'wrong_type.toml'}: rule 'cap': "
+                                  "key 'limit.max': must be an integer, not a string")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> ServiceProcess:
+    """One running service for the CLI tests."""
+    tmp = tmp_path_factory.mktemp("cli")
+    svc = ServiceProcess(workdir=tmp, config=write_config(tmp)).start()
+    yield svc  # type: ignore[misc]
+    svc.stop()
+
+
+def test_cli_check_profile_end_stats(service: ServiceProcess) -> None:
+    """check, profile size/list, end and stats, as an operator types them."""
+    srv = f"127.0.0.1:{service.port}"
+    for i in range(3):
+        r = cli("check", "--server", srv, "--from", f"sip:{i}@example.com", "--to", "sip:6002@example.com",
+                "--account", "acme", "--call-id", f"cli-{i}")
+        assert r.returncode == 0 and r.stdout.startswith(f"ALLOW  call_id=cli-{i}")
+    r = cli("check", "--server", srv, "--from", "sip:9@example.com", "--to", "sip:6002@example.com",
+            "--account", "acme")
+    assert r.stdout.startswith("DENY 486 Account call limit reached (rule account-cap)")
+    assert cli("profile", "size", "account", "acme", "--server", srv).stdout.strip() == "3"
+    listing = cli("profile", "list", "account", "acme", "--unix", service.unix).stdout
+    assert "cli-0" in listing and listing.strip().endswith("3 call(s)")
+    assert cli("end", "cli-0", "--server", srv).stdout.strip() == "released"
+    assert cli("end", "cli-0", "--server", srv).stdout.strip() == "not held (nothing to release)"
+    stats = cli("stats", "--server", srv).stdout
+    assert "dialog:early_dialogs = 2" in stats and "rule:account-cap:deny = 1" in stats
+    bad = cli("profile", "size", "nosuch", "--server", srv)
+    assert bad.returncode == 1 and "unknown_profile" in bad.stderr
+
+
+def test_cli_dry_run_explains(service: ServiceProcess) -> None:
+    """--dry-run evaluates without reserving and explains each rule."""
+    srv = f"127.0.0.1:{service.port}"
+    r = cli("check", "--server", srv, "--from", "sip:6001@example.com", "--to", "sip:00861012345678@example.com",
+            "--account", "zeta", "--dry-run")
+    assert r.returncode == 0
+    assert "attrs: type=international" in r.stdout
+    assert "+ account-cap: matched: account is present" in r.stdout
+    assert "- emergency: not matched: type == 'emergency'" in r.stdout
+    assert cli("profile", "size", "account", "zeta", "--server", srv).stdout.strip() == "0"
+
+
+def test_cli_unreachable_service() -> None:
+    """An admin command with no service says so clearly."""
+    r = cli("stats", "--server", "127.0.0.1:1")
+    assert r.returncode == 2 and "cannot connect to callpolicy at 127.0.0.1:1" in r.stderr
+
+
+def test_nc_style_udp_and_line_protocol(service: ServiceProcess) -> None:
+    """The README's nc example: a line of JSON in, a line of JSON out."""
+    if shutil.which("nc") is None:
+        pytest.skip("nc not installed")
+    out = subprocess.run(["nc", "-q", "1", "127.0.0.1", str(service.port)],
+                         input=b'{"op":"ping","id":1}\n', capture_output=True, timeout=10).stdout
+    assert orjson.loads(out)["pong"] is True
+
+
+def test_python_m_policy_help() -> None:
+    """`python -m policy` is the CLI."""
+    r = cli("--help")
+    assert r.returncode == 0 and "check-rules" in r.stdout
+    assert os.path.exists(ROOT / "service.toml")
