@@ -20,7 +20,7 @@ import hashlib
 import ipaddress
 import re
 import string
-import sys
+import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,6 @@ from typing import Any
 
 from policy.errors import RuleError
 from policy.store.base import PlanEntry
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 #: Request fields every check may carry (missing ones are empty / absent).
 BUILTIN_FIELDS = (
@@ -369,7 +364,7 @@ class _Compiler:
     def classify(self, file: str, index: int, raw: Any) -> None:
         label = raw.get("attr") if isinstance(raw, dict) and isinstance(raw.get("attr"), str) else f"#{index + 1}"
         ctx = _Ctx(file, label, "classify")
-        _expect(ctx, None or "classify", raw, dict, "a table")
+        _expect(ctx, "classify", raw, dict, "a table")
         _check_keys(ctx, "", raw, ("attr", "field", "cases", "default", "description"))
         for req in ("attr", "field", "cases"):
             if req not in raw:
@@ -580,16 +575,11 @@ class _Compiler:
             elif op == "ne":
                 conds.append(_not(_eq(name, _expect(ctx, k, arg, str, "a string"))))
             elif op == "regex":
-                rx = self.regex(ctx, k, arg)
-                conds.append(Cond(f"{name} =~ /{rx.pattern}/", lambda r, n=name, rx=rx: rx.search(r.get(n, "")) is not None))
+                conds.append(_regex(name, self.regex(ctx, k, arg)))
             elif op == "prefix":
-                prefixes = self.str_list(ctx, k, arg)
-                tup = tuple(prefixes)
-                conds.append(Cond(f"{name} starts with {' or '.join(map(repr, tup))}",
-                                  lambda r, n=name, t=tup: r.get(n, "").startswith(t)))
+                conds.append(_prefix(name, tuple(self.str_list(ctx, k, arg))))
             elif op in ("in", "not_in"):
-                values = frozenset(self.str_list(ctx, k, arg))
-                c = Cond(f"{name} in {sorted(values)}", lambda r, n=name, s=values: r.get(n) in s)
+                c = _in(name, frozenset(self.str_list(ctx, k, arg)))
                 conds.append(c if op == "in" else _not(c))
             elif op == "cidr":
                 nets = []
@@ -601,7 +591,7 @@ class _Compiler:
                 conds.append(_cidr(name, tuple(nets)))
             else:  # present
                 want = _expect(ctx, k, arg, bool, "a boolean")
-                c = Cond(f"{name} is present", lambda r, n=name: bool(r.get(n)))
+                c = _present(name)
                 conds.append(c if want else _not(c))
         return conds[0] if len(conds) == 1 else _all(conds)
 
@@ -652,6 +642,23 @@ class _Compiler:
 
 def _eq(name: str, value: str) -> Cond:
     return Cond(f"{name} == {value!r}", lambda r: r.get(name) == value)
+
+
+def _regex(name: str, rx: re.Pattern[str]) -> Cond:
+    return Cond(f"{name} =~ /{rx.pattern}/", lambda r: rx.search(r.get(name, "")) is not None)
+
+
+def _prefix(name: str, prefixes: tuple[str, ...]) -> Cond:
+    return Cond(f"{name} starts with {' or '.join(map(repr, prefixes))}",
+                lambda r: r.get(name, "").startswith(prefixes))
+
+
+def _in(name: str, values: frozenset[str]) -> Cond:
+    return Cond(f"{name} in {sorted(values)}", lambda r: r.get(name) in values)
+
+
+def _present(name: str) -> Cond:
+    return Cond(f"{name} is present", lambda r: bool(r.get(name)))
 
 
 def _all(conds: list[Cond]) -> Cond:

@@ -48,10 +48,10 @@ class Server:
         service.info_providers["connections"] = lambda: {
             "open": self.conn_stats.open, "accepted": self.conn_stats.accepted,
             "refused": self.conn_stats.refused, "protocol_errors": self.conn_stats.protocol_errors}
-        kw = {"max_message": s.max_message, "partial_timeout": s.partial_timeout}
         if s.tcp:
             host, port = split_hostport(s.tcp)
-            srv = await serve_tcp(service, host, port, self.conn_stats, reuse_port=s.reuse_port, **kw)
+            srv = await serve_tcp(service, host, port, self.conn_stats, reuse_port=s.reuse_port,
+                                  max_message=s.max_message, partial_timeout=s.partial_timeout)
             self.servers.append(srv)
             sock = srv.sockets[0].getsockname()
             self.listening["tcp"] = f"{sock[0]}:{sock[1]}"
@@ -67,7 +67,8 @@ class Server:
             path = s.path(s.unix)
             assert path is not None
             path.parent.mkdir(parents=True, exist_ok=True)
-            srv = await serve_unix(service, str(path), self.conn_stats, **kw)
+            srv = await serve_unix(service, str(path), self.conn_stats, max_message=s.max_message,
+                                   partial_timeout=s.partial_timeout)
             self.servers.append(srv)
             self.listening["unix"] = str(path)
             self.closers.append(lambda: _unlink(path))

@@ -129,7 +129,7 @@ async def test_account_acme_cap_is_3(running: Running) -> None:
     r = await c.call("check", **chk("a3", user="u3"))
     assert (r["decision"], r["code"], r["reason"], r["rule"]) == (
         "deny", 486, "Account call limit reached", "account-cap")
-    limiting = [p for p in r["profiles"] if p["rule"] == "account-cap"][0]
+    limiting = next(p for p in r["profiles"] if p["rule"] == "account-cap")
     assert limiting == {"profile": "account", "value": "acme", "size": 3, "limit": 3, "rule": "account-cap"}
     assert await size(c, "account", "acme") == 3
     assert await size(c, "total") == 3

@@ -125,7 +125,8 @@ def test_fuzz_any_bytes_whole_and_split_everywhere(data: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(
     st.dictionaries(st.text(max_size=5), st.integers(-(2**53), 2**53) | st.text(max_size=10), max_size=4).map(ns),
-    st.dictionaries(st.text(max_size=5), st.integers(-(2**53), 2**53), max_size=3).map(lambda d: orjson.dumps(d) + b"\n"),
+    st.dictionaries(st.text(max_size=5), st.integers(-(2**53), 2**53), max_size=3).map(
+        lambda d: orjson.dumps(d) + b"\n"),
     st.sampled_from([b" ", b"\n", b"\r\n\t"]),
 ), max_size=8), st.integers(min_value=1, max_value=7))
 def test_fuzz_valid_streams_decode_exactly(parts: list[bytes], step: int) -> None:
