@@ -1,0 +1,1 @@
+"""End-to-end tests through Kamailio misc_radius / acc_radius."""

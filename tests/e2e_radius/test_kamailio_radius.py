@@ -1,0 +1,57 @@
+"""sipp -> Kamailio (kamailio-radius.cfg: misc_radius check, acc_radius accounting) -> sipp,
+with callpolicy's RADIUS front end deciding. Counts come from sipp's -trace_counts and from
+the service's profile_size op."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e_radius.conftest import Kamailio, StackFactory, run_uac
+
+pytestmark = pytest.mark.kamailio
+
+
+def test_shipped_config_passes_kamailio_check() -> None:
+    for fail_open in (False, True):
+        res = Kamailio(5080, 1812, 1813, fail_open=fail_open).check()
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "config file ok" in res.stdout + res.stderr
+
+
+def test_account_cap_holds_and_counts_return_to_zero(radius_stack: StackFactory) -> None:
+    """20 calls of 2 s at 10 calls/s from acme (cap 3): 3 answered, 17 refused with 486;
+    acc_radius Start/Stop leave every profile at 0."""
+    st = radius_stack()
+    assert st.svc is not None
+    r = run_uac(st.kam.sip_port, calls=20, rate=10, hold_ms=2000, from_user="acme", timeout=40)
+    assert r.first_recv(200) == 3, (r.counts, r.stderr, st.dump())
+    assert r.recv(486) == 17, r.counts
+    assert r.recv(503) == 0, r.counts
+    assert r.counts.get("0_INVITE_Sent") == 20, r.counts
+    sizes = st.svc.wait_zero()
+    assert not any(sizes.values()), (sizes, st.dump())
+    stats = st.svc.radius_stats()
+    assert stats["acct_start"] == 3 and stats["acct_stop"] == 3, stats
+    assert stats["access_accept"] == 3 and stats["access_accept_deny"] == 17, stats
+    assert stats["dropped"] == 0, stats
+    rules = st.svc.call("stats")["rules"]
+    assert rules["account-cap"]["deny"] == 17, rules
+
+
+def test_refused_upstream_releases_via_failed(radius_stack: StackFactory) -> None:
+    """The UAS refuses with 480: acc_radius reports Failed and the reserved slot is released."""
+    st = radius_stack(uas="uas_reject.xml")
+    assert st.svc is not None
+    r = run_uac(st.kam.sip_port, calls=5, rate=10, hold_ms=500, from_user="acme", timeout=30)
+    assert r.recv(480) == 5, (r.counts, st.dump())
+    sizes = st.svc.wait_zero()
+    assert not any(sizes.values()), (sizes, st.dump())
+    stats = st.svc.radius_stats()
+    assert stats["access_accept"] == 5 and stats["acct_failed"] == 5, stats
+
+
+def test_service_down_fails_closed(radius_stack: StackFactory) -> None:
+    """Nobody on the RADIUS ports: after radcli's timeout the INVITE gets 503."""
+    st = radius_stack(service=False)
+    r = run_uac(st.kam.sip_port, calls=1, rate=1, hold_ms=100, from_user="acme", timeout=20)
+    assert r.recv(503) == 1, (r.counts, st.dump())
