@@ -1,0 +1,425 @@
+"""Real Kamailio and sipp processes for the end-to-end tests (everything on 127.0.0.1).
+
+`Kamailio` runs the shipped integrations/kamailio/kamailio.cfg with only its ports, upstream
+and policy switches changed through `-A` defines. `Uas` is a sipp UAS behind it; `run_uac`
+runs a sipp UAC scenario in front of it under `timeout -s INT` and returns sipp's
+per-message counts from `-trace_counts` (never its screen).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import ROOT, LineClient, free_port
+
+CFG = ROOT / "integrations" / "kamailio" / "kamailio.cfg"
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+HOST = "127.0.0.1"
+
+
+def missing_tools() -> str | None:
+    """Why the e2e tests cannot run here, or None."""
+    for exe in ("kamailio", "sipp", "kamcmd", "timeout"):
+        if shutil.which(exe) is None:
+            return f"{exe} is not installed (apt-get install kamailio kamailio-extra-modules sip-tester)"
+    return None
+
+
+def _wait(pred: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class Kamailio:
+    """A private Kamailio with the shipped config on free ports."""
+
+    def __init__(self, upstream_port: int, *, fail_open: bool = False, timeout_ms: int = 500,
+                 children: int = 4, sip_port: int | None = None, evapi_port: int | None = None,
+                 debug: int = 2, cfg: Path = CFG) -> None:
+        self.upstream_port = upstream_port
+        self.sip_port = sip_port or free_port()
+        self.evapi_port = evapi_port or free_port()
+        self.fail_open = fail_open
+        self.timeout_ms = timeout_ms
+        self.children = children
+        self.debug = debug
+        self.cfg = cfg
+        self.dir = Path(tempfile.mkdtemp(prefix="kamailio-"))
+        self.log_path = self.dir / "kamailio.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def evapi(self) -> str:
+        """The evapi address callpolicy connects to."""
+        return f"{HOST}:{self.evapi_port}"
+
+    def defines(self) -> list[str]:
+        """The -A defines: ports, upstream, policy switches."""
+        out = [f"SIP_LISTEN=udp:{HOST}:{self.sip_port}",
+               f'UPSTREAM_URI="sip:{HOST}:{self.upstream_port}"',
+               f'EVAPI_BIND="{HOST}:{self.evapi_port}"',
+               f"POLICY_TIMEOUT_MS={self.timeout_ms}",
+               f"SIP_CHILDREN={self.children}",
+               f"DBG_LEVEL={self.debug}"]
+        if self.fail_open:
+            out.append("POLICY_FAIL_OPEN")
+        return out
+
+    def argv(self) -> list[str]:
+        """The command line."""
+        cmd = ["kamailio", "-f", str(self.cfg), "-DD", "-E", "-Y", str(self.dir), "-w", str(self.dir),
+               "-P", str(self.dir / "kamailio.pid"), "-m", "128", "-M", "16"]
+        for d in self.defines():
+            cmd += ["-A", d]
+        return cmd
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        """`kamailio -c` with the same defines."""
+        cmd = ["kamailio", "-c", "-f", str(self.cfg)]
+        for d in self.defines():
+            cmd += ["-A", d]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+
+    def start(self, timeout: float = 15.0) -> Kamailio:
+        """Start and wait until its ctl socket answers."""
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(self.dir))
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kamailio exited {self.proc.returncode}:\n{self.log()[-4000:]}")
+            return (self.dir / "kamailio_ctl").exists() and self.rpc_ok("core.uptime")
+
+        _wait(up, timeout, "kamailio to start")
+        return self
+
+    def rpc(self, *args: str) -> str:
+        """A kamcmd command through the private ctl socket."""
+        res = subprocess.run(["kamcmd", "-s", f"unix:{self.dir}/kamailio_ctl", *args],
+                             capture_output=True, text=True, timeout=10, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"kamcmd {' '.join(args)}: {res.stderr or res.stdout}")
+        return res.stdout
+
+    def rpc_ok(self, *args: str) -> bool:
+        try:
+            self.rpc(*args)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return False
+        return True
+
+    def clients(self) -> int:
+        """How many callpolicy clients the config counts as connected ($shv(policy_clients))."""
+        out = self.rpc("pv.shvGet", "policy_clients")
+        for line in out.splitlines():
+            if "value:" in line:
+                return int(line.split("value:")[1].strip())
+        return 0
+
+    def wait_clients(self, n: int = 1, timeout: float = 10.0) -> None:
+        """Wait until n callpolicy clients are connected."""
+        _wait(lambda: self.clients() >= n, timeout, f"{n} callpolicy client(s) on {self.evapi}")
+
+    def active_dialogs(self) -> int:
+        """Dialogs Kamailio still tracks (`dlg.stats_active` all)."""
+        for line in self.rpc("dlg.stats_active").splitlines():
+            if line.strip().startswith("all:"):
+                return int(line.split(":")[1])
+        return -1
+
+    def log(self) -> str:
+        """What Kamailio logged."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM to the main process (-DD keeps it the parent of all children)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self.proc = None
+
+    def __enter__(self) -> Kamailio:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _keys(keys: dict[str, str]) -> list[str]:
+    out: list[str] = []
+    for k, v in keys.items():
+        out += ["-key", k, v]
+    return out
+
+
+class Uas:
+    """A sipp UAS on a free port, running one scenario until stopped."""
+
+    def __init__(self, scenario: str = "uas.xml", *, port: int | None = None,
+                 keys: dict[str, str] | None = None, subst: dict[str, str] | None = None,
+                 extra: Sequence[str] = ()) -> None:
+        self.port = port or free_port()
+        self.keys = keys or {}
+        self.extra = list(extra)
+        self.dir = Path(tempfile.mkdtemp(prefix="sipp-uas-"))
+        self.scenario = SCENARIOS / scenario
+        if subst:  # sipp checks response codes when it loads the file: no [keyword] there
+            text = self.scenario.read_text()
+            for k, v in subst.items():
+                text = text.replace(f"@{k}@", v)
+            self.scenario = self.dir / scenario
+            self.scenario.write_text(text)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Uas:
+        """Start; the UDP socket is bound when this returns."""
+        cmd = ["sipp", "-sf", str(self.scenario), "-i", HOST, "-p", str(self.port), "-nostdin",
+               "-trace_counts", "-fd", "1", "-max_socket", "2048", *_keys(self.keys), *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.dir / "err", "wb"),  # noqa: SIM115
+                                     stdin=subprocess.DEVNULL, cwd=str(self.dir))
+
+        def bound() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sipp UAS exited {self.proc.returncode}: "
+                                   f"{(self.dir / 'err').read_text(errors='replace')}")
+            return _udp_bound(self.port)
+
+        _wait(bound, 10, "the sipp UAS")
+        return self
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM; SIGKILL if it hangs: a UAS has nothing left to report)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> Uas:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _udp_bound(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class SippResult:
+    """What a sipp UAC run reported."""
+
+    rc: int
+    counts: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, str] = field(default_factory=dict)
+    elapsed: float = 0.0
+    stderr: str = ""
+
+    def recv(self, code: int | str) -> int:
+        """How many `code` responses (or requests) the scenario received, over all its elements."""
+        suffix = f"_{code}_Recv"
+        return sum(v for k, v in self.counts.items() if k.endswith(suffix))
+
+    def first_recv(self, code: int | str) -> int:
+        """Received `code` at its first element only (the INVITE's 200, not the BYE's)."""
+        for k, v in self.counts.items():
+            if k.endswith(f"_{code}_Recv"):
+                return v
+        return 0
+
+    @property
+    def successful(self) -> int:
+        return int(self.stats.get("SuccessfulCall(C)", "0") or 0)
+
+    @property
+    def failed(self) -> int:
+        return int(self.stats.get("FailedCall(C)", "0") or 0)
+
+
+def _last_row(path: Path) -> dict[str, str]:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh, delimiter=";"))
+    if len(rows) < 2:
+        return {}
+    return {k.strip(): v.strip() for k, v in zip(rows[0], rows[-1], strict=False) if k.strip()}
+
+
+def run_uac(target_port: int, *, scenario: str = "uac.xml", calls: int = 1, rate: float = 10,
+            hold_ms: int = 1000, from_user: str = "alice", service: str = "100",
+            limit: int | None = None, timeout: float = 30, recv_timeout_ms: int = 10000,
+            keys: dict[str, str] | None = None, extra: Sequence[str] = ()) -> SippResult:
+    """Run a sipp UAC scenario to the end (bounded by `timeout`) and read its counts."""
+    work = Path(tempfile.mkdtemp(prefix="sipp-uac-"))
+    port = free_port()
+    cmd = ["timeout", "-s", "INT", "-k", "5", str(int(timeout)),
+           "sipp", f"{HOST}:{target_port}", "-sf", str(SCENARIOS / scenario), "-i", HOST, "-p", str(port),
+           "-s", service, "-m", str(calls), "-r", str(rate), "-d", str(hold_ms),
+           "-nostdin", "-recv_timeout", str(recv_timeout_ms), "-default_behaviors", "all,-bye",
+           "-trace_counts", "-trace_stat", "-stf", str(work / "stat.csv"), "-fd", "1",
+           "-max_socket", "2048", *_keys({"from_user": from_user, **(keys or {})})]
+    if limit is not None:
+        cmd += ["-l", str(limit)]
+    cmd += list(extra)
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, cwd=str(work), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, timeout=timeout + 15, check=False)
+    out = SippResult(res.returncode, elapsed=time.monotonic() - t0,
+                     stderr=res.stderr.decode(errors="replace"))
+    for f in work.glob("*_counts.csv"):
+        out.counts = {k: int(v) for k, v in _last_row(f).items() if v.isdigit() and "_" in k}
+    if (work / "stat.csv").exists():
+        out.stats = _last_row(work / "stat.csv")
+    return out
+
+
+def profile_sizes(port: int, profiles: Sequence[str] = ("total", "emergency", "local", "domestic",
+                                                         "international", "user", "account", "type")
+                  ) -> dict[str, int]:
+    """Every profile's size (over all values) as the service reports it."""
+    c = LineClient(port=port)
+    try:
+        out = {}
+        for p in profiles:
+            r = c.call("profile_size", profile=p)
+            assert r.get("ok"), r
+            out[p] = int(r["size"])
+        return out
+    finally:
+        c.close()
+
+
+def profile_size(port: int, profile: str, value: str | None = None) -> int:
+    """One profile's size (or one value of it)."""
+    c = LineClient(port=port)
+    try:
+        r = c.call("profile_size", profile=profile, **({"value": value} if value is not None else {}))
+        assert r.get("ok"), r
+        return int(r["size"])
+    finally:
+        c.close()
+
+
+def wait_profiles_zero(port: int, timeout: float = 5.0) -> dict[str, int]:
+    """Wait until every profile is empty; return the last sizes seen."""
+    sizes: dict[str, int] = {}
+
+    def zero() -> bool:
+        nonlocal sizes
+        sizes = profile_sizes(port)
+        return not any(sizes.values())
+
+    with contextlib.suppress(TimeoutError):
+        _wait(zero, timeout, "profile counts to return to 0", interval=0.1)
+    return sizes
+
+
+def evapi_info(port: int) -> dict[str, Any]:
+    """The service's `stats` evapi section."""
+    c = LineClient(port=port)
+    try:
+        r = c.call("stats")
+        info: dict[str, Any] = r.get("evapi", {})
+        return info
+    finally:
+        c.close()
+
+
+
+
+def sip_invite(port: int, *, from_user: str = "alice", to_user: str = "100", timeout: float = 5.0
+               ) -> tuple[int, float]:
+    """Send one INVITE over UDP and wait for its final reply; ACK it if negative.
+
+    Returns (status code, seconds from the INVITE to the final reply); (0, timeout) if none came.
+    """
+    import socket
+    import uuid
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HOST, 0))
+        lport = s.getsockname()[1]
+        call_id = f"{uuid.uuid4()}@{HOST}"
+        branch = f"z9hG4bK{uuid.uuid4().hex[:16]}"
+        tag = uuid.uuid4().hex[:8]
+        ruri = f"sip:{to_user}@{HOST}:{port}"
+        via = f"Via: SIP/2.0/UDP {HOST}:{lport};branch={branch}"
+        frm = f"From: <sip:{from_user}@{HOST}>;tag={tag}"
+        invite = (f"INVITE {ruri} SIP/2.0\r\n{via}\r\n{frm}\r\nTo: <{ruri}>\r\nCall-ID: {call_id}\r\n"
+                  f"CSeq: 1 INVITE\r\nContact: <sip:{from_user}@{HOST}:{lport}>\r\nMax-Forwards: 70\r\n"
+                  "Content-Length: 0\r\n\r\n")
+        t0 = time.perf_counter()
+        s.sendto(invite.encode(), (HOST, port))
+        deadline = t0 + timeout
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return 0, timeout
+            s.settimeout(left)
+            try:
+                data = s.recv(65535).decode(errors="replace")
+            except TimeoutError:
+                return 0, timeout
+            code = int(data.split(" ", 2)[1])
+            if code < 200:
+                continue
+            elapsed = time.perf_counter() - t0
+            to_hdr = next((ln for ln in data.split("\r\n") if ln.lower().startswith(("to:", "t:"))),
+                          f"To: <{ruri}>")
+            if code >= 300:
+                ack = (f"ACK {ruri} SIP/2.0\r\n{via}\r\n{frm}\r\n{to_hdr}\r\nCall-ID: {call_id}\r\n"
+                       "CSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+                s.sendto(ack.encode(), (HOST, port))
+            return code, elapsed
+
+
+class SilentEvapiClient:
+    """Connects to Kamailio's evapi like callpolicy would, then never answers."""
+
+    def __init__(self, address: str) -> None:
+        import socket
+
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+
+    def close(self) -> None:
+        self.sock.close()
