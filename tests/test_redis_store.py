@@ -345,6 +345,47 @@ async def test_redis_restart_reloads_scripts_and_recovers(private_redis: RedisSe
         await s.close()
 
 
+async def test_busy_event_loop_is_not_a_slow_redis(redis_url: str) -> None:
+    """Replies Redis sent in time count even when our own loop is too busy to read them."""
+    s = RedisStore(redis_url, timeout=0.05)
+    await s.start()
+    try:
+        for stall_after in (0, 3):
+            pending = asyncio.gather(*(s.reserve(call(f"b{stall_after}-{i}"), [TOTAL], T0, 300)
+                                       for i in range(200)))
+            for _ in range(stall_after):
+                await asyncio.sleep(0)  # let the round trip go out first (or not, with 0)
+            time.sleep(0.15)  # the loop is stuck on other work, three times the store timeout
+            results = await pending
+            assert all(r.admitted for r in results)
+        assert s.errors == 0
+    finally:
+        await s.close()
+
+
+async def test_late_reserve_is_released_again(private_redis: RedisServer) -> None:
+    """A reserve that Redis executed after its caller gave up must not keep the slot."""
+    s = RedisStore(private_redis.url, timeout=0.05)
+    await s.start()
+    try:
+        assert private_redis.proc is not None
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        with pytest.raises(StoreError):
+            await s.reserve(call("late"), [TOTAL, acct("acme", 3)], T0, 300)
+        private_redis.proc.send_signal(signal.SIGCONT)  # before the round trip is given up
+        deadline = time.monotonic() + 2
+        while s.undone == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert s.undone == 1
+        await until_ok(s, 1.0)
+        assert await s.profile_size("account", "acme", T0) == 0
+        assert await s.get_call("late", T0) is None
+        st = await s.stats(T0)
+        assert (st.processed_dialogs, st.early_dialogs) == (0, 0)
+    finally:
+        await s.close()
+
+
 async def test_closed_store_raises_store_error(redis_url: str) -> None:
     s = RedisStore(redis_url, timeout=0.5)
     await s.start()

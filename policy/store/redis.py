@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -65,6 +66,9 @@ SCRIPTS = ("reserve", "answer", "refresh", "end", "get", "size", "list", "stats"
 SWEEP_BATCH = 1000
 #: Bound on sweep/stats rounds per call, so a huge backlog cannot hold one call forever.
 MAX_ROUNDS = 50
+#: At most this many operations per round trip (~8 ms of Redis time for reserves), so one
+#: round trip never takes long enough to look like a slow Redis.
+MAX_BATCH = 256
 
 
 def load_script_source(name: str) -> str:
@@ -196,6 +200,7 @@ class RedisStore(CounterStore):
         self._busy = False
         self._kicked = False
         self._closed = False
+        self._inflight_since: float | None = None  # loop time the current round trip began
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
         # A round trip that takes this long means a hung connection: it is dropped. Callers do
@@ -327,10 +332,46 @@ class RedisStore(CounterStore):
             loop.call_soon(self._kick)
 
     def _expire(self, op: _Op) -> None:
-        if not op.fut.done():
-            self.errors += 1
-            op.fut.set_exception(StoreError(f"redis ({self._where}) did not answer within "
-                                            f"{self.timeout * 1000:.0f} ms"))
+        """The op's deadline passed: fail it if Redis is late, not if our own loop is.
+
+        Redis is late when the round trip in flight (the op's own, or the one it waits behind)
+        began more than `timeout` ago and none of its reply has arrived. A busy event loop
+        (a burst of requests being decoded and answered) delays our reading of replies that
+        Redis sent in time; such ops get a new look instead of a false "store down".
+        """
+        if op.fut.done():
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        since = self._inflight_since
+        if since is None or now - since < self.timeout:
+            when = (now if since is None else since) + self.timeout / (5 if since is None else 1)
+            op.timer = loop.call_at(max(when, now + 0.001), self._expire, op)
+            return
+        if self._reply_pending():
+            op.timer = loop.call_at(now + 0.001, self._expire, op)
+            return
+        self.errors += 1
+        op.fut.set_exception(StoreError(f"redis ({self._where}) did not answer within "
+                                        f"{self.timeout * 1000:.0f} ms"))
+
+    def _reply_pending(self) -> bool:
+        """Whether Redis's reply has arrived and only waits for us to read it."""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            reader = getattr(conn, "_reader", None)
+            if reader is not None and len(getattr(reader, "_buffer", b"")) > 0:
+                return True
+            writer = getattr(conn, "_writer", None)
+            sock = writer.get_extra_info("socket") if writer is not None else None
+            if sock is None:
+                return False
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+            return bool(readable)
+        except (OSError, ValueError, AttributeError, TypeError):
+            return False
 
     def _undo(self, call_id: str) -> None:
         """Release a call whose reserve succeeded after its caller had given up on it: the
@@ -354,8 +395,9 @@ class RedisStore(CounterStore):
     async def _drain(self) -> None:
         try:
             while self._queue and not self._closed:
-                batch = [op for op in self._queue if not op.fut.done()]
-                self._queue = []
+                queue = self._queue
+                self._queue = queue[MAX_BATCH:]
+                batch = [op for op in queue[:MAX_BATCH] if not op.fut.done()]
                 if batch:
                     await self._send(batch)
         finally:
@@ -370,6 +412,8 @@ class RedisStore(CounterStore):
         self.ops += len(batch)
         err: StoreError | None = None
         results: list[Any] = []
+        loop = asyncio.get_running_loop()
+        self._inflight_since = loop.time()
         try:
             async with asyncio.timeout(self._exchange_timeout):
                 conn = await self._connection()
@@ -388,6 +432,8 @@ class RedisStore(CounterStore):
             err = StoreError(f"redis ({self._where}) unavailable: {_describe(exc)}")
         except Exception as exc:  # a store raises nothing but StoreError
             err = StoreError(f"redis ({self._where}) failed: {_describe(exc)}")
+        finally:
+            self._inflight_since = None
         if err is not None:
             await self._drop_connection()
             self.errors += 1
