@@ -49,7 +49,7 @@ class Kamailio:
 
     def __init__(self, upstream_port: int, *, fail_open: bool = False, timeout_ms: int = 500,
                  children: int = 4, sip_port: int | None = None, evapi_port: int | None = None,
-                 debug: int = 2, cfg: Path = CFG) -> None:
+                 debug: int = 2, cfg: Path = CFG, defines: Sequence[str] = ()) -> None:
         self.upstream_port = upstream_port
         self.sip_port = sip_port or free_port()
         self.evapi_port = evapi_port or free_port()
@@ -58,6 +58,7 @@ class Kamailio:
         self.children = children
         self.debug = debug
         self.cfg = cfg
+        self.extra_defines = list(defines)
         self.dir = Path(tempfile.mkdtemp(prefix="kamailio-"))
         self.log_path = self.dir / "kamailio.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -77,7 +78,7 @@ class Kamailio:
                f"DBG_LEVEL={self.debug}"]
         if self.fail_open:
             out.append("POLICY_FAIL_OPEN")
-        return out
+        return out + self.extra_defines
 
     def argv(self) -> list[str]:
         """The command line."""
