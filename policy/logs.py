@@ -1,10 +1,18 @@
-"""structlog set-up: JSON lines when not on a terminal, pretty console lines on one."""
+"""structlog set-up: JSON lines when not on a terminal, pretty console lines on one.
+
+The JSON path is on every check (one `decision` event each), so it is kept lean: orjson
+renders bytes, the timestamp is epoch seconds, and lines written during one event-loop
+tick go out in one write instead of one write and flush per line.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
-from typing import Any
+import time
+from collections.abc import MutableMapping
+from typing import Any, BinaryIO, cast
 
 import orjson
 import structlog
@@ -13,8 +21,55 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
-def _dumps(obj: Any, default: Any = None) -> str:
-    return orjson.dumps(obj, default=default).decode()
+def _timestamp(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["ts"] = round(time.time(), 6)
+    return event
+
+
+class TickBufferedStream:
+    """A byte stream that gathers the lines of one event-loop tick into one write."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.buf = bytearray()
+        self.scheduled = False
+
+    def write(self, data: bytes) -> None:
+        """Buffer a line; flush at the end of the tick (or now, outside an event loop)."""
+        self.buf += data
+        if self.scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush_now()
+            return
+        self.scheduled = True
+        loop.call_soon(self.flush_now)
+
+    def flush(self) -> None:
+        """structlog flushes after every line; the real flush happens once per tick."""
+
+    def flush_now(self) -> None:
+        """Write out what is buffered."""
+        self.scheduled = False
+        if self.buf:
+            data = bytes(self.buf)
+            self.buf.clear()
+            try:
+                self.raw.write(data)
+                self.raw.flush()
+            except (OSError, ValueError):
+                pass
+
+
+_stream: TickBufferedStream | None = None
+
+
+def flush() -> None:
+    """Write out buffered log lines (at shutdown)."""
+    if _stream is not None:
+        _stream.flush_now()
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
@@ -22,19 +77,25 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     out = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    wrapper = structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO))
     if fmt == "json":
-        processors += [structlog.processors.format_exc_info,
-                       structlog.processors.JSONRenderer(serializer=_dumps)]
+        global _stream
+        raw = getattr(out, "buffer", out)
+        _stream = TickBufferedStream(raw)
+        structlog.configure(
+            processors=[structlog.processors.add_log_level, _timestamp,
+                        structlog.processors.format_exc_info,
+                        structlog.processors.JSONRenderer(serializer=orjson.dumps)],
+            wrapper_class=wrapper,
+            logger_factory=structlog.BytesLoggerFactory(file=cast(BinaryIO, _stream)),
+            cache_logger_on_first_use=True,
+        )
     else:
-        processors += [structlog.dev.ConsoleRenderer()]
-    structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
-        cache_logger_on_first_use=True,
-    )
+        structlog.configure(
+            processors=[structlog.processors.add_log_level,
+                        structlog.processors.TimeStamper(fmt="%H:%M:%S.%f"),
+                        structlog.dev.ConsoleRenderer()],
+            wrapper_class=wrapper,
+            logger_factory=structlog.WriteLoggerFactory(file=out),
+            cache_logger_on_first_use=True,
+        )

@@ -22,7 +22,7 @@ import re
 import string
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,11 @@ class Template:
 
     def render(self, req: Request) -> str | None:
         """The value for this request, or None when a field it uses is missing or empty."""
+        parts = self.parts
+        if len(parts) == 1 and not parts[0][0]:
+            return req.get(parts[0][1]) or None  # type: ignore[arg-type]  # "{account}": one lookup
         out = []
-        for literal, name in self.parts:
+        for literal, name in parts:
             out.append(literal)
             if name is not None:
                 val = req.get(name)
@@ -118,6 +121,34 @@ class Rule:
     shadow: bool
     on_store_error: str
     description: str = ""
+    steps: tuple[Step, ...] = ()
+
+    def with_steps(self) -> Rule:
+        """This rule with its precomputed plan steps (joins first, then the limit)."""
+        steps = [Step.make(j.profile, j.value, None, {}, False, self.name) for j in self.joins]
+        if self.limit is not None:
+            lim = self.limit
+            steps.append(Step.make(lim.profile, lim.value, lim.max, lim.overrides, self.shadow, self.name))
+        return replace(self, steps=tuple(steps))
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One plan entry a matching rule adds: prebuilt when it has no template."""
+
+    profile: str
+    template: Template | None
+    limit: int | None
+    overrides: Mapping[str, int]
+    shadow: bool
+    static: PlanEntry | None
+
+    @classmethod
+    def make(cls, profile: str, template: Template | None, limit: int | None, overrides: Mapping[str, int],
+             shadow: bool, rule: str) -> Step:
+        """Build a step; a no-value profile's entry is the same for every call."""
+        static = PlanEntry(profile, None, limit, shadow, rule) if template is None else None
+        return cls(profile, template, limit, overrides, shadow, static)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,34 +223,28 @@ class Ruleset:
                 if explain:
                     outcomes.append(RuleOutcome(rule.name, False, f"not matched: {failed.desc}"))
                 continue
-            entries: list[PlanEntry] = []
+            start = len(plan)
             missing: str | None = None
-            for join in rule.joins:
-                value = None
-                if join.value is not None:
-                    value = join.value.render(req)
-                    if value is None:
-                        missing = join.value.source
-                        break
-                entries.append(PlanEntry(join.profile, value, None, False, rule.name))
-            lim = rule.limit
-            if missing is None and lim is not None:
-                value = None
-                if lim.value is not None:
-                    value = lim.value.render(req)
-                    if value is None:
-                        missing = lim.value.source
-                if missing is None:
-                    cap = lim.overrides.get(value, lim.max) if value is not None else lim.max
-                    entries.append(PlanEntry(lim.profile, value, cap, rule.shadow, rule.name))
+            for step in rule.steps:
+                if step.static is not None:
+                    plan.append(step.static)
+                    continue
+                assert step.template is not None
+                value = step.template.render(req)
+                if value is None:
+                    missing = step.template.source
+                    break
+                cap = step.limit
+                if step.overrides:
+                    cap = step.overrides.get(value, cap)
+                plan.append(PlanEntry(step.profile, value, cap, step.shadow, rule.name))
             if missing is not None:
+                del plan[start:]
                 if explain:
                     outcomes.append(
                         RuleOutcome(rule.name, False, f"skipped: template {missing!r} has an empty field")
                     )
                 continue
-            start = len(plan)
-            plan.extend(entries)
             if explain:
                 why = "matched: " + (
                     " and ".join(c.desc for c in rule.conds) if rule.conds else "no conditions"
@@ -626,9 +651,8 @@ class _Compiler:
                                         f"override already set inline in rule {r.name!r} ({r.file})")
                     merged[value] = cap
                 lim = Limit(r.limit.profile, r.limit.value, r.limit.max, merged)
-                r = Rule(r.name, r.file, r.conds, r.joins, lim, r.code, r.reason, r.final, r.shadow,
-                         r.on_store_error, r.description)
-            rules.append(r)
+                r = replace(r, limit=lim)
+            rules.append(r.with_steps())
         return Ruleset(
             no_value=frozenset(self.no_value),
             with_value=frozenset(self.with_value),

@@ -153,4 +153,9 @@ def run(settings: Settings) -> None:
         runner: Callable[[Any], Any] = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    runner(Server(settings).run())
+    from policy import logs
+
+    try:
+        runner(Server(settings).run())
+    finally:
+        logs.flush()

@@ -309,7 +309,7 @@ class PolicyService:
         if rec is None:
             log.debug("end_unknown", call_id=call_id, reason=reason)
             return {"released": False}
-        log.info("call_end", call_id=call_id, reason=reason, state=rec.state)
+        log.debug("call_end", call_id=call_id, reason=reason, state=rec.state)
         return {"released": True, "state": rec.state,
                 "profiles": [{"profile": p, "value": v} for p, v in rec.profiles]}
 

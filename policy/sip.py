@@ -9,6 +9,11 @@ def split_uri(uri: str) -> tuple[str, str]:
     >>> split_uri('"Alice" <sip:6001@example.com:5060;transport=udp>;tag=1')
     ('6001', 'example.com')
     """
+    if uri.startswith("sip:") and "<" not in uri:
+        # the common form "sip:user@host" with nothing else: no copies beyond the split
+        user, at, host = uri[4:].partition("@")
+        if at and ";" not in host and ":" not in host and ":" not in user and ";" not in user and "?" not in host:
+            return user, host.lower()
     s = uri.strip()
     if "<" in s:
         start = s.index("<") + 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Why a call ended, as the protocol spells it.
 END_REASONS = ("bye", "cancel", "failed", "timeout", "admin")
@@ -22,9 +22,11 @@ END_REASONS = ("bye", "cancel", "failed", "timeout", "admin")
 FAILED_REASONS = frozenset({"cancel", "failed"})
 
 
-@dataclass(frozen=True, slots=True)
-class PlanEntry:
-    """One profile key a call joins; with `limit`, a cap that must have room first."""
+class PlanEntry(NamedTuple):
+    """One profile key a call joins; with `limit`, a cap that must have room first.
+
+    A NamedTuple, not a dataclass: one is built per profile per check, on the hot path.
+    """
 
     profile: str
     value: str | None
@@ -38,8 +40,7 @@ class PlanEntry:
         return (self.profile, self.value)
 
 
-@dataclass(frozen=True, slots=True)
-class CallInfo:
+class CallInfo(NamedTuple):
     """What a check tells the store about a call, kept in its record for listings."""
 
     call_id: str
@@ -99,8 +100,7 @@ class CallRecord:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ReserveResult:
+class ReserveResult(NamedTuple):
     """The outcome of `reserve`.
 
     `sizes[i]` is the size of `plan[i]`'s key after the operation: it includes the call

@@ -146,15 +146,21 @@ class EmbeddedStore(CounterStore):
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
     ) -> ReserveResult:
         """Admit the call into every key of the plan, or into none."""
-        self._purge(now)
+        if self._heap and self._heap[0][0] <= now:
+            self._purge(now)
         held = self._calls.get(call.call_id)
         if held is not None:
             return ReserveResult(True, True, None, [self._size(e.key) for e in plan], held)
-        sizes = [self._size(e.key) for e in plan]
+        profiles = self._profiles
+        sizes = []
+        for e in plan:
+            values = profiles.get(e.profile)
+            members = values.get(e.value) if values else None
+            sizes.append(len(members) if members else 0)
         for i, entry in enumerate(plan):
             if entry.limit is not None and not entry.shadow and sizes[i] >= entry.limit:
                 return ReserveResult(False, False, i, sizes, None)
-        keys: list[ProfileKey] = list(dict.fromkeys(e.key for e in plan))
+        keys: list[ProfileKey] = list(dict.fromkeys((e.profile, e.value) for e in plan))
         rec = CallRecord(
             call_id=call.call_id,
             from_uri=call.from_uri,
@@ -169,7 +175,9 @@ class EmbeddedStore(CounterStore):
         )
         self._add(rec)
         self._processed += 1
-        return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec)
+        if len(keys) != len(plan):  # a key listed twice: count the call once
+            return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec)
+        return ReserveResult(True, False, None, [n + 1 for n in sizes], rec)
 
     async def answer(self, call_id: str, now: float, timeout: float) -> CallRecord | None:
         """Mark a held call answered and give it the answered-call lease."""

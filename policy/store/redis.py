@@ -500,10 +500,11 @@ class RedisStore(CounterStore):
 
     # -- operations --------------------------------------------------------------------
 
-    async def reserve(
+    def reserve_command(
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
-    ) -> ReserveResult:
-        """Admit the call into every key of the plan, or into none (reserve.lua)."""
+    ) -> tuple[list[str], list[str], dict[tuple[str, str | None], int]]:
+        """KEYS and ARGV of reserve.lua for this call (also used by the benchmark), and the
+        index (1-based) of each distinct profile key."""
         distinct: dict[tuple[str, str | None], int] = {}
         for e in plan:
             distinct.setdefault(e.key, len(distinct) + 1)
@@ -519,6 +520,15 @@ class RedisStore(CounterStore):
         args = [_num(now), self._rec, _num(expires), _num(timeout), call.call_id, call.from_uri,
                 call.to_uri, call.account, orjson.dumps(profiles).decode(), str(len(distinct)),
                 str(len(checks) // 3), *checks]
+        return keys, args, distinct
+
+    async def reserve(
+        self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
+    ) -> ReserveResult:
+        """Admit the call into every key of the plan, or into none (reserve.lua)."""
+        keys, args, distinct = self.reserve_command(call, plan, now, timeout)
+        expires = now + timeout
+        profiles = list(distinct)
         reply = await self._call("reserve", keys, args, undo=call.call_id)
         try:
             status, blocked = int(reply[0]), int(reply[1])

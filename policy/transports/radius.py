@@ -47,7 +47,6 @@ import hashlib
 import hmac
 import ipaddress
 import socket
-import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -77,6 +76,7 @@ ACCOUNTING_REQUEST = 4
 STATUS_SERVER = 12
 
 ATTR_REPLY_MESSAGE = 18
+ATTR_PROXY_STATE = 33
 ATTR_ACCT_STATUS_TYPE = 40
 ATTR_MESSAGE_AUTHENTICATOR = 80
 ATTR_SIP_RESPONSE_CODE = 102
@@ -196,21 +196,21 @@ class Mapping:
                                     "only standard attributes can be mapped")
             self.entries.append((int(a.code), attr, str(a.type), field))
 
-    def fields(self, pkt: rp.Packet) -> dict[str, Any]:
-        """The request fields of a decoded packet (`attrs.X` ones collected under `attrs`)."""
+    def fields(self, attrs: dict[int, list[bytes]]) -> dict[str, Any]:
+        """The request fields of a packet's attributes (`attrs.X` ones collected under `attrs`)."""
         out: dict[str, Any] = {}
-        attrs: dict[str, str] = {}
+        extra: dict[str, str] = {}
         for code, _name, kind, field in self.entries:
-            raw = OrderedDict.get(pkt, code)
+            raw = attrs.get(code)
             if not raw:
                 continue
             value = decode_value(kind, raw[0])
             if field.startswith("attrs."):
-                attrs.setdefault(field[6:], value)
+                extra.setdefault(field[6:], value)
             else:
                 out.setdefault(field, value)
-        if attrs:
-            out["attrs"] = attrs
+        if extra:
+            out["attrs"] = extra
         return out
 
 
@@ -225,8 +225,27 @@ def decode_value(kind: str, raw: bytes) -> str:
     return raw.hex()
 
 
-def check_packet(data: bytes) -> str | None:
-    """Why a datagram is not a well-formed RADIUS packet, or None if it is."""
+class Parsed:
+    """A well-formed packet's header fields and attributes (code -> raw values, in order)."""
+
+    __slots__ = ("attrs", "authenticator", "code", "data", "ident", "ma_offset")
+
+    def __init__(self, data: bytes, attrs: dict[int, list[bytes]], ma_offset: int) -> None:
+        self.data = data  # without padding
+        self.code = data[0]
+        self.ident = data[1]
+        self.authenticator = data[4:20]
+        self.attrs = attrs
+        self.ma_offset = ma_offset  # where the Message-Authenticator value starts, 0 = none
+
+
+def parse_packet(data: bytes) -> Parsed | str:
+    """Split a datagram into header and attributes; a string says why it is not a RADIUS packet.
+
+    RFC 2865 section 3: shorter than 20 octets, or a Length field outside 20..4096 or beyond
+    the datagram = silently discarded; octets after Length are padding. Section 5: an attribute
+    whose length is below 2 or runs past the end makes the packet invalid too.
+    """
     if len(data) < 20:
         return "truncated"
     length = (data[2] << 8) | data[3]
@@ -234,24 +253,107 @@ def check_packet(data: bytes) -> str | None:
         return "bad_length"
     if length > len(data):
         return "truncated"
+    if length < len(data):
+        data = data[:length]
+    attrs: dict[int, list[bytes]] = {}
+    ma = 0
     pos = 20
     while pos < length:
         if pos + 2 > length:
             return "bad_attribute_length"
+        code = data[pos]
         alen = data[pos + 1]
         if alen < 2 or pos + alen > length:
             return "bad_attribute_length"
-        if data[pos] == ATTR_MESSAGE_AUTHENTICATOR and alen != 18:
-            return "bad_attribute_length"
+        if code == ATTR_MESSAGE_AUTHENTICATOR:
+            if alen != 18 or ma:
+                return "bad_attribute_length"
+            ma = pos + 2
+        value = data[pos + 2 : pos + alen]
+        got = attrs.get(code)
+        if got is None:
+            attrs[code] = [value]
+        else:
+            got.append(value)
         pos += alen
-    return None
+    return Parsed(data, attrs, ma)
 
 
-def _int_attr(pkt: rp.Packet, code: int) -> int | None:
-    raw = OrderedDict.get(pkt, code)
+def check_packet(data: bytes) -> str | None:
+    """Why a datagram is not a well-formed RADIUS packet, or None if it is."""
+    res = parse_packet(data)
+    return res if isinstance(res, str) else None
+
+
+def _int_attr(attrs: dict[int, list[bytes]], code: int) -> int | None:
+    raw = attrs.get(code)
     if not raw or len(raw[0]) != 4:
         return None
-    return int(struct.unpack("!I", raw[0])[0])
+    return int.from_bytes(raw[0], "big")
+
+
+_ZERO16 = b"\x00" * 16
+
+
+def message_authenticator_ok(p: Parsed, secret: bytes) -> bool:
+    """RFC 2869 section 5.14 (RFC 5176 section 3.3 for Accounting-Request: zero authenticator)."""
+    d = p.data
+    o = p.ma_offset
+    body = d[:o] + _ZERO16 + d[o + 16 :]
+    if p.code == ACCOUNTING_REQUEST:
+        body = body[:4] + _ZERO16 + body[20:]
+    mac = hmac.new(secret, body, "md5").digest()
+    return hmac.compare_digest(mac, d[o : o + 16])
+
+
+def acct_authenticator_ok(p: Parsed, secret: bytes) -> bool:
+    """RFC 2866 section 3: MD5(Code + Identifier + Length + 16 zero octets + attributes + secret)."""
+    d = p.data
+    digest = hashlib.md5(d[0:4] + _ZERO16 + d[20:] + secret).digest()
+    return hmac.compare_digest(digest, p.authenticator)
+
+
+class ReplyEncoder:
+    """Reply packets: pyrad encodes the attributes of each distinct reply once; each answer then
+    only gets its identifier, Message-Authenticator and Response Authenticator computed."""
+
+    def __init__(self, dictionary: Dictionary, size: int = 1024) -> None:
+        self.dict = dictionary
+        self.size = size
+        self.templates: dict[tuple[Any, ...], bytes] = {}
+
+    def template(self, code: int, avps: tuple[tuple[str, Any], ...], with_ma: bool) -> bytes:
+        """The encoded attributes (a zeroed Message-Authenticator first when with_ma)."""
+        key = (code, avps, with_ma)
+        got = self.templates.get(key)
+        if got is not None:
+            return got
+        pkt = rp.Packet(code=code, id=0, secret=b"-", authenticator=_ZERO16, dict=self.dict)
+        for name, value in avps:
+            pkt.AddAttribute(name, value)
+        attrs = bytes(pkt.ReplyPacket()[20:])
+        if with_ma:
+            attrs = bytes((ATTR_MESSAGE_AUTHENTICATOR, 18)) + _ZERO16 + attrs
+        if len(self.templates) >= self.size:
+            self.templates.clear()
+        self.templates[key] = attrs
+        return attrs
+
+    def encode(self, request: Parsed, secret: bytes, code: int, avps: tuple[tuple[str, Any], ...],
+               with_ma: bool) -> bytes:
+        """The reply to `request`, signed; Proxy-State attributes copied (RFC 2865 section 5.33)."""
+        attrs = self.template(code, avps, with_ma)
+        for state in request.attrs.get(ATTR_PROXY_STATE, ()):
+            attrs += bytes((ATTR_PROXY_STATE, len(state) + 2)) + state
+        length = 20 + len(attrs)
+        if length > MAX_PACKET:
+            raise ValueError("reply too long")
+        head = bytes((code, request.ident, length >> 8, length & 0xFF))
+        if with_ma:
+            mac = hmac.new(secret, head + request.authenticator + attrs, "md5").digest()
+            attrs = attrs[:2] + mac + attrs[18:]
+        auth = hashlib.md5(head + request.authenticator + attrs + secret).digest()
+        return head + auth + attrs
 
 
 class ReplyCache:
@@ -310,7 +412,7 @@ class RadiusProtocol(asyncio.DatagramProtocol):
     """One UDP socket: the auth port, the acct port, or both when they are the same address."""
 
     def __init__(self, kinds: frozenset[str], service: _Service, clients: ClientTable, dictionary: Dictionary,
-                 mapping: Mapping, stats: RadiusStats, cache: ReplyCache) -> None:
+                 mapping: Mapping, stats: RadiusStats, cache: ReplyCache, encoder: ReplyEncoder) -> None:
         self.kinds = kinds
         self.codes = {STATUS_SERVER} | ({ACCESS_REQUEST} if "auth" in kinds else set()) | (
             {ACCOUNTING_REQUEST} if "acct" in kinds else set())
@@ -320,6 +422,7 @@ class RadiusProtocol(asyncio.DatagramProtocol):
         self.mapping = mapping
         self.stats = stats
         self.cache = cache
+        self.encoder = encoder
         self.transport: asyncio.DatagramTransport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self._log_second = 0
@@ -363,16 +466,15 @@ class RadiusProtocol(asyncio.DatagramProtocol):
         if client is None:
             self._drop("unknown_client", addr)
             return
-        why = check_packet(data)
-        if why is not None:
-            self._drop(why, addr, client=client.name, size=len(data))
+        p = parse_packet(data)
+        if isinstance(p, str):
+            self._drop(p, addr, client=client.name, size=len(data))
             return
-        code = data[0]
+        code = p.code
         if code not in self.codes:
             self._drop("unexpected_code", addr, client=client.name, code=code)
             return
-        data = data[: (data[2] << 8) | data[3]]  # octets after Length are padding
-        key = (addr[0], addr[1], data[1], data[4:20])
+        key = (addr[0], addr[1], p.ident, p.authenticator)
         now = time.monotonic()
         seen, cached = self.cache.lookup(key, now)
         if seen:
@@ -380,24 +482,11 @@ class RadiusProtocol(asyncio.DatagramProtocol):
             if cached is not None:
                 self._send(cached, addr)
             return
-        pkt: rp.Packet
-        try:
-            if code == ACCOUNTING_REQUEST:
-                pkt = rp.AcctPacket(secret=client.secret, dict=self.dict, packet=data)
-            else:
-                pkt = rp.AuthPacket(secret=client.secret, dict=self.dict, packet=data)
-        except Exception as exc:  # pyrad.packet.PacketError and friends
-            self._drop("malformed", addr, client=client.name, error=str(exc))
-            return
-        if code == ACCOUNTING_REQUEST and not self._acct_authentic(data, client.secret):
+        if code == ACCOUNTING_REQUEST and not acct_authenticator_ok(p, client.secret):
             self._drop("bad_authenticator", addr, client=client.name)
             return
-        if pkt.message_authenticator:
-            try:
-                ok = bool(pkt.verify_message_authenticator())
-            except Exception:
-                ok = False
-            if not ok:
+        if p.ma_offset:
+            if not message_authenticator_ok(p, client.secret):
                 self._drop("bad_message_authenticator", addr, client=client.name)
                 return
         elif code == STATUS_SERVER:
@@ -405,17 +494,12 @@ class RadiusProtocol(asyncio.DatagramProtocol):
             return
         self.cache.begin(key, now)
         if code == STATUS_SERVER:
-            self._status_server(pkt, key, addr)
+            self._status_server(p, client, key, addr)
             return
-        coro = self._access(pkt, client) if code == ACCESS_REQUEST else self._accounting(pkt, client)
+        coro = self._access(p, client) if code == ACCESS_REQUEST else self._accounting(p, client)
         task = asyncio.ensure_future(self._finish(coro, key, addr))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    @staticmethod
-    def _acct_authentic(data: bytes, secret: bytes) -> bool:
-        digest = hashlib.md5(data[0:4] + b"\x00" * 16 + data[20:] + secret).digest()
-        return hmac.compare_digest(digest, data[4:20])
 
     async def _finish(self, coro: Any, key: tuple[Any, ...], addr: Any) -> None:
         reply: bytes | None = None
@@ -428,61 +512,58 @@ class RadiusProtocol(asyncio.DatagramProtocol):
         if reply is not None:
             self._send(reply, addr)
 
-    def _status_server(self, pkt: rp.Packet, key: tuple[Any, ...], addr: Any) -> None:
-        reply = pkt.CreateReply()
-        if "auth" in self.kinds:
-            reply.code = rp.AccessAccept
-        else:
-            reply.code = rp.AccountingResponse
-        reply.message_authenticator = True
-        data = reply.ReplyPacket()
+    def _status_server(self, p: Parsed, client: Client, key: tuple[Any, ...], addr: Any) -> None:
+        # RFC 5997: Access-Accept on the auth port, Accounting-Response on the acct port
+        code = rp.AccessAccept if "auth" in self.kinds else rp.AccountingResponse
+        data = self.encoder.encode(p, client.secret, code, (), with_ma=True)
         self.stats.c["status_server"] += 1
         self.cache.done(key, data)
         self._send(data, addr)
 
     # -- Access-Request -> check ---------------------------------------------------------------
 
-    async def _access(self, pkt: rp.Packet, client: Client) -> bytes:
-        msg = self.mapping.fields(pkt)
+    async def _access(self, p: Parsed, client: Client) -> bytes:
+        msg = self.mapping.fields(p.attrs)
         msg["op"] = "check"
         res = await self.service.handle(msg)
-        reply = pkt.CreateReply()  # Access-Accept, signed with a Message-Authenticator
+        code = rp.AccessAccept
+        avps: tuple[tuple[str, Any], ...]
         if not res.get("ok"):
             err = res.get("error") or {}
             reason = f"{err.get('code', 'error')}: {err.get('message', '')}"
             self.stats.c["check_errors"] += 1
             log.warning("radius_check_error", client=client.name, call_id=msg.get("call_id"), error=reason)
             if client.style == "avp":
-                reply.AddAttribute("SIP-AVP", ["policy:error", "policy_code#500",
-                                               _avp_text("policy_reason:", reason)])
+                avps = (("SIP-AVP", "policy:error"), ("SIP-AVP", "policy_code#500"),
+                        ("SIP-AVP", _avp_text("policy_reason:", reason)))
             else:
-                reply.code = rp.AccessReject
-                reply.AddAttribute("Reply-Message", _clip(reason))
+                code = rp.AccessReject
+                avps = (("Reply-Message", _clip(reason)),)
         elif res.get("decision") == "allow":
             self.stats.c["access_accept"] += 1
-            if client.style == "avp":
-                reply.AddAttribute("SIP-AVP", "policy:allow")
+            avps = (("SIP-AVP", "policy:allow"),) if client.style == "avp" else ()
         else:
-            code = int(res.get("code") or 486)
+            deny_code = int(res.get("code") or 486)
             reason = str(res.get("reason") or "Call limit reached")
             rule = str(res.get("rule") or "")
             if client.style == "avp":
                 self.stats.c["access_accept_deny"] += 1
-                avps = ["policy:deny", f"policy_code#{code}", _avp_text("policy_reason:", reason)]
+                avps = (("SIP-AVP", "policy:deny"), ("SIP-AVP", f"policy_code#{deny_code}"),
+                        ("SIP-AVP", _avp_text("policy_reason:", reason)))
                 if rule:
-                    avps.append(_avp_text("policy_rule:", rule))
-                reply.AddAttribute("SIP-AVP", avps)
+                    avps += (("SIP-AVP", _avp_text("policy_rule:", rule)),)
             else:
                 self.stats.c["access_reject"] += 1
-                reply.code = rp.AccessReject
-                reply.AddAttribute("Reply-Message", _clip(reason))
-        return bytes(reply.ReplyPacket())
+                code = rp.AccessReject
+                avps = (("Reply-Message", _clip(reason)),)
+        # replies to Access-Request always carry a Message-Authenticator (BlastRADIUS, RFC 9765 draft)
+        return self.encoder.encode(p, client.secret, code, avps, with_ma=True)
 
     # -- Accounting-Request -> answer / refresh / end ------------------------------------------
 
-    async def _accounting(self, pkt: rp.Packet, client: Client) -> bytes | None:
-        status = _int_attr(pkt, ATTR_ACCT_STATUS_TYPE)
-        fields = self.mapping.fields(pkt)
+    async def _accounting(self, p: Parsed, client: Client) -> bytes | None:
+        status = _int_attr(p.attrs, ATTR_ACCT_STATUS_TYPE)
+        fields = self.mapping.fields(p.attrs)
         msg: dict[str, Any] | None
         if status == STATUS_START:
             msg = {**fields, "op": "answer", "create": True}
@@ -494,7 +575,7 @@ class RadiusProtocol(asyncio.DatagramProtocol):
             msg = {"op": "end", "call_id": fields.get("call_id"), "reason": "bye"}
             name = "acct_stop"
         elif status == STATUS_FAILED:
-            sip_code = _int_attr(pkt, ATTR_SIP_RESPONSE_CODE)
+            sip_code = _int_attr(p.attrs, ATTR_SIP_RESPONSE_CODE)
             msg = {"op": "end", "call_id": fields.get("call_id"),
                    "reason": "cancel" if sip_code == 487 else "failed"}
             name = "acct_failed"
@@ -515,10 +596,7 @@ class RadiusProtocol(asyncio.DatagramProtocol):
                 self.stats.c["acct_errors"] += 1
                 log.warning("radius_acct_error", client=client.name, status=status,
                             call_id=msg.get("call_id"), error=err.get("message"))
-        reply = pkt.CreateReply()
-        if pkt.message_authenticator:
-            reply.message_authenticator = True
-        return bytes(reply.ReplyPacket())
+        return self.encoder.encode(p, client.secret, rp.AccountingResponse, (), with_ma=False)
 
 
 def _clip(text: str, prefix: bytes = b"") -> str:
@@ -555,6 +633,7 @@ async def start_radius(service: _Service, settings: _Settings) -> tuple[Callable
         log.warning("radius_no_clients", note="every RADIUS packet will be dropped")
     stats = RadiusStats()
     cache = ReplyCache()
+    encoder = ReplyEncoder(dictionary)
     loop = asyncio.get_running_loop()
     wanted: dict[tuple[str, int], set[str]] = {}
     for kind, value, default in (("auth", settings.radius_auth, AUTH_PORT),
@@ -569,7 +648,7 @@ async def start_radius(service: _Service, settings: _Settings) -> tuple[Callable
             proto_kinds = frozenset(kinds)
             transport, proto = await loop.create_datagram_endpoint(
                 functools.partial(RadiusProtocol, proto_kinds, service, clients, dictionary, mapping, stats,
-                                  cache),
+                                  cache, encoder),
                 local_addr=(host, port))
             transports.append(transport)
             protocols.append(proto)

@@ -10,6 +10,7 @@ import structlog
 
 from policy.errors import ProtocolError
 from policy.service import PolicyService
+from policy.transports import eager
 from policy.wire import BadMessage, Framing, StreamDecoder, encode
 
 log = structlog.get_logger("policy.transports.stream")
@@ -90,7 +91,8 @@ class StreamProtocol(asyncio.Protocol):
                 fut.set_result({"ok": False, "error": {"code": event.code, "message": event.message}})
                 self._queue(fut, event.framing)
             else:
-                self._queue(asyncio.ensure_future(handle(event.data)), event.framing)
+                self._queue(eager.start(handle(event.data)), event.framing)
+        self._flush()
         self._arm_partial_timer()
 
     def eof_received(self) -> bool:
@@ -101,10 +103,9 @@ class StreamProtocol(asyncio.Protocol):
         return True
 
     def _queue(self, fut: asyncio.Future[dict[str, Any]], framing: Framing) -> None:
+        # replies that are ready are written together by the _flush at the end of data_received
         self.pending.append((fut, framing))
-        if fut.done() and len(self.pending) == 1:
-            self._flush()
-        else:
+        if not fut.done():
             fut.add_done_callback(self._on_done)
 
     def _on_done(self, _fut: asyncio.Future[dict[str, Any]]) -> None:
@@ -130,6 +131,7 @@ class StreamProtocol(asyncio.Protocol):
         self.closing = True
         # a stream that cannot be resynchronised: answer after what came before, then close
         self._queue(fut, Framing.NETSTRING if exc.code == "bad_netstring" else Framing.LINE)
+        self._flush()
 
     def _arm_partial_timer(self) -> None:
         if self._partial_timer is not None:

@@ -8,6 +8,7 @@ from typing import Any, cast
 import structlog
 
 from policy.service import PolicyService
+from policy.transports import eager
 from policy.wire import BadMessage, decode_datagram, encode
 
 log = structlog.get_logger("policy.transports.udp")
@@ -35,8 +36,11 @@ class DatagramProtocol(asyncio.DatagramProtocol):
             self._send({"ok": False, "error": {"code": event.code, "message": event.message}},
                        event.framing, addr)
             return
-        task = asyncio.ensure_future(self.service.handle(event.data))
-        task.add_done_callback(lambda t: self._send(t.result(), event.framing, addr))
+        fut = eager.start(self.service.handle(event.data))
+        if fut.done():
+            self._send(fut.result(), event.framing, addr)
+        else:
+            fut.add_done_callback(lambda t: self._send(t.result(), event.framing, addr))
 
     def _send(self, reply: dict[str, Any], framing: Any, addr: Any) -> None:
         if self.transport is not None and not self.transport.is_closing():
