@@ -80,7 +80,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     wrapper = structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO))
     if fmt == "json":
         global _stream
-        raw: BinaryIO = getattr(out, "buffer", out)
+        raw = cast(BinaryIO, out.buffer if hasattr(out, "buffer") else out)
         _stream = TickBufferedStream(raw)
         structlog.configure(
             processors=[structlog.processors.add_log_level, _timestamp,
