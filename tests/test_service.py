@@ -470,6 +470,15 @@ async def test_bad_netstring_is_answered_and_closed(running: Running) -> None:
     await other.close()
 
 
+async def test_truncated_netstring_at_end_of_stream_is_answered(running: Running) -> None:
+    """A client that half-closes inside a netstring gets a `truncated` error, then the close."""
+    c = await running.client()
+    await c.send(b'16:{"op":"ping"},')
+    c.writer.write_eof()
+    rest = await asyncio.wait_for(c.reader.read(), 5)
+    assert orjson.loads(rest)["error"]["code"] == "truncated"
+
+
 async def test_oversize_netstring_is_refused(running: Running) -> None:
     """A netstring longer than the limit is refused without reading it."""
     c = await running.client()

@@ -97,6 +97,9 @@ class StreamProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client half-closed (`nc` at end of input): answer what is pending, then close."""
+        if self.decoder.buffered and not self.closing:
+            self._fatal(ProtocolError("truncated", "the stream ended inside a message"))
+            return True
         self.closing = True
         if not self.pending and self.transport is not None:
             self.transport.close()
