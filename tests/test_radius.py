@@ -17,7 +17,7 @@ from pyrad.dictionary import Dictionary
 
 from policy.radius import DICTIONARY
 from policy.settings import RadiusClient
-from policy.transports.radius import ClientTable, Mapping, check_packet
+from policy.transports.radius import ClientTable, Mapping, check_packet, parse_packet
 from tests.helpers import RULES, ServiceProcess, free_port
 
 SECRET = "testing123"
@@ -402,10 +402,12 @@ def test_mapping_defaults_and_overrides() -> None:
     pkt["Called-Station-Id"] = "sip:b@y"
     pkt["NAS-IP-Address"] = "192.0.2.7"
     pkt["Sip-URI-User"] = "alice"
-    assert Mapping(d, {}).fields(pkt) == {"call_id": "c1", "account": "acme", "from": "sip:a@x",
+    attrs = parse_packet(pkt.RequestPacket())
+    assert not isinstance(attrs, str)
+    assert Mapping(d, {}).fields(attrs.attrs) == {"call_id": "c1", "account": "acme", "from": "sip:a@x",
                                          "to": "sip:b@y", "src_ip": "192.0.2.7"}
     m = Mapping(d, {"Sip-URI-User": "account", "User-Name": "attrs.user", "NAS-IP-Address": ""})
-    assert m.fields(pkt) == {"call_id": "c1", "account": "alice", "from": "sip:a@x", "to": "sip:b@y",
+    assert m.fields(attrs.attrs) == {"call_id": "c1", "account": "alice", "from": "sip:a@x", "to": "sip:b@y",
                              "attrs": {"user": "acme"}}
 
 

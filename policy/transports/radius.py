@@ -1,7 +1,12 @@
 """RADIUS front end: Access-Request -> `check`, Accounting-Request -> `answer`/`refresh`/`end`.
 
-Two asyncio UDP listeners (auth, default port 1812; acct, default 1813). pyrad is only the
-packet and dictionary codec; everything about sockets, clients and retransmissions is here.
+Two asyncio UDP listeners (auth, default port 1812; acct, default 1813). pyrad is the codec:
+its `Dictionary` gives every mapped attribute's code and type, and its packets encode the
+attributes of each distinct reply (cached, see `ReplyEncoder`); everything about sockets,
+clients and retransmissions is here. The per-packet work is kept off pyrad's generic paths for
+speed: the datagram is split into attributes once by `parse_packet` (which has to walk them
+anyway to reject bad lengths), and a reply only gets its identifier, Message-Authenticator and
+Response Authenticator computed over the cached attribute block.
 
 What is dropped, logged (structlog warning, rate limited) and never answered:
 
