@@ -206,3 +206,41 @@ def test_service_reconnects_after_kamailio_restart(make_stack: StackFactory) -> 
     events = [e["event"] for e in st.svc.log_events() if str(e.get("event", "")).startswith("evapi_")]
     assert events[:3] == ["evapi_connected", "evapi_disconnected", "evapi_connected"] or \
         events.count("evapi_connected") == 2, events
+
+
+def test_cancel_while_the_check_is_pending(make_stack: StackFactory) -> None:
+    """A CANCEL for an INVITE still waiting on callpolicy ends it at once with 487."""
+    import socket
+
+    st = make_stack(service=False, timeout_ms=2000)
+    silent = SilentEvapiClient(st.kam.evapi)
+    try:
+        st.kam.wait_clients(1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as so:
+            so.bind(("127.0.0.1", 0))
+            so.settimeout(2)
+            lp = so.getsockname()[1]
+            ruri = f"sip:100@127.0.0.1:{st.kam.sip_port}"
+            common = (f"Via: SIP/2.0/UDP 127.0.0.1:{lp};branch=z9hG4bKcx{lp}\r\n"
+                      f"From: <sip:x@127.0.0.1>;tag=1\r\nTo: <{ruri}>\r\nCall-ID: cancel-{lp}\r\n"
+                      "Max-Forwards: 70\r\nContent-Length: 0\r\n")
+            so.sendto(f"INVITE {ruri} SIP/2.0\r\n{common}CSeq: 1 INVITE\r\n"
+                      f"Contact: <sip:x@127.0.0.1:{lp}>\r\n\r\n".encode(), ("127.0.0.1", st.kam.sip_port))
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            so.sendto(f"CANCEL {ruri} SIP/2.0\r\n{common}CSeq: 1 CANCEL\r\n\r\n".encode(),
+                      ("127.0.0.1", st.kam.sip_port))
+            got = set()
+            while {"487 INVITE", "200 CANCEL"} - got and time.monotonic() - t0 < 1.5:
+                lines = so.recv(65535).decode().split("\r\n")
+                cseq = next(x for x in lines if x.startswith("CSeq:")).split()[-1]
+                got.add(f"{lines[0].split()[1]} {cseq}")
+            elapsed = time.monotonic() - t0
+            tag = next((x for x in lines if x.startswith("To:")), f"To: <{ruri}>")
+            so.sendto(f"ACK {ruri} SIP/2.0\r\n{common.replace(f'To: <{ruri}>', tag)}CSeq: 1 ACK\r\n\r\n"
+                      .encode(), ("127.0.0.1", st.kam.sip_port))
+    finally:
+        silent.close()
+    assert {"487 INVITE", "200 CANCEL"} <= got, (got, st.dump())
+    assert elapsed < 0.5, "not after the policy timeout"
+    assert st.kam.active_dialogs() == 0
