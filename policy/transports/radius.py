@@ -428,6 +428,7 @@ class RadiusProtocol(asyncio.DatagramProtocol):
         self.stats = stats
         self.cache = cache
         self.encoder = encoder
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.DatagramTransport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self._log_second = 0
@@ -501,15 +502,17 @@ class RadiusProtocol(asyncio.DatagramProtocol):
         if code == STATUS_SERVER:
             self._status_server(p, client, key, addr)
             return
-        coro = self._access(p, client) if code == ACCESS_REQUEST else self._accounting(p, client)
-        task = asyncio.ensure_future(self._finish(coro, key, addr))
+        task = self.loop.create_task(self._process(p, client, key, addr))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _finish(self, coro: Any, key: tuple[Any, ...], addr: Any) -> None:
+    async def _process(self, p: Parsed, client: Client, key: tuple[Any, ...], addr: Any) -> None:
         reply: bytes | None = None
         try:
-            reply = await coro
+            if p.code == ACCESS_REQUEST:
+                reply = await self._access(p, client)
+            else:
+                reply = await self._accounting(p, client)
         except Exception:
             log.exception("radius_internal_error", peer=str(addr))
             self.stats.c["errors"] += 1
