@@ -33,6 +33,11 @@ class ServiceCollector(Collector):
         yield CounterMetricFamily("callpolicy_reloads", "Successful rule reloads", value=s.reloads)
         yield CounterMetricFamily("callpolicy_reload_errors", "Refused rule reloads", value=s.reload_errors)
         yield GaugeMetricFamily("callpolicy_rules_loaded", "Rules in force", value=len(s.ruleset.rules))
+        if s.last_dialogs is not None:
+            for name, value in s.last_dialogs.to_json().items():
+                kind = GaugeMetricFamily if name in ("active_dialogs", "early_dialogs") else CounterMetricFamily
+                yield kind(f"callpolicy_dialog_{name}", f"Kamailio-style dialog statistic {name} "
+                           "(as of the last sweep)", value=value)
         conns = s.info_providers.get("connections")
         if conns is not None:
             yield GaugeMetricFamily("callpolicy_connections_open", "Open stream connections",

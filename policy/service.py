@@ -20,7 +20,7 @@ from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
 from policy.rules import BUILTIN_FIELDS, Ruleset, load_rules, rule_files
 from policy.sip import split_uri
-from policy.store.base import END_REASONS, CallInfo, CounterStore, PlanEntry, ReserveResult
+from policy.store.base import END_REASONS, CallInfo, CounterStore, DialogStats, PlanEntry, ReserveResult
 
 log = structlog.get_logger("policy.service")
 
@@ -80,6 +80,7 @@ class PolicyService:
         self.reload_errors = 0
         self.last_reload_error: str | None = None
         self.info_providers: dict[str, Callable[[], Any]] = {}
+        self.last_dialogs: DialogStats | None = None  # refreshed by the sweep loop, for /metrics
         self._watch_sig: tuple[tuple[str, int, int], ...] | None = None
         self._ops: dict[str, Handler] = {
             "check": self.op_check,
@@ -343,6 +344,7 @@ class PolicyService:
     async def op_stats(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Dialog stats (Kamailio's names), decisions per rule and outcome, rules version."""
         dialogs = await self.store.stats(self.clock.now())
+        self.last_dialogs = dialogs
         per_rule: dict[str, dict[str, int]] = {}
         for (rule, outcome), n in sorted(self.decisions.items()):
             per_rule.setdefault(rule, {})[outcome] = n
@@ -429,6 +431,7 @@ class PolicyService:
             await asyncio.sleep(interval)
             try:
                 n = await self.store.sweep(self.clock.now())
+                self.last_dialogs = await self.store.stats(self.clock.now())
             except StoreError as exc:
                 log.warning("sweep_failed", error=str(exc))
                 continue

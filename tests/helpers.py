@@ -112,8 +112,9 @@ class ServiceProcess:
         cmd = [sys.executable, "-m", "policy"]
         cmd += ["--config", str(self.config)] if self.config else ["--config", str(ROOT / "service.toml")]
         cmd += ["serve", "--rules", self.rules, "--listen", f"127.0.0.1:{self.port}",
-                "--unix", self.unix, "--snapshot", self.snapshot, "--metrics", "none",
-                "--log-format", "json"]
+                "--unix", self.unix, "--snapshot", self.snapshot, "--log-format", "json"]
+        if "--metrics" not in self.extra:
+            cmd += ["--metrics", "none"]
         if self.store:
             cmd += ["--store", self.store]
         return cmd + self.extra

@@ -204,3 +204,24 @@ def test_python_m_policy_help() -> None:
     r = cli("--help")
     assert r.returncode == 0 and "check-rules" in r.stdout
     assert os.path.exists(ROOT / "service.toml")
+
+
+def test_prometheus_metrics(tmp_path: Path) -> None:
+    """/metrics shows decisions per rule and the dialog stats."""
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    mport = free_port()
+    svc = ServiceProcess(workdir=tmp_path, config=write_config(tmp_path),
+                         extra=["--metrics", f"127.0.0.1:{mport}"]).start()
+    c = svc.client()
+    for i in range(4):
+        check(c, f"m{i}", user=f"u{i}")
+    c.call("stats")
+    c.close()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+    svc.stop()
+    assert 'callpolicy_decisions_total{outcome="allow"} 3.0' in body
+    assert 'callpolicy_rule_decisions_total{outcome="deny",rule="account-cap"} 1.0' in body
+    assert "callpolicy_dialog_early_dialogs 3.0" in body
