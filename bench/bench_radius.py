@@ -9,8 +9,10 @@ check is admitted and none is a duplicate) and is encoded with raw struct packin
 generator has to be much cheaper than the service, both share the machine's cores. Replies are
 matched by identifier and their Response Authenticator is verified.
 
-Printed: requests/s, p50/p99/p99.9 round-trip latency, lost requests. `--acct` also measures
-Accounting Start+Stop pairs. `--json` prints the figures as one JSON object.
+Printed: requests/s, p50/p99/p99.9 round-trip latency, lost requests, and (when the bench
+started the service) the service's CPU time per round trip read from /proc - on a shared or
+small machine the service is often not on a core of its own, and that figure says what it
+does when it is. `--acct` also measures Accounting Start+Stop pairs. `--json` prints JSON.
 """
 
 from __future__ import annotations
@@ -95,13 +97,11 @@ def start_service(secret: str, workdir: Path, log_level: str) -> tuple[subproces
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"callpolicy exited: {(workdir / 'serve.log').read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", tcp), timeout=0.5) as s:
-                s.sendall(b'{"op":"ping"}\n')
-                if b'"ok":true' in s.recv(4096):
-                    return proc, tcp, auth, acct
-        except OSError:
-            time.sleep(0.05)
+        # ready when our process logged `listening` (a ping alone could reach a stranger that
+        # grabbed the same free port first)
+        if '"event":"listening"' in (workdir / "serve.log").read_text(errors="replace"):
+            return proc, tcp, auth, acct
+        time.sleep(0.05)
     proc.kill()
     raise RuntimeError("callpolicy did not start")
 
@@ -196,6 +196,26 @@ def closed_loop(addr: tuple[str, int], secret: bytes, seconds: float, window: in
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU a process used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def measured(proc: subprocess.Popen[bytes] | None, run: Any) -> dict[str, Any]:
+    """Run one closed loop; with our own service also its CPU time per request."""
+    c0, t0 = (cpu_seconds(proc.pid), time.perf_counter()) if proc else (0.0, 0.0)
+    r: dict[str, Any] = run()
+    if proc is not None and r["completed"]:
+        used = cpu_seconds(proc.pid) - c0
+        r["server_cpu_us"] = round(used / r["completed"] * 1e6, 1)
+        r["server_busy"] = round(used / (time.perf_counter() - t0), 2)
+    return r
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--auth", help="HOST:PORT of a running service's RADIUS auth port (default: start one)")
@@ -220,10 +240,11 @@ def main() -> int:
             work = Path(tempfile.mkdtemp(prefix="cpbench-radius-"))
             proc, _tcp, auth_port, acct_port = start_service(args.secret, work, args.log_level)
             auth_addr, acct_addr = ("127.0.0.1", auth_port), ("127.0.0.1", acct_port)
-        results = [closed_loop(auth_addr, secret, args.seconds, args.window, args.warmup, "auth",
-                               args.message_authenticator)]
+        results = [measured(proc, lambda: closed_loop(auth_addr, secret, args.seconds, args.window,
+                                                      args.warmup, "auth", args.message_authenticator))]
         if args.acct:
-            results.append(closed_loop(acct_addr, secret, args.seconds, args.window, args.warmup, "acct"))
+            results.append(measured(proc, lambda: closed_loop(acct_addr, secret, args.seconds, args.window,
+                                                              args.warmup, "acct")))
     finally:
         if proc is not None:
             proc.terminate()
@@ -236,6 +257,10 @@ def main() -> int:
             print(f"RADIUS {what}: {r['per_second']}/s over {r['seconds']} s (window {r['window']}); "
                   f"latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms; "
                   f"lost {r['lost']}, bad replies {r['bad_replies']}")
+            if "server_cpu_us" in r:
+                per = "round trip" if r["kind"] == "auth" else "Start+Stop pair"
+                print(f"  service CPU {r['server_cpu_us']} us per {per} (busy {r['server_busy']:.0%} of one "
+                      f"core): {round(1e6 / r['server_cpu_us'])}/s when it has a core to itself")
     return 0
 
 
