@@ -130,14 +130,15 @@ async def test_six_profiles_then_end_leaves_no_keys(store: RedisStore, raw: ared
         f"{tag}:c:a", f"{tag}:exp", f"{tag}:stats",
         f"{tag}:k:total", f"{tag}:k:account=acme", f"{tag}:k:user=u@x", f"{tag}:k:type=local",
         f"{tag}:k:local", f"{tag}:k:emergency",
-        f"{tag}:a:total", f"{tag}:a:account", f"{tag}:a:user", f"{tag}:a:type", f"{tag}:a:local",
-        f"{tag}:a:emergency",
+        f"{tag}:i:total", f"{tag}:i:account", f"{tag}:i:user", f"{tag}:i:type", f"{tag}:i:local",
+        f"{tag}:i:emergency",
     }
     # every zset scores the call by its lease expiry
     assert await raw.zscore(f"{tag}:k:account=acme", "a") == T0 + 300
     rec = await store.answer("a", T0 + 1, 1000)
     assert rec is not None
-    assert await raw.zscore(f"{tag}:a:user", "a") == T0 + 1001
+    assert await raw.zscore(f"{tag}:k:user=u@x", "a") == T0 + 1001
+    assert await raw.smembers(f"{tag}:i:account") == {f"{tag}:k:account=acme"}
     assert await store.end("a", T0 + 2, "bye") is not None
     assert set(await raw.keys(f"{tag}:*")) == {f"{tag}:stats"}
 
@@ -382,6 +383,34 @@ async def test_late_reserve_is_released_again(private_redis: RedisServer) -> Non
         assert await s.get_call("late", T0) is None
         st = await s.stats(T0)
         assert (st.processed_dialogs, st.early_dialogs) == (0, 0)
+    finally:
+        await s.close()
+
+
+async def test_reserve_lost_with_its_connection_is_released_after_recovery(
+        private_redis: RedisServer) -> None:
+    """The round trip is given up (connection dropped) after the reserve was sent: once Redis
+    answers again, that reserve's admission, if it happened, is released; others are not."""
+    s = RedisStore(private_redis.url, timeout=0.05)
+    await s.start()
+    try:
+        assert (await s.reserve(call("kept"), [TOTAL, acct("acme", 3)], T0, 300)).admitted
+        assert private_redis.proc is not None
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        with pytest.raises(StoreError):
+            await s.reserve(call("lost"), [TOTAL, acct("acme", 3)], T0, 300)
+        with pytest.raises(StoreError):  # the same call id again: its token differs
+            await s.reserve(call("kept"), [TOTAL, acct("acme", 3)], T0, 300)
+        await asyncio.sleep(0.6)  # past the round-trip limit: the connection is dropped
+        private_redis.proc.send_signal(signal.SIGCONT)
+        await until_ok(s, 1.0)
+        deadline = time.monotonic() + 2
+        while await s.get_call("lost", T0) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert await s.get_call("lost", T0) is None
+        assert await s.get_call("kept", T0) is not None
+        assert await s.profile_size("account", "acme", T0) == 1
+        assert (await s.stats(T0)).processed_dialogs == 1
     finally:
         await s.close()
 

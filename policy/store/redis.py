@@ -9,7 +9,7 @@ Key layout (every key carries the hash tag ``{prefix}``, so a Redis Cluster woul
 them all on one slot, which the multi-key scripts need):
 
 - ``{P}:k:<profile>`` / ``{P}:k:<profile>=<value>``: zset of call ids scored by lease expiry
-- ``{P}:a:<profile>``: the same for every value of the profile (profile_size without value)
+- ``{P}:i:<profile>``: set of the profile's non-empty keys (profile_size without a value)
 - ``{P}:c:<call id>``: hash, the call record (state, timestamps, from/to/account, keys)
 - ``{P}:exp``: zset of every held call id scored by lease expiry (the sweep's index)
 - ``{P}:stats``: hash of counters (processed, expired, failed, early, active)
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import select
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,7 +70,12 @@ SWEEP_BATCH = 1000
 MAX_ROUNDS = 50
 #: At most this many operations per round trip (~8 ms of Redis time for reserves), so one
 #: round trip never takes long enough to look like a slow Redis.
-MAX_BATCH = 256
+MAX_BATCH = 128
+#: A call waiting this long in our own queue (a service overloaded beyond what Redis answers)
+#: fails even though Redis is answering, so the queue cannot grow without bound.
+MAX_QUEUE_WAIT = 1.0
+#: Reserves whose outcome is unknown, kept for release once Redis answers again (bounded).
+MAX_PENDING_UNDO = 100_000
 
 
 def load_script_source(name: str) -> str:
@@ -135,7 +142,8 @@ class _Op:
     cmd: tuple[Any, ...]
     fut: asyncio.Future[Any]
     timer: asyncio.TimerHandle | None = None
-    undo: str | None = None  # a reserve's call id: released again if its answer came too late
+    undo: tuple[str, str] | None = None  # a reserve's (call id, token), to release it again
+    born: float = 0.0  # loop time it was queued
 
 
 class RedisStore(CounterStore):
@@ -205,7 +213,10 @@ class RedisStore(CounterStore):
         self._down_since: float | None = None
         # A round trip that takes this long means a hung connection: it is dropped. Callers do
         # not wait for it: each operation fails on its own deadline (`timeout`) regardless.
-        self._exchange_timeout = timeout + 0.25
+        self._exchange_timeout = timeout + 0.45
+        self._tokens = itertools.count()
+        self._token_prefix = os.urandom(4).hex() + ":"
+        self._undo_pending: list[tuple[str, str]] = []
         self.errors = 0
         self.batches = 0
         self.ops = 0
@@ -232,9 +243,9 @@ class RedisStore(CounterStore):
         base = f"{self._p}k:{_esc(profile)}"
         return base if value is None else f"{base}={value}"
 
-    def aggregate_key(self, profile: str) -> str:
-        """The zset of every value of a profile."""
-        return f"{self._p}a:{_esc(profile)}"
+    def index_key(self, profile: str) -> str:
+        """The set of a profile's non-empty keys."""
+        return f"{self._p}i:{_esc(profile)}"
 
     def record_key(self, call_id: str) -> str:
         """The hash of one call."""
@@ -309,7 +320,7 @@ class RedisStore(CounterStore):
         return out
 
     async def _call(self, script: str, keys: Sequence[str], args: Sequence[str],
-                    undo: str | None = None) -> Any:
+                    undo: tuple[str, str] | None = None) -> Any:
         """Queue one script call for the next round trip; its reply, or StoreError.
 
         The deadline is a timer that fails the future, not a cancellation of the caller: a
@@ -320,8 +331,9 @@ class RedisStore(CounterStore):
             raise StoreError("redis store closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        op = _Op(("EVALSHA", self._sha[script], len(keys), *keys, *args), fut, None, undo)
-        op.timer = loop.call_at(loop.time() + self.timeout, self._expire, op)
+        now = loop.time()
+        op = _Op(("EVALSHA", self._sha[script], len(keys), *keys, *args), fut, None, undo, now)
+        op.timer = loop.call_at(now + self.timeout, self._expire, op)
         self._enqueue(op, loop)
         return await fut
 
@@ -344,16 +356,20 @@ class RedisStore(CounterStore):
         loop = asyncio.get_running_loop()
         now = loop.time()
         since = self._inflight_since
-        if since is None or now - since < self.timeout:
+        overloaded = now - op.born >= MAX_QUEUE_WAIT
+        if not overloaded and (since is None or now - since < self.timeout):
             when = (now if since is None else since) + self.timeout / (5 if since is None else 1)
             op.timer = loop.call_at(max(when, now + 0.001), self._expire, op)
             return
-        if self._reply_pending():
+        if not overloaded and self._reply_pending():
             op.timer = loop.call_at(now + 0.001, self._expire, op)
             return
         self.errors += 1
-        op.fut.set_exception(StoreError(f"redis ({self._where}) did not answer within "
-                                        f"{self.timeout * 1000:.0f} ms"))
+        if overloaded:
+            op.fut.set_exception(StoreError(f"redis store overloaded: queued {now - op.born:.3f} s"))
+        else:
+            op.fut.set_exception(StoreError(f"redis ({self._where}) did not answer within "
+                                            f"{self.timeout * 1000:.0f} ms"))
 
     def _reply_pending(self) -> bool:
         """Whether Redis's reply has arrived and only waits for us to read it."""
@@ -373,17 +389,30 @@ class RedisStore(CounterStore):
         except (OSError, ValueError, AttributeError, TypeError):
             return False
 
-    def _undo(self, call_id: str) -> None:
-        """Release a call whose reserve succeeded after its caller had given up on it: the
-        service decided without the store (store-error policy), so the slot must not stay."""
-        self.undone += 1
-        log.warning("redis_late_reserve_released", call_id=call_id)
+    def _undo(self, undo: tuple[str, str]) -> None:
+        """Release what a reserve admitted when its caller never saw the answer (too late, or
+        the round trip failed after it was sent): the service decided that call without the
+        store (store-error policy), so its slot must not stay held. Only the admission made
+        by that very reserve (its token) is released, never a call admitted otherwise."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        fut.add_done_callback(_consume)
+        call_id, token = undo
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                self._keep_undo(undo)  # Redis still away: try again after the next success
+            elif f.result() == 1:
+                self.undone += 1
+                log.warning("redis_unanswered_reserve_released", call_id=call_id)
+
+        fut.add_done_callback(done)
         keys = self._base(call_id)
         self._enqueue(_Op(("EVALSHA", self._sha["end"], len(keys), *keys,
-                           "0", self._rec, call_id, "", "1"), fut), loop)
+                           "0", self._rec, call_id, "", "1", token), fut), loop)
+
+    def _keep_undo(self, undo: tuple[str, str]) -> None:
+        if len(self._undo_pending) < MAX_PENDING_UNDO:
+            self._undo_pending.append(undo)
 
     def _kick(self) -> None:
         self._kicked = False
@@ -443,6 +472,8 @@ class RedisStore(CounterStore):
             for op in batch:
                 if op.timer is not None:
                     op.timer.cancel()
+                if op.undo is not None:  # it may have run before the connection failed
+                    self._keep_undo(op.undo)
                 if not op.fut.done():
                     op.fut.set_exception(err)
             return
@@ -465,6 +496,10 @@ class RedisStore(CounterStore):
                 op.fut.set_result(res)
         if readonly:  # a failover demoted our primary: reconnect (Sentinel finds the new one)
             await self._drop_connection()
+        elif self._undo_pending:
+            pending, self._undo_pending = self._undo_pending, []
+            for undo in pending:
+                self._undo(undo)
 
     # -- decoding ----------------------------------------------------------------------
 
@@ -510,16 +545,17 @@ class RedisStore(CounterStore):
             distinct.setdefault(e.key, len(distinct) + 1)
         keys = self._base(call.call_id)
         keys += [self.profile_key(p, v) for p, v in distinct]
-        keys += [self.aggregate_key(p) for p, _ in distinct]
+        keys += [self.index_key(p) for p, _ in distinct]
         checks: list[str] = []
         for i, e in enumerate(plan):
             if e.limit is not None and not e.shadow:
                 checks += [str(i), str(distinct[e.key]), str(e.limit)]
         expires = now + timeout
         profiles = list(distinct)
+        token = f"{self._token_prefix}{next(self._tokens)}"
         args = [_num(now), self._rec, _num(expires), _num(timeout), call.call_id, call.from_uri,
                 call.to_uri, call.account, orjson.dumps(profiles).decode(), str(len(distinct)),
-                str(len(checks) // 3), *checks]
+                str(len(checks) // 3), token, *checks]
         return keys, args, distinct
 
     async def reserve(
@@ -529,7 +565,7 @@ class RedisStore(CounterStore):
         keys, args, distinct = self.reserve_command(call, plan, now, timeout)
         expires = now + timeout
         profiles = list(distinct)
-        reply = await self._call("reserve", keys, args, undo=call.call_id)
+        reply = await self._call("reserve", keys, args, undo=(call.call_id, args[11]))
         try:
             status, blocked = int(reply[0]), int(reply[1])
             n = len(distinct)
@@ -578,13 +614,15 @@ class RedisStore(CounterStore):
         reply = await self._call("get", self._base(call_id), [_num(now), self._rec, call_id])
         return self._maybe_record(reply)
 
-    def _subject(self, profile: str, value: str | None) -> str:
-        return self.aggregate_key(profile) if value is None else self.profile_key(profile, value)
+    def _subject(self, profile: str, value: str | None) -> tuple[str, str]:
+        if value is None:
+            return self.index_key(profile), "profile"
+        return self.profile_key(profile, value), "key"
 
     async def profile_size(self, profile: str, value: str | None, now: float) -> int:
         """Calls in the key, or in every value of the profile, cluster-wide (size.lua)."""
-        reply = await self._call("size", [self._subject(profile, value), self._exp, self._stats],
-                                 [_num(now), self._rec])
+        key, mode = self._subject(profile, value)
+        reply = await self._call("size", [key, self._exp, self._stats], [_num(now), self._rec, mode])
         try:
             return int(reply)
         except (TypeError, ValueError):
@@ -592,8 +630,8 @@ class RedisStore(CounterStore):
 
     async def profile_list(self, profile: str, value: str | None, now: float) -> list[CallRecord]:
         """The calls in the key (or every value of the profile), ordered by Call-ID (list.lua)."""
-        reply = await self._call("list", [self._subject(profile, value), self._exp, self._stats],
-                                 [_num(now), self._rec])
+        key, mode = self._subject(profile, value)
+        reply = await self._call("list", [key, self._exp, self._stats], [_num(now), self._rec, mode])
         if not isinstance(reply, list):
             raise StoreError(f"unexpected list reply from redis: {reply!r}")
         return sorted((self._record(r) for r in reply), key=lambda r: r.call_id)

@@ -8,7 +8,7 @@
 local now = ARGV[1]
 local id = ARGV[5]
 purge(KEYS[2], KEYS[3], ARGV[2], now, PURGE_LIMIT)
-if not live_record(KEYS[1], KEYS[2], KEYS[3], id, now) then
+if not is_live(KEYS[1], KEYS[2], KEYS[3], id, now) then
   return false
 end
 if redis.call('HGET', KEYS[1], 's') ~= 'active' then

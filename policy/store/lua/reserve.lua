@@ -5,13 +5,15 @@
 -- KEYS[2]            expiry index      {P}:exp
 -- KEYS[3]            stats hash        {P}:stats
 -- KEYS[4 .. 3+n]     the n distinct profile keys of the plan   {P}:k:<profile>[=<value>]
--- KEYS[4+n .. 3+2n]  the per-profile aggregate of each of them {P}:a:<profile>
+-- KEYS[4+n .. 3+2n]  the index of each key's profile           {P}:i:<profile>
 -- ARGV[1] now          ARGV[2] record key prefix {P}:c:
 -- ARGV[3] lease expiry (now + timeout)            ARGV[4] lease length (timeout)
 -- ARGV[5] call id      ARGV[6] from   ARGV[7] to   ARGV[8] account
 -- ARGV[9] profiles as JSON [[profile, value|null], ...] (the record's listing form)
--- ARGV[10] n           ARGV[11] c, the number of enforced limits, then c triples
---   (plan index, key index 1..n, limit), in plan order
+-- ARGV[10] n           ARGV[11] c, the number of enforced limits
+-- ARGV[12] a token naming this very reserve (kept in the record as `n`, so that a reserve
+--   whose answer never reached its caller can be undone without touching any other admission)
+-- ARGV[13 ..] c triples (plan index, key index 1..n, limit), in plan order
 -- Returns {status, blocked, size_1, ..., size_n [, record fields (HGETALL form)]}
 --   status 1 = admitted (sizes include the call), 0 = refused (blocked = the plan index of
 --   the first full limit), 2 = duplicate: the call is already held, nothing changed, and the
@@ -27,19 +29,18 @@ for i = 1, n do
   out[2 + i] = alive(KEYS[3 + i], now)
 end
 
-local held = live_record(KEYS[1], KEYS[2], KEYS[3], id, now)
-if held then
+if is_live(KEYS[1], KEYS[2], KEYS[3], id, now) then
   out[1] = 2
-  for _, v in ipairs(held) do
+  for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do
     out[#out + 1] = v
   end
   return out
 end
 
 for j = 0, c - 1 do
-  local idx = tonumber(ARGV[12 + 3 * j])
-  local ki = tonumber(ARGV[13 + 3 * j])
-  local limit = tonumber(ARGV[14 + 3 * j])
+  local idx = tonumber(ARGV[13 + 3 * j])
+  local ki = tonumber(ARGV[14 + 3 * j])
+  local limit = tonumber(ARGV[15 + 3 * j])
   if out[2 + ki] >= limit then
     out[2] = idx
     return out
@@ -48,12 +49,15 @@ end
 
 local expires = ARGV[3]
 local joined = {}
-for i = 1, 2 * n do
-  redis.call('ZADD', KEYS[3 + i], expires, id)
-  joined[i] = KEYS[3 + i]
-end
 for i = 1, n do
+  local key, index = KEYS[3 + i], KEYS[3 + n + i]
+  redis.call('ZADD', key, expires, id)
+  if out[2 + i] == 0 then
+    redis.call('SADD', index, key)
+  end
   out[2 + i] = out[2 + i] + 1
+  joined[2 * i - 1] = key
+  joined[2 * i] = index
 end
 redis.call('ZADD', KEYS[2], expires, id)
 local k = '[]'
@@ -61,7 +65,7 @@ if n > 0 then
   k = cjson.encode(joined)
 end
 redis.call('HSET', KEYS[1], 'id', id, 'f', ARGV[6], 't', ARGV[7], 'a', ARGV[8], 's', 'early',
-  'i', now, 'st', '', 'to', ARGV[4], 'e', expires, 'p', ARGV[9], 'k', k)
+  'i', now, 'st', '', 'to', ARGV[4], 'e', expires, 'p', ARGV[9], 'k', k, 'n', ARGV[12])
 redis.call('HINCRBY', KEYS[3], 'processed', 1)
 redis.call('HINCRBY', KEYS[3], 'early', 1)
 out[1] = 1
