@@ -7,7 +7,8 @@ Each mode runs the shipped integrations/kamailio/kamailio.cfg on private loopbac
 sipp UAS behind it: "without" is the same config with -A POLICY_OFF (dialogs tracked, no check),
 "with" has `callpolicy serve --evapi` connected (embedded store). Short calls (INVITE, 200, ACK,
 BYE, 200; no hold) from a different user per call, so no cap refuses them; sipp -r is stepped up
-until calls fail, time out or the achieved rate falls below 95 % of the target.
+until calls fail, time out or the achieved rate falls below 95 % of the target (a failed step
+is run once more before it counts: the machine may be shared).
 
 Latency: sequential calls from a Python UDP client, INVITE sent -> 200 received, timed with
 perf_counter (sipp only reports whole milliseconds).
@@ -41,25 +42,31 @@ def bench_scenario(workdir: Path) -> str:
     return str(path)
 
 
-def step_rates(kam: Kamailio, scenario: str, rates: list[int], seconds: float) -> list[dict[str, Any]]:
-    """Run sipp at each rate until one fails; return one row per rate."""
+def step_rates(kam: Kamailio, scenario: str, rates: list[int], seconds: float,
+               retries: int = 1) -> list[dict[str, Any]]:
+    """Run sipp at each rate until one fails (a failed step is tried `retries` more times, as the
+    machine may be shared); return one row per run."""
     rows = []
     for rate in rates:
-        calls = int(rate * seconds)
-        r = run_uac(kam.sip_port, scenario=scenario, calls=calls, rate=rate, hold_ms=0, service="100",
-                    timeout=seconds * 4 + 10, recv_timeout_ms=5000, limit=rate * 2)
-        ok = r.first_recv(200)
-        elapsed = r.elapsed
-        achieved = float(r.stats.get("CallRate(C)", "0") or 0)
-        failed = r.failed
-        row = {"rate": rate, "calls": calls, "answered": ok, "failed": failed,
-               "achieved_cps": round(achieved, 1), "wall_s": round(elapsed, 2), "rc": r.rc}
-        rows.append(row)
-        print(f"  r={rate:5d}: {ok}/{calls} answered, {failed} failed, achieved {achieved:.0f} calls/s",
-              flush=True)
-        if failed or ok < calls or r.rc != 0 or achieved < 0.95 * rate:
+        for attempt in range(retries + 1):
+            calls = int(rate * seconds)
+            r = run_uac(kam.sip_port, scenario=scenario, calls=calls, rate=rate, hold_ms=0, service="100",
+                        timeout=seconds * 4 + 10, recv_timeout_ms=5000, limit=rate * 2)
+            ok = r.first_recv(200)
+            achieved = float(r.stats.get("CallRate(C)", "0") or 0)
+            failed = r.failed
+            clean = not failed and ok == calls and r.rc == 0 and achieved >= 0.95 * rate
+            row = {"rate": rate, "calls": calls, "answered": ok, "failed": failed, "attempt": attempt + 1,
+                   "achieved_cps": round(achieved, 1), "wall_s": round(r.elapsed, 2), "rc": r.rc,
+                   "clean": clean}
+            rows.append(row)
+            print(f"  r={rate:5d}: {ok}/{calls} answered, {failed} failed, achieved {achieved:.0f} calls/s"
+                  + ("" if clean else f" (attempt {attempt + 1})"), flush=True)
+            time.sleep(1.0)
+            if clean:
+                break
+        if not rows[-1]["clean"]:
             break
-        time.sleep(1.0)
     return rows
 
 
@@ -119,7 +126,7 @@ def latency(kam: Kamailio, calls: int) -> dict[str, float]:
 def run_mode(with_policy: bool, args: argparse.Namespace, scenario: str) -> dict[str, Any]:
     name = "with" if with_policy else "without"
     print(f"== {name} the policy check", flush=True)
-    uas = Uas(extra=["-l", "20000"]).start()
+    uas = Uas(extra=["-l", "5000"]).start()
     kam = Kamailio(uas.port, debug=1, children=args.children,
                    defines=[] if with_policy else ["POLICY_OFF"]).start()
     svc = None
@@ -136,15 +143,14 @@ def run_mode(with_policy: bool, args: argparse.Namespace, scenario: str) -> dict
             svc.stop()
         kam.stop()
         uas.stop()
-    clean = [r for r in rows if not r["failed"] and r["answered"] == r["calls"] and r["rc"] == 0
-             and r["achieved_cps"] >= 0.95 * r["rate"]]
+    clean = [r for r in rows if r["clean"]]
     return {"mode": name, "latency": lat, "steps": rows,
             "max_clean_rate": max((r["rate"] for r in clean), default=0)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="200,400,600,800,1000,1200,1400,1600,2000,2500")
+    ap.add_argument("--rates", default="200,400,600,800,1000,1200,1400,1600,1800,2000,2500")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each rate step")
     ap.add_argument("--latency-calls", type=int, default=300)
     ap.add_argument("--children", type=int, default=4, help="Kamailio UDP workers")
