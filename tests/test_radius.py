@@ -15,6 +15,7 @@ import pytest
 from pyrad import packet as rp
 from pyrad.dictionary import Dictionary
 
+from policy.errors import SettingsError
 from policy.radius import DICTIONARY
 from policy.settings import RadiusClient
 from policy.transports.radius import ClientTable, Mapping, check_packet, parse_packet
@@ -420,3 +421,65 @@ def test_client_table_most_specific_wins() -> None:
     assert c is not None and c.name == "net"
     assert t.match("192.0.2.1") is None
     assert t.match("::ffff:127.0.0.1") is not None
+
+
+def test_mapping_rejects_unknown_attribute_and_field() -> None:
+    d = Dictionary(str(DICTIONARY))
+    with pytest.raises(SettingsError, match="No-Such-Attr"):
+        Mapping(d, {"No-Such-Attr": "account"})
+    with pytest.raises(SettingsError, match="unknown field"):
+        Mapping(d, {"User-Name": "accout"})
+
+
+class _FakeService:
+    def __init__(self) -> None:
+        self.info_providers: dict[str, Any] = {}
+        self.seen: list[dict[str, Any]] = []
+
+    async def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.seen.append(msg)
+        if msg["op"] == "check":
+            return {"ok": True, "decision": "deny", "code": 403, "reason": "Nope", "rule": "r"}
+        return {"ok": True}
+
+
+async def test_one_socket_for_auth_and_acct_in_process() -> None:
+    import asyncio
+
+    from policy.settings import Settings
+    from policy.transports.radius import start_radius
+
+    port = free_port()
+    s = Settings()
+    s.radius_auth = s.radius_acct = f"127.0.0.1:{port}"
+    s.radius_clients = [RadiusClient("127.0.0.1", SECRET, "reject", "lo")]
+    svc = _FakeService()
+    close, where = await start_radius(svc, s)  # type: ignore[arg-type]
+    try:
+        assert where == {"radius_auth": f"127.0.0.1:{port}", "radius_acct": f"127.0.0.1:{port}"}
+        d = Dictionary(str(DICTIONARY))
+        loop = asyncio.get_running_loop()
+        auth = rp.AuthPacket(secret=SECRET.encode(), dict=d)
+        auth["User-Name"] = "acme"
+        auth["Acct-Session-Id"] = "ip-1"
+        auth["Proxy-State"] = b"hop-1"
+        acct = rp.AcctPacket(secret=SECRET.encode(), dict=d)
+        acct["Acct-Session-Id"] = "ip-1"
+        acct["Acct-Status-Type"] = 2
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect(("127.0.0.1", port))
+            for pkt, code in ((auth, rp.AccessReject), (acct, rp.AccountingResponse)):
+                raw = pkt.RequestPacket()
+                await loop.sock_sendall(sock, raw)
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 2)
+                reply = pkt.CreateReply(packet=data)
+                assert reply.code == code and pkt.VerifyReply(reply, data)
+                if code == rp.AccessReject:
+                    assert reply["Reply-Message"] == ["Nope"]
+                    assert reply[33] == [b"hop-1"]  # Proxy-State copied
+        assert [m["op"] for m in svc.seen] == ["check", "end"]
+        assert svc.seen[0]["account"] == "acme" and svc.seen[1]["reason"] == "bye"
+        assert svc.info_providers["radius"]()["answered"] == 2
+    finally:
+        await close()
