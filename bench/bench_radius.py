@@ -4,6 +4,10 @@ Starts a `callpolicy serve` (embedded store, a temporary service.toml with a `[r
 on free loopback ports) unless `--auth HOST:PORT` points at a running one, then drives it from
 this one process over one UDP socket with a window of outstanding requests (closed loop).
 
+With two or more CPUs the service is pinned to one CPU and the generator to the others
+(`--no-pin` to let the scheduler place them): on a 2-core machine the two otherwise keep
+preempting each other and the figure measures the scheduler more than the service.
+
 Every Access-Request is a new call (its own Acct-Session-Id, account and From user, so every
 check is admitted and none is a duplicate) and is encoded with raw struct packing: the load
 generator has to be much cheaper than the service, both share the machine's cores. Replies are
@@ -196,6 +200,17 @@ def closed_loop(addr: tuple[str, int], secret: bytes, seconds: float, window: in
     }
 
 
+def pin(service_pid: int) -> None:
+    """Service on the last CPU, this load generator on the others (no-op with one CPU)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2:
+            os.sched_setaffinity(service_pid, {cpus[-1]})
+            os.sched_setaffinity(0, set(cpus[:-1]))
+    except (AttributeError, OSError):
+        pass
+
+
 def cpu_seconds(pid: int) -> float:
     """User+system CPU a process used so far (Linux /proc)."""
     try:
@@ -227,6 +242,8 @@ def main() -> int:
     p.add_argument("--message-authenticator", action="store_true", help="sign requests (RFC 2869)")
     p.add_argument("--acct", action="store_true", help="also measure Accounting Start+Stop pairs")
     p.add_argument("--log-level", default="info", help="service log level when the bench starts it")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="do not pin the service and the load generator to different CPUs")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     secret = args.secret.encode()
@@ -239,6 +256,8 @@ def main() -> int:
         else:
             work = Path(tempfile.mkdtemp(prefix="cpbench-radius-"))
             proc, _tcp, auth_port, acct_port = start_service(args.secret, work, args.log_level)
+            if args.pin:
+                pin(proc.pid)
             auth_addr, acct_addr = ("127.0.0.1", auth_port), ("127.0.0.1", acct_port)
         results = [measured(proc, lambda: closed_loop(auth_addr, secret, args.seconds, args.window,
                                                       args.warmup, "auth", args.message_authenticator))]
