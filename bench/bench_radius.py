@@ -83,6 +83,23 @@ def acct_request(ident: int, n: int, status: int, secret: bytes) -> bytes:
     return head + auth + attrs
 
 
+def status_server(addr: tuple[str, int], secret: bytes, timeout: float = 0.2) -> bool:
+    """Send a Status-Server (RFC 5997, with Message-Authenticator); True if a valid reply came."""
+    auth = os.urandom(16)
+    attrs = attr(80, b"\x00" * 16)
+    head = struct.pack("!BBH", 12, 0, 20 + len(attrs))
+    attrs = attrs[:2] + hmac.new(secret, head + auth + attrs, "md5").digest()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(head + auth + attrs, addr)
+            data = s.recv(4096)
+        except OSError:
+            return False
+    return len(data) >= 20 and hmac.compare_digest(
+        hashlib.md5(data[:4] + auth + data[20:] + secret).digest(), data[4:20])
+
+
 def start_service(secret: str, workdir: Path, log_level: str) -> tuple[subprocess.Popen[bytes], int, int, int]:
     """`callpolicy serve` with [radius]; returns (process, tcp port, auth port, acct port)."""
     tcp, auth, acct = free_port(), free_port(), free_port()
@@ -101,9 +118,9 @@ def start_service(secret: str, workdir: Path, log_level: str) -> tuple[subproces
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"callpolicy exited: {(workdir / 'serve.log').read_text()[-2000:]}")
-        # ready when our process logged `listening` (a ping alone could reach a stranger that
-        # grabbed the same free port first)
-        if '"event":"listening"' in (workdir / "serve.log").read_text(errors="replace"):
+        # ready when a signed Status-Server gets its answer: that is our listener with our secret
+        # (a ping alone could reach a stranger that grabbed the same free port first)
+        if status_server(("127.0.0.1", auth), secret.encode()):
             return proc, tcp, auth, acct
         time.sleep(0.05)
     proc.kill()
