@@ -294,13 +294,13 @@ def _last_row(path: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in zip(rows[0], rows[-1], strict=False) if k.strip()}
 
 
-def run_uac(target_port: int, *, calls: int = 1, rate: float = 10, hold_ms: int = 1000,
+def run_uac(target_port: int, *, scenario: str = "uac.xml", calls: int = 1, rate: float = 10, hold_ms: int = 1000,
             from_user: str = "alice", service: str = "200", timeout: int = 40,
             extra: Sequence[str] = ()) -> SippResult:
     """Run the UAC scenario to the end, bounded by `timeout -s INT -k 5`."""
     work = Path(tempfile.mkdtemp(prefix="sipp-uac-"))
     cmd = ["timeout", "-s", "INT", "-k", "5", str(timeout),
-           "sipp", f"{HOST}:{target_port}", "-sf", str(SCENARIOS / "uac.xml"), "-i", HOST,
+           "sipp", f"{HOST}:{target_port}", "-sf", str(SCENARIOS / scenario), "-i", HOST,
            "-p", str(free_port()), "-s", service, "-m", str(calls), "-r", str(rate), "-d", str(hold_ms),
            "-nostdin", "-recv_timeout", "10000", "-default_behaviors", "all,-bye",
            "-trace_counts", "-max_socket", "1024", "-key", "from_user", from_user, *extra]

@@ -50,6 +50,20 @@ def test_refused_upstream_releases_via_failed(radius_stack: StackFactory) -> Non
     assert stats["access_accept"] == 5 and stats["acct_failed"] == 5, stats
 
 
+def test_reinvite_refreshes_the_lease(radius_stack: StackFactory) -> None:
+    """A 200 to a re-INVITE makes acc_radius send Alive: callpolicy refreshes the call's lease."""
+    st = radius_stack(uas="uas_reinvite.xml")
+    assert st.svc is not None
+    r = run_uac(st.kam.sip_port, scenario="uac_reinvite.xml", calls=3, rate=10, hold_ms=700,
+                from_user="acme", timeout=30)
+    assert r.counts.get("0_INVITE_Sent") == 3 and r.recv(200) == 9, (r.counts, r.stderr, st.dump())
+    sizes = st.svc.wait_zero()
+    assert not any(sizes.values()), (sizes, st.dump())
+    stats = st.svc.radius_stats()
+    assert stats["acct_start"] == 3 and stats["acct_interim"] == 3 and stats["acct_stop"] == 3, stats
+    assert stats.get("acct_errors", 0) == 0, stats
+
+
 def test_service_down_fails_closed(radius_stack: StackFactory) -> None:
     """Nobody on the RADIUS ports: after radcli's timeout the INVITE gets 503."""
     st = radius_stack(service=False)
