@@ -9,7 +9,7 @@ Key layout (every key carries the hash tag ``{prefix}``, so a Redis Cluster woul
 them all on one slot, which the multi-key scripts need):
 
 - ``{P}:k:<profile>`` / ``{P}:k:<profile>=<value>``: zset of call ids scored by lease expiry
-- ``{P}:i:<profile>``: set of the profile's non-empty keys (profile_size without a value)
+- ``{P}:i:<profile>``: set of the profile's non-empty keys with a value (profile_size without one)
 - ``{P}:c:<call id>``: hash, the call record (state, timestamps, from/to/account, keys)
 - ``{P}:exp``: zset of every held call id scored by lease expiry (the sweep's index)
 - ``{P}:stats``: hash of counters (processed, expired, failed, early, active)
@@ -76,6 +76,8 @@ MAX_BATCH = 128
 MAX_QUEUE_WAIT = 1.0
 #: Reserves whose outcome is unknown, kept for release once Redis answers again (bounded).
 MAX_PENDING_UNDO = 100_000
+#: Key names remembered per store (cleared when full).
+KEY_CACHE = 50_000
 
 
 def load_script_source(name: str) -> str:
@@ -93,10 +95,6 @@ def _num(x: float) -> str:
 
 def _esc(profile: str) -> str:
     return profile.replace("%", "%25").replace("=", "%3D")
-
-
-def _text(b: Any) -> str:
-    return b.decode("utf-8") if isinstance(b, bytes) else str(b)
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None, str | None]:
@@ -175,6 +173,7 @@ class RedisStore(CounterStore):
             "socket_timeout": None,  # every exchange is bounded by asyncio.timeout instead
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
+            "decode_responses": True,  # hiredis decodes in C
         }
         self._client: RedisClient
         if url.startswith("redis+sentinel://") or sentinels:
@@ -214,6 +213,8 @@ class RedisStore(CounterStore):
         # A round trip that takes this long means a hung connection: it is dropped. Callers do
         # not wait for it: each operation fails on its own deadline (`timeout`) regardless.
         self._exchange_timeout = timeout + 0.45
+        self._key_cache: dict[tuple[str, str | None], str] = {}
+        self._index_cache: dict[str, str] = {}
         self._tokens = itertools.count()
         self._token_prefix = os.urandom(4).hex() + ":"
         self._undo_pending: list[tuple[str, str]] = []
@@ -240,12 +241,23 @@ class RedisStore(CounterStore):
 
     def profile_key(self, profile: str, value: str | None) -> str:
         """The zset of one profile key."""
-        base = f"{self._p}k:{_esc(profile)}"
-        return base if value is None else f"{base}={value}"
+        cache = self._key_cache
+        key = cache.get((profile, value))
+        if key is None:
+            if len(cache) >= KEY_CACHE:
+                cache.clear()
+            base = f"{self._p}k:{_esc(profile)}"
+            key = cache[(profile, value)] = base if value is None else f"{base}={value}"
+        return key
 
     def index_key(self, profile: str) -> str:
         """The set of a profile's non-empty keys."""
-        return f"{self._p}i:{_esc(profile)}"
+        key = self._index_cache.get(profile)
+        if key is None:
+            if len(self._index_cache) >= KEY_CACHE:
+                self._index_cache.clear()
+            key = self._index_cache[profile] = f"{self._p}i:{_esc(profile)}"
+        return key
 
     def record_key(self, call_id: str) -> str:
         """The hash of one call."""
@@ -506,7 +518,8 @@ class RedisStore(CounterStore):
     @staticmethod
     def _record(flat: Sequence[Any]) -> CallRecord:
         try:
-            h = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+            it = iter(flat)
+            h = dict(zip(it, it, strict=False))
             profiles = orjson.loads(h["p"])
             return CallRecord(
                 call_id=h["id"],
@@ -545,7 +558,9 @@ class RedisStore(CounterStore):
             distinct.setdefault(e.key, len(distinct) + 1)
         keys = self._base(call.call_id)
         keys += [self.profile_key(p, v) for p, v in distinct]
-        keys += [self.index_key(p) for p, _ in distinct]
+        # a key without value is not indexed: its "index" is itself (the profile-wide size
+        # looks at it directly)
+        keys += [self.index_key(p) if v is not None else self.profile_key(p, None) for p, v in distinct]
         checks: list[str] = []
         for i, e in enumerate(plan):
             if e.limit is not None and not e.shadow:
@@ -614,15 +629,15 @@ class RedisStore(CounterStore):
         reply = await self._call("get", self._base(call_id), [_num(now), self._rec, call_id])
         return self._maybe_record(reply)
 
-    def _subject(self, profile: str, value: str | None) -> tuple[str, str]:
+    def _subject(self, profile: str, value: str | None) -> tuple[list[str], str]:
         if value is None:
-            return self.index_key(profile), "profile"
-        return self.profile_key(profile, value), "key"
+            return [self.profile_key(profile, None), self._exp, self._stats, self.index_key(profile)], "profile"
+        return [self.profile_key(profile, value), self._exp, self._stats], "key"
 
     async def profile_size(self, profile: str, value: str | None, now: float) -> int:
         """Calls in the key, or in every value of the profile, cluster-wide (size.lua)."""
-        key, mode = self._subject(profile, value)
-        reply = await self._call("size", [key, self._exp, self._stats], [_num(now), self._rec, mode])
+        keys, mode = self._subject(profile, value)
+        reply = await self._call("size", keys, [_num(now), self._rec, mode])
         try:
             return int(reply)
         except (TypeError, ValueError):
@@ -630,8 +645,8 @@ class RedisStore(CounterStore):
 
     async def profile_list(self, profile: str, value: str | None, now: float) -> list[CallRecord]:
         """The calls in the key (or every value of the profile), ordered by Call-ID (list.lua)."""
-        key, mode = self._subject(profile, value)
-        reply = await self._call("list", [key, self._exp, self._stats], [_num(now), self._rec, mode])
+        keys, mode = self._subject(profile, value)
+        reply = await self._call("list", keys, [_num(now), self._rec, mode])
         if not isinstance(reply, list):
             raise StoreError(f"unexpected list reply from redis: {reply!r}")
         return sorted((self._record(r) for r in reply), key=lambda r: r.call_id)

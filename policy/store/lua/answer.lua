@@ -13,7 +13,6 @@ if not is_live(KEYS[1], KEYS[2], KEYS[3], id, now) then
 end
 if redis.call('HGET', KEYS[1], 's') ~= 'active' then
   redis.call('HSET', KEYS[1], 's', 'active', 'st', now)
-  redis.call('HINCRBY', KEYS[3], 'early', -1)
   redis.call('HINCRBY', KEYS[3], 'active', 1)
 end
 set_lease(KEYS[1], KEYS[2], id, ARGV[3], ARGV[4])

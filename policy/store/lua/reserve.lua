@@ -5,7 +5,8 @@
 -- KEYS[2]            expiry index      {P}:exp
 -- KEYS[3]            stats hash        {P}:stats
 -- KEYS[4 .. 3+n]     the n distinct profile keys of the plan   {P}:k:<profile>[=<value>]
--- KEYS[4+n .. 3+2n]  the index of each key's profile           {P}:i:<profile>
+-- KEYS[4+n .. 3+2n]  the index of each key's profile {P}:i:<profile>, or the key itself
+--                    when it has no value (no index entry then)
 -- ARGV[1] now          ARGV[2] record key prefix {P}:c:
 -- ARGV[3] lease expiry (now + timeout)            ARGV[4] lease length (timeout)
 -- ARGV[5] call id      ARGV[6] from   ARGV[7] to   ARGV[8] account
@@ -52,21 +53,21 @@ local joined = {}
 for i = 1, n do
   local key, index = KEYS[3 + i], KEYS[3 + n + i]
   redis.call('ZADD', key, expires, id)
-  if out[2 + i] == 0 then
+  if index == key then
+    index = ''
+  elseif out[2 + i] == 0 then
     redis.call('SADD', index, key)
   end
   out[2 + i] = out[2 + i] + 1
-  joined[2 * i - 1] = key
-  joined[2 * i] = index
+  joined[#joined + 1] = 'z' .. i
+  joined[#joined + 1] = key
+  joined[#joined + 1] = 'y' .. i
+  joined[#joined + 1] = index
 end
 redis.call('ZADD', KEYS[2], expires, id)
-local k = '[]'
-if n > 0 then
-  k = cjson.encode(joined)
-end
 redis.call('HSET', KEYS[1], 'id', id, 'f', ARGV[6], 't', ARGV[7], 'a', ARGV[8], 's', 'early',
-  'i', now, 'st', '', 'to', ARGV[4], 'e', expires, 'p', ARGV[9], 'k', k, 'n', ARGV[12])
+  'i', now, 'st', '', 'to', ARGV[4], 'e', expires, 'p', ARGV[9], 'n', ARGV[12], 'nk', n,
+  unpack(joined))
 redis.call('HINCRBY', KEYS[3], 'processed', 1)
-redis.call('HINCRBY', KEYS[3], 'early', 1)
 out[1] = 1
 return out

@@ -1,7 +1,8 @@
 -- size: how many calls hold a live lease in a profile key, or in every key of a profile.
 --
 -- KEYS[1] the profile key {P}:k:<profile>[=<value>] (ARGV[3] = "key"), or the profile's
---         index {P}:i:<profile> (ARGV[3] = "profile": a call in two of its keys counts once)
+--         key without value {P}:k:<profile> (ARGV[3] = "profile"; then KEYS[4] is the
+--         profile's index {P}:i:<profile> of its keys with a value; a call in two keys counts once)
 -- KEYS[2] expiry index {P}:exp   KEYS[3] stats {P}:stats
 -- ARGV[1] now   ARGV[2] record key prefix {P}:c:   ARGV[3] "key" or "profile"
 -- Returns the count (integer).
@@ -9,5 +10,5 @@ purge(KEYS[2], KEYS[3], ARGV[2], ARGV[1], PURGE_LIMIT)
 if ARGV[3] == 'key' then
   return alive(KEYS[1], ARGV[1])
 end
-local _, n = members(KEYS[1], true, ARGV[1])
+local _, n = members(KEYS[1], KEYS[4], ARGV[1])
 return n

@@ -5,10 +5,11 @@
 -- Returns {early, active, processed, expired, failed, still_expired}: still_expired is how many
 -- ended leases remain after the drop (the client then sweeps and asks again).
 purge(KEYS[2], KEYS[3], ARGV[2], ARGV[1], tonumber(ARGV[3]))
-local h = redis.call('HMGET', KEYS[3], 'early', 'active', 'processed', 'expired', 'failed')
-local out = {}
-for i = 1, 5 do
-  out[i] = tonumber(h[i] or '0')
+local h = redis.call('HMGET', KEYS[3], 'active', 'processed', 'expired', 'failed')
+local out = {0}
+for i = 1, 4 do
+  out[i + 1] = tonumber(h[i] or '0')
 end
+out[1] = redis.call('ZCARD', KEYS[2]) - out[2]
 out[6] = redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[1])
 return out
