@@ -307,7 +307,7 @@ def message_authenticator_ok(p: Parsed, secret: bytes) -> bool:
     body = d[:o] + _ZERO16 + d[o + 16 :]
     if p.code == ACCOUNTING_REQUEST:
         body = body[:4] + _ZERO16 + body[20:]
-    mac = hmac.new(secret, body, "md5").digest()
+    mac = hmac.digest(secret, body, "md5")
     return hmac.compare_digest(mac, d[o : o + 16])
 
 
@@ -355,7 +355,7 @@ class ReplyEncoder:
             raise ValueError("reply too long")
         head = bytes((code, request.ident, length >> 8, length & 0xFF))
         if with_ma:
-            mac = hmac.new(secret, head + request.authenticator + attrs, "md5").digest()
+            mac = hmac.digest(secret, head + request.authenticator + attrs, "md5")
             attrs = attrs[:2] + mac + attrs[18:]
         auth = hashlib.md5(head + request.authenticator + attrs + secret).digest()
         return head + auth + attrs
