@@ -123,15 +123,23 @@ def latency(kam: Kamailio, calls: int) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(samples), 3), "calls": calls}
 
 
-def run_mode(with_policy: bool, args: argparse.Namespace, scenario: str) -> dict[str, Any]:
-    name = "with" if with_policy else "without"
-    print(f"== {name} the policy check", flush=True)
+def run_mode(name: str, args: argparse.Namespace, scenario: str) -> dict[str, Any]:
+    """name: "without" (POLICY_OFF), "with" (evapi) or "kemi" (app_python3, blocking)."""
+    print(f"== {name} the policy check" if name != "kemi" else "== with the check over app_python3",
+          flush=True)
     uas = Uas(extra=["-l", "5000"]).start()
-    kam = Kamailio(uas.port, debug=1, children=args.children,
-                   defines=[] if with_policy else ["POLICY_OFF"]).start()
     svc = None
+    if name == "kemi":
+        svc = ServiceProcess(extra=["--log-level", "warning"]).start()
+        script = ROOT / "integrations" / "kamailio" / "callpolicy_kemi.py"
+        kam = Kamailio(uas.port, debug=1, children=args.children,
+                       defines=["POLICY_KEMI", f'KEMI_SCRIPT="{script}"'],
+                       env={"CALLPOLICY_SERVER": f"127.0.0.1:{svc.port}"}).start()
+    else:
+        kam = Kamailio(uas.port, debug=1, children=args.children,
+                       defines=[] if name == "with" else ["POLICY_OFF"]).start()
     try:
-        if with_policy:
+        if name == "with":
             svc = ServiceProcess(extra=["--evapi", kam.evapi, "--log-level", "warning"]).start()
             kam.wait_clients(1)
         lat = latency(kam, args.latency_calls)
@@ -154,6 +162,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each rate step")
     ap.add_argument("--latency-calls", type=int, default=300)
     ap.add_argument("--children", type=int, default=4, help="Kamailio UDP workers")
+    ap.add_argument("--modes", default="without,with",
+                    help="comma list of: without (POLICY_OFF), with (evapi), kemi (app_python3)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     args.rates = [int(x) for x in args.rates.split(",")]
@@ -164,15 +174,18 @@ def main() -> int:
     import tempfile
 
     scenario = bench_scenario(Path(tempfile.mkdtemp(prefix="bench-kamailio-")))
-    results = [run_mode(False, args, scenario), run_mode(True, args, scenario)]
-    without, with_ = results
-    added = round(with_["latency"]["median_ms"] - without["latency"]["median_ms"], 3)
+    results = [run_mode(m, args, scenario) for m in args.modes.split(",")]
+    by = {r["mode"]: r for r in results}
+    added = None
+    if "without" in by and "with" in by:
+        added = round(by["with"]["latency"]["median_ms"] - by["without"]["latency"]["median_ms"], 3)
     print("\n== summary")
     print(f"cpus: {os.cpu_count()}, Kamailio UDP workers: {args.children}, steps of {args.seconds:g} s")
     for r in results:
-        print(f"{r['mode']:>8} the check: max clean rate {r['max_clean_rate']} calls/s, INVITE->200 median "
+        print(f"{r['mode']:>8}: max clean rate {r['max_clean_rate']} calls/s, INVITE->200 median "
               f"{r['latency']['median_ms']} ms (p99 {r['latency']['p99_ms']} ms)")
-    print(f"added INVITE->200 (median): {added} ms")
+    if added is not None:
+        print(f"added INVITE->200 (median, evapi): {added} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "added_median_ms": added}, indent=2))
     return 0

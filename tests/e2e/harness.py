@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import shutil
 import signal
 import subprocess
@@ -49,7 +50,8 @@ class Kamailio:
 
     def __init__(self, upstream_port: int, *, fail_open: bool = False, timeout_ms: int = 500,
                  children: int = 4, sip_port: int | None = None, evapi_port: int | None = None,
-                 debug: int = 2, cfg: Path = CFG, defines: Sequence[str] = ()) -> None:
+                 debug: int = 2, cfg: Path = CFG, defines: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.upstream_port = upstream_port
         self.sip_port = sip_port or free_port()
         self.evapi_port = evapi_port or free_port()
@@ -59,6 +61,7 @@ class Kamailio:
         self.debug = debug
         self.cfg = cfg
         self.extra_defines = list(defines)
+        self.env = env
         self.dir = Path(tempfile.mkdtemp(prefix="kamailio-"))
         self.log_path = self.dir / "kamailio.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -98,8 +101,9 @@ class Kamailio:
     def start(self, timeout: float = 15.0) -> Kamailio:
         """Start and wait until its ctl socket answers."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115
+        env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(self.dir))
+                                     cwd=str(self.dir), env=env)
 
         def up() -> bool:
             assert self.proc is not None
