@@ -64,7 +64,7 @@ def reserve_argv(url: str) -> tuple[str, list[str]]:
            "account": "acct__rand_int__"}
     plan = ruleset.evaluate(req).plan
     call = CallInfo(req["call_id"], req["from"], req["to"], req["account"])
-    keys, args, _ = store.reserve_command(call, plan, time.time(), 300.0)
+    keys, args, _, _ = store.reserve_command(call, plan, time.time(), 300.0)
     script = store._scripts["reserve"].script  # the exact text the store registers
     text = script.decode() if isinstance(script, bytes) else str(script)
     return text, [str(len(keys)), *keys, *args]

@@ -24,6 +24,7 @@ cannot stall later calls; the next operation reconnects.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
@@ -139,7 +140,6 @@ def _hostport(text: str, default: int) -> tuple[str, int]:
 class _Op:
     cmd: tuple[Any, ...]
     fut: asyncio.Future[Any]
-    timer: asyncio.TimerHandle | None = None
     undo: tuple[str, str] | None = None  # a reserve's (call id, token), to release it again
     born: float = 0.0  # loop time it was queued
 
@@ -208,12 +208,17 @@ class RedisStore(CounterStore):
         self._kicked = False
         self._closed = False
         self._inflight_since: float | None = None  # loop time the current round trip began
+        # every op a caller waits for, oldest first, and one timer for the oldest's deadline
+        # (a timer per op cost more than the rest of the client side)
+        self._waiting: collections.deque[_Op] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
         # A round trip that takes this long means a hung connection: it is dropped. Callers do
         # not wait for it: each operation fails on its own deadline (`timeout`) regardless.
         self._exchange_timeout = timeout + 0.45
         self._key_cache: dict[tuple[str, str | None], str] = {}
+        self._pair_cache: dict[tuple[str, str | None], tuple[str, str]] = {}
         self._index_cache: dict[str, str] = {}
         self._tokens = itertools.count()
         self._token_prefix = os.urandom(4).hex() + ":"
@@ -281,6 +286,10 @@ class RedisStore(CounterStore):
     async def close(self) -> None:
         """Fail what is queued, stop the flusher, disconnect."""
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._waiting.clear()
         for op in self._queue:
             if not op.fut.done():
                 op.fut.set_exception(StoreError("redis store closed"))
@@ -335,17 +344,18 @@ class RedisStore(CounterStore):
                     undo: tuple[str, str] | None = None) -> Any:
         """Queue one script call for the next round trip; its reply, or StoreError.
 
-        The deadline is a timer that fails the future, not a cancellation of the caller: a
-        reply that arrived in time is used even when the busy event loop resumes the caller
-        late.
+        The deadline fails the future (see `_watch`), it does not cancel the caller: a reply
+        that arrived in time is used even when the busy event loop resumes the caller late.
         """
         if self._closed:
             raise StoreError("redis store closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         now = loop.time()
-        op = _Op(("EVALSHA", self._sha[script], len(keys), *keys, *args), fut, None, undo, now)
-        op.timer = loop.call_at(now + self.timeout, self._expire, op)
+        op = _Op(("EVALSHA", self._sha[script], len(keys), *keys, *args), fut, undo, now)
+        self._waiting.append(op)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(now + self.timeout, self._watch)
         self._enqueue(op, loop)
         return await fut
 
@@ -355,33 +365,57 @@ class RedisStore(CounterStore):
             self._kicked = True
             loop.call_soon(self._kick)
 
-    def _expire(self, op: _Op) -> None:
-        """The op's deadline passed: fail it if Redis is late, not if our own loop is.
+    def _watch(self) -> None:
+        """Deadlines: fail the ops whose `timeout` passed, if Redis is late and not our loop.
 
         Redis is late when the round trip in flight (the op's own, or the one it waits behind)
         began more than `timeout` ago and none of its reply has arrived. A busy event loop
         (a burst of requests being decoded and answered) delays our reading of replies that
-        Redis sent in time; such ops get a new look instead of a false "store down".
+        Redis sent in time; such ops get a new look instead of a false "store down". An op
+        queued for MAX_QUEUE_WAIT fails regardless (we are overloaded).
         """
-        if op.fut.done():
+        self._watchdog = None
+        if self._closed:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        since = self._inflight_since
-        overloaded = now - op.born >= MAX_QUEUE_WAIT
-        if not overloaded and (since is None or now - since < self.timeout):
-            when = (now if since is None else since) + self.timeout / (5 if since is None else 1)
-            op.timer = loop.call_at(max(when, now + 0.001), self._expire, op)
+        waiting = self._waiting
+        while waiting and waiting[0].fut.done():
+            waiting.popleft()
+        late: bool | None = None  # computed at most once per look
+        retry_soon = False
+        for op in waiting:
+            if op.born + self.timeout > now:
+                break
+            if op.fut.done():
+                continue
+            if now - op.born >= MAX_QUEUE_WAIT:
+                self.errors += 1
+                op.fut.set_exception(StoreError(f"redis store overloaded: queued {now - op.born:.3f} s"))
+                continue
+            if late is None:
+                since = self._inflight_since
+                late = since is not None and now - since >= self.timeout
+                if late and self._reply_pending():
+                    late, retry_soon = False, True
+            if late:
+                self.errors += 1
+                op.fut.set_exception(StoreError(f"redis ({self._where}) did not answer within "
+                                                f"{self.timeout * 1000:.0f} ms"))
+        while waiting and waiting[0].fut.done():
+            waiting.popleft()
+        if not waiting:
             return
-        if not overloaded and self._reply_pending():
-            op.timer = loop.call_at(now + 0.001, self._expire, op)
-            return
-        self.errors += 1
-        if overloaded:
-            op.fut.set_exception(StoreError(f"redis store overloaded: queued {now - op.born:.3f} s"))
-        else:
-            op.fut.set_exception(StoreError(f"redis ({self._where}) did not answer within "
-                                            f"{self.timeout * 1000:.0f} ms"))
+        due = waiting[0].born + self.timeout
+        if due > now:
+            at = due
+        elif retry_soon:
+            at = now + 0.001
+        else:  # the head is due but Redis is not late: look when the round trip in flight would be
+            since = self._inflight_since
+            at = since + self.timeout if since is not None and since + self.timeout > now \
+                else now + self.timeout / 5
+        self._watchdog = loop.call_at(max(at, now + 0.0005), self._watch)
 
     def _reply_pending(self) -> bool:
         """Whether Redis's reply has arrived and only waits for us to read it."""
@@ -482,8 +516,6 @@ class RedisStore(CounterStore):
                 self._down_since = asyncio.get_running_loop().time()
                 log.warning("redis_down", where=self._where, error=str(err))
             for op in batch:
-                if op.timer is not None:
-                    op.timer.cancel()
                 if op.undo is not None:  # it may have run before the connection failed
                     self._keep_undo(op.undo)
                 if not op.fut.done():
@@ -495,8 +527,6 @@ class RedisStore(CounterStore):
             self._down_since = None
         readonly = False
         for op, res in zip(batch, results, strict=True):
-            if op.timer is not None:
-                op.timer.cancel()
             if op.fut.done():
                 if op.undo is not None and isinstance(res, list) and res and res[0] == 1:
                     self._undo(op.undo)
@@ -548,44 +578,55 @@ class RedisStore(CounterStore):
 
     # -- operations --------------------------------------------------------------------
 
+    def _key_pair(self, key: tuple[str, str | None]) -> tuple[str, str]:
+        """A profile key's zset and what reserve.lua takes as its index (itself without value)."""
+        pair = self._pair_cache.get(key)
+        if pair is None:
+            if len(self._pair_cache) >= KEY_CACHE:
+                self._pair_cache.clear()
+            zset = self.profile_key(*key)
+            pair = self._pair_cache[key] = (zset, zset if key[1] is None else self.index_key(key[0]))
+        return pair
+
     def reserve_command(
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
-    ) -> tuple[list[str], list[str], dict[tuple[str, str | None], int]]:
-        """KEYS and ARGV of reserve.lua for this call (also used by the benchmark), and the
-        index (1-based) of each distinct profile key."""
+    ) -> tuple[list[str], list[str], list[tuple[str, str | None]], list[int]]:
+        """KEYS and ARGV of reserve.lua for this call (also used by the benchmark), the distinct
+        profile keys, and for each plan entry the position of its key among them."""
         distinct: dict[tuple[str, str | None], int] = {}
-        for e in plan:
-            distinct.setdefault(e.key, len(distinct) + 1)
-        keys = self._base(call.call_id)
-        keys += [self.profile_key(p, v) for p, v in distinct]
-        # a key without value is not indexed: its "index" is itself (the profile-wide size
-        # looks at it directly)
-        keys += [self.index_key(p) if v is not None else self.profile_key(p, None) for p, v in distinct]
+        slots: list[int] = []
         checks: list[str] = []
+        zsets: list[str] = []
+        indexes: list[str] = []
         for i, e in enumerate(plan):
+            key = (e.profile, e.value)
+            slot = distinct.get(key)
+            if slot is None:
+                slot = distinct[key] = len(distinct)
+                zset, index = self._key_pair(key)
+                zsets.append(zset)
+                indexes.append(index)
+            slots.append(slot)
             if e.limit is not None and not e.shadow:
-                checks += [str(i), str(distinct[e.key]), str(e.limit)]
-        expires = now + timeout
+                checks += [str(i), str(slot + 1), str(e.limit)]
         profiles = list(distinct)
+        keys = [self._rec + call.call_id, self._exp, self._stats, *zsets, *indexes]
         token = f"{self._token_prefix}{next(self._tokens)}"
-        args = [_num(now), self._rec, _num(expires), _num(timeout), call.call_id, call.from_uri,
-                call.to_uri, call.account, orjson.dumps(profiles).decode(), str(len(distinct)),
+        args = [_num(now), self._rec, _num(now + timeout), _num(timeout), call.call_id, call.from_uri,
+                call.to_uri, call.account, orjson.dumps(profiles).decode(), str(len(profiles)),
                 str(len(checks) // 3), token, *checks]
-        return keys, args, distinct
+        return keys, args, profiles, slots
 
     async def reserve(
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
     ) -> ReserveResult:
         """Admit the call into every key of the plan, or into none (reserve.lua)."""
-        keys, args, distinct = self.reserve_command(call, plan, now, timeout)
-        expires = now + timeout
-        profiles = list(distinct)
+        keys, args, profiles, slots = self.reserve_command(call, plan, now, timeout)
         reply = await self._call("reserve", keys, args, undo=(call.call_id, args[11]))
+        n = len(profiles)
         try:
             status, blocked = int(reply[0]), int(reply[1])
-            n = len(distinct)
-            key_sizes = [int(x) for x in reply[2 : 2 + n]]
-            sizes = [key_sizes[distinct[e.key] - 1] for e in plan]
+            sizes = [int(reply[2 + slot]) for slot in slots]
         except (TypeError, ValueError, IndexError) as exc:
             raise StoreError(f"unexpected reserve reply from redis: {exc!r}") from None
         if status == 2:
@@ -601,7 +642,7 @@ class RedisStore(CounterStore):
             init_ts=now,
             start_ts=None,
             timeout=timeout,
-            expires=expires,
+            expires=now + timeout,
             profiles=profiles,
         )
         return ReserveResult(True, False, None, sizes, rec)
