@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench bench-redis bench-kamailio clean venv
+.PHONY: run test lint bench bench-redis bench-kamailio bench-radius clean venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+bench-redis: $(STAMP)
+	$(BIN)/python bench/bench_redis.py
+
+bench-kamailio: $(STAMP)
+	$(BIN)/python bench/bench_kamailio.py
+
+bench-radius: $(STAMP)
+	$(BIN)/python bench/bench_radius.py
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache .hypothesis
