@@ -26,6 +26,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench_redis.py
+	$(BIN)/python bench/bench_radius.py
 
 bench-redis: $(STAMP)
 	$(BIN)/python bench/bench_redis.py
