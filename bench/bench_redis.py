@@ -37,7 +37,7 @@ except ImportError:
 from policy.rules import load_rules  # noqa: E402
 from policy.store.base import CallInfo  # noqa: E402
 from policy.store.redis import RedisStore  # noqa: E402
-from tests.helpers import RedisServer  # noqa: E402
+from tests.helpers import LineClient, RedisServer  # noqa: E402
 
 
 def redis_cli(port: int, *args: str) -> str:
@@ -87,6 +87,19 @@ def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int) -
     usec = evalsha_usec(port)
     redis_cli(port, "FLUSHALL")
     return rps, usec
+
+
+def store_errors(ports: list[int]) -> int:
+    """Checks the services answered from the store-error policy so far (Redis too slow)."""
+    total = 0
+    for port in ports:
+        c = LineClient(port=port)
+        try:
+            d = c.call("stats")["decisions"]
+        finally:
+            c.close()
+        total += int(d.get("store_allow", 0)) + int(d.get("store_deny", 0))
+    return total
 
 
 def connector(ports: list[int]) -> Callable[[Callable[[], asyncio.Protocol]], Any]:
@@ -150,29 +163,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'redis-benchmark EVALSHA reserve.lua':<40} {rb_rps:>10,.0f} calls/s  "
               f"(-c {args.rb_clients} -P {args.rb_pipeline}; Redis {rb_usec:.1f} us/call)", flush=True)
 
+        p0, port0, _ = start_service("embedded")
+        procs.append(p0)
+        runner(closed([port0], 2000, args.conns, args.window, "warm"))
+        base, lat0 = runner(closed([port0], args.pairs, args.conns, args.window, "emb"))
+        print(f"{'embedded store (baseline): pairs':<40} {base:>10,.0f} pairs/s  p50 {pct(lat0, 50):6.3f} ms  "
+              f"p99 {pct(lat0, 99):6.3f} ms", flush=True)
+        p0.terminate()
+        p0.wait(10)
+        procs.remove(p0)
+
         url = redis.url
         p1, port1, _ = start_service(url)
         procs.append(p1)
         runner(closed([port1], 2000, args.conns, args.window, "warm"))
         redis_cli(redis.port, "CONFIG", "RESETSTAT")
+        e0 = store_errors([port1])
         one, lat1 = runner(closed([port1], args.pairs, args.conns, args.window, "one"))
         usec = evalsha_usec(redis.port)
+        e1 = store_errors([port1])
         print(f"{'1 service: check+end pairs':<40} {one:>10,.0f} pairs/s  p50 {pct(lat1, 50):6.3f} ms  "
-              f"p99 {pct(lat1, 99):6.3f} ms  (Redis {usec:.1f} us/EVALSHA, reserve+end mixed)", flush=True)
+              f"p99 {pct(lat1, 99):6.3f} ms  (Redis {usec:.1f} us/EVALSHA, reserve+end mixed; "
+              f"{e1 - e0} store-error answers)", flush=True)
         got, lat = runner(open_checks(port1, args.rate, args.seconds))
+        e2 = store_errors([port1])
         print(f"{'1 service: open loop checks @ ' + format(args.rate, ',.0f') + '/s':<40} {got:>10,.0f} checks/s  "
-              f"p50 {pct(lat, 50):6.3f} ms  p99 {pct(lat, 99):6.3f} ms  p99.9 {pct(lat, 99.9):6.3f} ms",
-              flush=True)
+              f"p50 {pct(lat, 50):6.3f} ms  p99 {pct(lat, 99):6.3f} ms  p99.9 {pct(lat, 99.9):6.3f} ms  "
+              f"({e2 - e1} store-error answers)", flush=True)
 
         p2, port2, _ = start_service(url)
         procs.append(p2)
         runner(closed([port2], 2000, args.conns, args.window, "warm2"))
+        e3 = store_errors([port1, port2])
         two, lat2 = runner(closed([port1, port2], args.pairs, args.conns, args.window, "two"))
+        e4 = store_errors([port1, port2])
         print(f"{'2 services: check+end pairs':<40} {two:>10,.0f} pairs/s  p50 {pct(lat2, 50):6.3f} ms  "
-              f"p99 {pct(lat2, 99):6.3f} ms  ({two / one:.2f}x one service)", flush=True)
+              f"p99 {pct(lat2, 99):6.3f} ms  ({two / one:.2f}x one service; {e4 - e3} store-error answers)",
+              flush=True)
         left = redis_cli(redis.port, "ZCARD", "{callpolicy}:exp")
         ratio = one / rb_rps if rb_rps == rb_rps and rb_rps else float("nan")
-        print(f"ratio: 1 service checks/s / redis-benchmark EVALSHA = {ratio:.0%}; calls left held: {left}")
+        print(f"ratio: 1 service checks/s / redis-benchmark EVALSHA = {ratio:.0%}; redis store / embedded "
+              f"= {one / base:.0%}; calls left held: {left}")
         ok = [("pairs/s >= 10,000", one >= 10_000), (f"p99 < 2 ms at {args.rate:,.0f}/s", pct(lat, 99) < 2.0),
               ("checks/s >= 50% of redis-benchmark", ratio >= 0.5)]
         print("targets: " + ", ".join(f"{name}: {'met' if good else 'MISSED'}" for name, good in ok))
