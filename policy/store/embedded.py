@@ -48,8 +48,9 @@ class EmbeddedStore(CounterStore):
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._calls: dict[str, CallRecord] = {}
-        # profile -> value -> ordered set of call ids
-        self._profiles: dict[str, dict[str | None, dict[str, None]]] = {}
+        # (profile, value) -> ordered set of call ids; profile -> its values with members
+        self._keys: dict[ProfileKey, dict[str, None]] = {}
+        self._values: dict[str, set[str | None]] = {}
         self._heap: list[tuple[float, str]] = []
         self._processed = 0
         self._expired = 0
@@ -106,25 +107,22 @@ class EmbeddedStore(CounterStore):
 
     def _remove(self, rec: CallRecord) -> None:
         del self._calls[rec.call_id]
-        for profile, value in rec.profiles:
-            values = self._profiles.get(profile)
-            if values is None:
-                continue
-            members = values.get(value)
+        keys = self._keys
+        for key in rec.profiles:
+            members = keys.get(key)
             if members is None:
                 continue
             members.pop(rec.call_id, None)
             if not members:
-                del values[value]
+                del keys[key]
+                values = self._values[key[0]]
+                values.discard(key[1])
                 if not values:
-                    del self._profiles[profile]
+                    del self._values[key[0]]
         self._dirty = True
 
     def _size(self, key: ProfileKey) -> int:
-        values = self._profiles.get(key[0])
-        if values is None:
-            return 0
-        members = values.get(key[1])
+        members = self._keys.get(key)
         return 0 if members is None else len(members)
 
     def _lease(self, rec: CallRecord, now: float, timeout: float) -> None:
@@ -135,8 +133,15 @@ class EmbeddedStore(CounterStore):
 
     def _add(self, rec: CallRecord) -> None:
         self._calls[rec.call_id] = rec
-        for profile, value in rec.profiles:
-            self._profiles.setdefault(profile, {}).setdefault(value, {})[rec.call_id] = None
+        keys = self._keys
+        cid = rec.call_id
+        for key in rec.profiles:
+            members = keys.get(key)
+            if members is None:
+                keys[key] = {cid: None}
+                self._values.setdefault(key[0], set()).add(key[1])
+            else:
+                members[cid] = None
         heapq.heappush(self._heap, (rec.expires, rec.call_id))
         self._dirty = True
 
@@ -151,28 +156,23 @@ class EmbeddedStore(CounterStore):
         held = self._calls.get(call.call_id)
         if held is not None:
             return ReserveResult(True, True, None, [self._size(e.key) for e in plan], held)
-        profiles = self._profiles
-        sizes = []
-        for e in plan:
-            values = profiles.get(e.profile)
-            members = values.get(e.value) if values else None
-            sizes.append(len(members) if members else 0)
-        for i, entry in enumerate(plan):
-            if entry.limit is not None and not entry.shadow and sizes[i] >= entry.limit:
-                return ReserveResult(False, False, i, sizes, None)
-        keys: list[ProfileKey] = list(dict.fromkeys((e.profile, e.value) for e in plan))
-        rec = CallRecord(
-            call_id=call.call_id,
-            from_uri=call.from_uri,
-            to_uri=call.to_uri,
-            account=call.account,
-            state="early",
-            init_ts=now,
-            start_ts=None,
-            timeout=timeout,
-            expires=now + timeout,
-            profiles=keys,
-        )
+        index = self._keys
+        sizes: list[int] = []
+        joined: list[ProfileKey] = []
+        blocked = None
+        for i, (profile, value, limit, shadow, _rule) in enumerate(plan):
+            key = (profile, value)
+            members = index.get(key)
+            n = len(members) if members else 0
+            sizes.append(n)
+            joined.append(key)
+            if limit is not None and n >= limit and not shadow and blocked is None:
+                blocked = i
+        if blocked is not None:
+            return ReserveResult(False, False, blocked, sizes, None)
+        keys = list(dict.fromkeys(joined))
+        rec = CallRecord(call.call_id, call.from_uri, call.to_uri, call.account, "early", now, None,
+                         timeout, now + timeout, keys)
         self._add(rec)
         self._processed += 1
         if len(keys) != len(plan):  # a key listed twice: count the call once
@@ -219,12 +219,10 @@ class EmbeddedStore(CounterStore):
         return self._calls.get(call_id)
 
     def _members(self, profile: str, value: str | None) -> list[str]:
-        values = self._profiles.get(profile)
-        if not values:
-            return []
         if value is not None:
-            return list(values.get(value, ()))
-        return list(dict.fromkeys(cid for members in values.values() for cid in members))
+            return list(self._keys.get((profile, value), ()))
+        values = self._values.get(profile, ())
+        return list(dict.fromkeys(cid for v in values for cid in self._keys[(profile, v)]))
 
     async def profile_size(self, profile: str, value: str | None, now: float) -> int:
         """How many calls are in the key (or the whole profile)."""
@@ -286,7 +284,8 @@ class EmbeddedStore(CounterStore):
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"malformed snapshot: {exc!r}") from exc
         self._calls.clear()
-        self._profiles.clear()
+        self._keys.clear()
+        self._values.clear()
         self._heap.clear()
         kept = dropped = 0
         for rec in records:

@@ -219,7 +219,7 @@ class RedisStore(CounterStore):
         # not wait for it: each operation fails on its own deadline (`timeout`) regardless.
         self._exchange_timeout = timeout + 0.45
         self._key_cache: dict[tuple[str, str | None], str] = {}
-        self._pair_cache: dict[tuple[str, str | None], tuple[str, str]] = {}
+        self._pair_cache: dict[tuple[str, str | None], tuple[str, str, str]] = {}
         self._index_cache: dict[str, str] = {}
         self._tokens = itertools.count()
         self._token_prefix = os.urandom(4).hex() + ":"
@@ -575,18 +575,18 @@ class RedisStore(CounterStore):
         try:
             it = iter(flat)
             h = dict(zip(it, it, strict=False))
-            profiles = orjson.loads(h["p"])
+            d = orjson.loads(h["d"])
             return CallRecord(
-                call_id=h["id"],
-                from_uri=h["f"],
-                to_uri=h["t"],
-                account=h["a"],
+                call_id=str(d["id"]),
+                from_uri=str(d["f"]),
+                to_uri=str(d["t"]),
+                account=str(d["a"]),
                 state=h["s"],
-                init_ts=float(h["i"]),
+                init_ts=float(d["i"]),
                 start_ts=float(h["st"]) if h.get("st") else None,
                 timeout=float(h["to"]),
                 expires=float(h["e"]),
-                profiles=[(str(p), None if v is None else str(v)) for p, v in profiles],
+                profiles=[(str(p), None if v is None else str(v)) for p, v in d["p"]],
             )
         except (KeyError, TypeError, ValueError, IndexError, orjson.JSONDecodeError) as exc:
             raise StoreError(f"malformed call record in redis: {exc!r}") from None
@@ -603,14 +603,17 @@ class RedisStore(CounterStore):
 
     # -- operations --------------------------------------------------------------------
 
-    def _key_pair(self, key: tuple[str, str | None]) -> tuple[str, str]:
-        """A profile key's zset and what reserve.lua takes as its index (itself without value)."""
+    def _key_pair(self, key: tuple[str, str | None]) -> tuple[str, str, str]:
+        """A profile key's zset, what reserve.lua takes as its index (the zset itself for a key
+        without value), and its piece of the record's `k` field."""
         pair = self._pair_cache.get(key)
         if pair is None:
             if len(self._pair_cache) >= KEY_CACHE:
                 self._pair_cache.clear()
             zset = self.profile_key(*key)
-            pair = self._pair_cache[key] = (zset, zset if key[1] is None else self.index_key(key[0]))
+            index = "" if key[1] is None else self.index_key(key[0])
+            piece = f"{len(zset.encode())}:{zset}{len(index.encode())}:{index}"
+            pair = self._pair_cache[key] = (zset, index or zset, piece)
         return pair
 
     def reserve_command(
@@ -623,23 +626,26 @@ class RedisStore(CounterStore):
         checks: list[str] = []
         zsets: list[str] = []
         indexes: list[str] = []
+        pieces: list[str] = []
         for i, e in enumerate(plan):
             key = (e.profile, e.value)
             slot = distinct.get(key)
             if slot is None:
                 slot = distinct[key] = len(distinct)
-                zset, index = self._key_pair(key)
+                zset, index, piece = self._key_pair(key)
                 zsets.append(zset)
                 indexes.append(index)
+                pieces.append(piece)
             slots.append(slot)
             if e.limit is not None and not e.shadow:
                 checks += [str(i), str(slot + 1), str(e.limit)]
         profiles = list(distinct)
         keys = [self._rec + call.call_id, self._exp, self._stats, *zsets, *indexes]
         token = f"{self._token_prefix}{next(self._tokens)}"
-        args = [_num(now), self._rec, _num(now + timeout), _num(timeout), call.call_id, call.from_uri,
-                call.to_uri, call.account, orjson.dumps(profiles).decode(), str(len(profiles)),
-                str(len(checks) // 3), token, *checks]
+        static = orjson.dumps({"id": call.call_id, "f": call.from_uri, "t": call.to_uri,
+                               "a": call.account, "i": now, "p": profiles}).decode()
+        args = [_num(now), self._rec, _num(now + timeout), _num(timeout), call.call_id, static,
+                "".join(pieces), str(len(profiles)), str(len(checks) // 3), token, *checks]
         return keys, args, profiles, slots
 
     async def reserve(
@@ -647,7 +653,7 @@ class RedisStore(CounterStore):
     ) -> ReserveResult:
         """Admit the call into every key of the plan, or into none (reserve.lua)."""
         keys, args, profiles, slots = self.reserve_command(call, plan, now, timeout)
-        reply = await self._call("reserve", keys, args, undo=(call.call_id, args[11]))
+        reply = await self._call("reserve", keys, args, undo=(call.call_id, args[9]))
         n = len(profiles)
         try:
             status, blocked = int(reply[0]), int(reply[1])

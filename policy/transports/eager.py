@@ -17,19 +17,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def start(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-    """Run `coro` until it first suspends; a done future if it finished, else a Task finishing it."""
+def start(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
+    """Run `coro` until it first suspends: (True, its result) if it finished, else (False, a Task
+    that finishes it)."""
     try:
         yielded = coro.send(None)
     except StopIteration as stop:
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        fut.set_result(stop.value)
-        return fut
-    except BaseException as exc:  # pragma: no cover - handlers never raise
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_exception(exc)
-        return fut
-    return asyncio.ensure_future(_resume(coro, yielded))
+        return True, stop.value
+    return False, asyncio.ensure_future(_resume(coro, yielded))
 
 
 async def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> T:

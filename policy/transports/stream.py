@@ -38,7 +38,8 @@ class StreamProtocol(asyncio.Protocol):
         self.decoder = StreamDecoder(max_message)
         self.partial_timeout = partial_timeout
         self.transport: asyncio.Transport | None = None
-        self.pending: collections.deque[tuple[asyncio.Future[dict[str, Any]], Framing]] = collections.deque()
+        # replies in request order: [reply or None while its task runs, framing]
+        self.pending: collections.deque[list[Any]] = collections.deque()
         self.peer: Any = None
         self.closing = False
         self.counted = False
@@ -87,11 +88,16 @@ class StreamProtocol(asyncio.Protocol):
             if isinstance(event, BadMessage):
                 log.warning("bad_message", transport=self.name, peer=str(self.peer), code=event.code,
                             error=event.message)
-                fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-                fut.set_result({"ok": False, "error": {"code": event.code, "message": event.message}})
-                self._queue(fut, event.framing)
+                self.pending.append([{"ok": False, "error": {"code": event.code, "message": event.message}},
+                                     event.framing])
             else:
-                self._queue(eager.start(handle(event.data)), event.framing)
+                done, result = eager.start(handle(event.data))
+                if done:
+                    self.pending.append([result, event.framing])
+                else:
+                    slot: list[Any] = [None, event.framing]
+                    self.pending.append(slot)
+                    result.add_done_callback(lambda t, slot=slot: self._on_done(slot, t))
         self._flush()
         self._arm_partial_timer()
 
@@ -105,21 +111,17 @@ class StreamProtocol(asyncio.Protocol):
             self.transport.close()
         return True
 
-    def _queue(self, fut: asyncio.Future[dict[str, Any]], framing: Framing) -> None:
-        # replies that are ready are written together by the _flush at the end of data_received
-        self.pending.append((fut, framing))
-        if not fut.done():
-            fut.add_done_callback(self._on_done)
-
-    def _on_done(self, _fut: asyncio.Future[dict[str, Any]]) -> None:
+    def _on_done(self, slot: list[Any], task: asyncio.Future[dict[str, Any]]) -> None:
+        slot[0] = task.result()
         self._flush()
 
     def _flush(self) -> None:
+        """Write every reply that is ready at the head of the queue, in one write."""
         pending = self.pending
         out = []
-        while pending and pending[0][0].done():
-            fut, framing = pending.popleft()
-            out.append(encode(fut.result(), framing))
+        while pending and pending[0][0] is not None:
+            reply, framing = pending.popleft()
+            out.append(encode(reply, framing))
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
         if self.closing and not pending and self.transport is not None:
@@ -129,11 +131,10 @@ class StreamProtocol(asyncio.Protocol):
         self.stats.protocol_errors += 1
         log.warning("protocol_error", transport=self.name, peer=str(self.peer), code=exc.code,
                     error=exc.message)
-        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        fut.set_result({"ok": False, "error": {"code": exc.code, "message": exc.message}})
         self.closing = True
         # a stream that cannot be resynchronised: answer after what came before, then close
-        self._queue(fut, Framing.NETSTRING if exc.code == "bad_netstring" else Framing.LINE)
+        self.pending.append([{"ok": False, "error": {"code": exc.code, "message": exc.message}},
+                             Framing.NETSTRING if exc.code == "bad_netstring" else Framing.LINE])
         self._flush()
 
     def _arm_partial_timer(self) -> None:

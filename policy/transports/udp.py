@@ -36,11 +36,11 @@ class DatagramProtocol(asyncio.DatagramProtocol):
             self._send({"ok": False, "error": {"code": event.code, "message": event.message}},
                        event.framing, addr)
             return
-        fut = eager.start(self.service.handle(event.data))
-        if fut.done():
-            self._send(fut.result(), event.framing, addr)
+        done, result = eager.start(self.service.handle(event.data))
+        if done:
+            self._send(result, event.framing, addr)
         else:
-            fut.add_done_callback(lambda t: self._send(t.result(), event.framing, addr))
+            result.add_done_callback(lambda t: self._send(t.result(), event.framing, addr))
 
     def _send(self, reply: dict[str, Any], framing: Any, addr: Any) -> None:
         if self.transport is not None and not self.transport.is_closing():

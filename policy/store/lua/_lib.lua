@@ -9,40 +9,71 @@
 -- A profile key is a zset {P}:k:<profile>[=<value>] of call ids scored by lease expiry; the
 -- set {P}:i:<profile> indexes the profile's non-empty keys that have a value (for sizes of a
 -- whole profile; the key without a value, {P}:k:<profile>, is looked at directly).
--- A call record is a hash {P}:c:<call id> with fields
---   id, f (from), t (to), a (account), s (state: early|active), i (init ts), st (start ts or ""),
---   to (lease length), e (lease expiry), p (JSON [[profile, value|null], ...] for listings),
---   n (the token of the reserve that admitted it), nk (how many keys it joined), and for each
---   joined key j = 1..nk: zj (the zset) and yj (its profile's index, "" for a key without value).
--- (Plain fields, not JSON: cjson cost ~8 us per 10-key list, a third of a reserve.)
+-- A call record is a hash {P}:c:<call id> with seven fields:
+--   d  (JSON from the client, never parsed here: id, f(rom), t(o), a(ccount), i(nit ts),
+--       p(rofiles) [[profile, value|null], ...] for listings)
+--   s  (state: early|active)  st (start ts or "")  to (lease length)  e (lease expiry)
+--   n  (the token of the reserve that admitted it)
+--   k  (every key the call joined: for each, "<bytes>:<zset><bytes>:<index>" with the index ""
+--       for a key without value; length-prefixed because values may hold any character)
+-- (Few fields and no JSON in Lua: cjson cost ~8 us per 10-key list and a 17-field HSET ~15 us,
+-- a third of a reserve.)
+
+-- Call fn(zset, index) for every key of a record's `k` field.
+local function each_key(k, fn)
+  local pos, len = 1, #k
+  while pos <= len do
+    local c = string.find(k, ':', pos, true)
+    local zend = c + tonumber(string.sub(k, pos, c - 1))
+    local z = string.sub(k, c + 1, zend)
+    c = string.find(k, ':', zend + 1, true)
+    pos = c + tonumber(string.sub(k, zend + 1, c - 1)) + 1
+    fn(z, string.sub(k, c + 1, pos - 1))
+  end
+end
 
 -- Remove a call everywhere it is listed; count it under `counter` (may be nil).
--- Returns the record's fields (HGETALL form) or false when there was no record.
-local function drop_call(rec_key, exp_key, stats_key, id, counter)
-  local rec = redis.call('HGETALL', rec_key)
+-- Returns the record's fields (HGETALL form) when `want`, else true; false when there was
+-- no record.
+local function drop_call(rec_key, exp_key, stats_key, id, counter, want)
   redis.call('ZREM', exp_key, id)
-  if #rec == 0 then
-    return false
-  end
-  local h = {}
-  for j = 1, #rec, 2 do
-    h[rec[j]] = rec[j + 1]
-  end
-  for j = 1, tonumber(h['nk'] or '0') do
-    local z, y = h['z' .. j], h['y' .. j]
-    redis.call('ZREM', z, id)
-    if y ~= '' and redis.call('EXISTS', z) == 0 then
-      redis.call('SREM', y, z)
+  local rec = nil
+  local k, s
+  if want then
+    rec = redis.call('HGETALL', rec_key)
+    if #rec == 0 then
+      return false
+    end
+    for j = 1, #rec, 2 do
+      if rec[j] == 'k' then
+        k = rec[j + 1]
+      elseif rec[j] == 's' then
+        s = rec[j + 1]
+      end
+    end
+  else
+    local ks = redis.call('HMGET', rec_key, 'k', 's')
+    k, s = ks[1], ks[2]
+    if not s then
+      return false
     end
   end
-  if h['s'] == 'active' then
+  if k then
+    each_key(k, function(z, y)
+      redis.call('ZREM', z, id)
+      if y ~= '' and redis.call('EXISTS', z) == 0 then
+        redis.call('SREM', y, z)
+      end
+    end)
+  end
+  if s == 'active' then
     redis.call('HINCRBY', stats_key, 'active', -1)
   end
   if counter then
     redis.call('HINCRBY', stats_key, counter, 1)
   end
   redis.call('DEL', rec_key)
-  return rec
+  return rec or true
 end
 
 -- Drop up to `limit` calls whose lease ended by now (score <= now); count them as expired.
@@ -51,7 +82,7 @@ local function purge(exp_key, stats_key, rec_prefix, now, limit)
   local ids = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'LIMIT', 0, limit)
   local n = 0
   for _, id in ipairs(ids) do
-    if drop_call(rec_prefix .. id, exp_key, stats_key, id, 'expired') then
+    if drop_call(rec_prefix .. id, exp_key, stats_key, id, 'expired', false) then
       n = n + 1
     end
   end
@@ -65,7 +96,7 @@ local function is_live(rec_key, exp_key, stats_key, id, now)
     return false
   end
   if tonumber(e) <= tonumber(now) then
-    drop_call(rec_key, exp_key, stats_key, id, 'expired')
+    drop_call(rec_key, exp_key, stats_key, id, 'expired', false)
     return false
   end
   return true
@@ -80,10 +111,9 @@ end
 local function set_lease(rec_key, exp_key, id, expires, timeout)
   redis.call('HSET', rec_key, 'e', expires, 'to', timeout)
   redis.call('ZADD', exp_key, expires, id)
-  local nk = tonumber(redis.call('HGET', rec_key, 'nk') or '0')
-  for j = 1, nk do
-    redis.call('ZADD', redis.call('HGET', rec_key, 'z' .. j), 'XX', expires, id)
-  end
+  each_key(redis.call('HGET', rec_key, 'k') or '', function(z, _)
+    redis.call('ZADD', z, 'XX', expires, id)
+  end)
 end
 
 -- The live call ids of a profile key (a zset), or of every key of a profile (the key without

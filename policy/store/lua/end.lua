@@ -13,7 +13,7 @@ local now = ARGV[1]
 local id = ARGV[3]
 if ARGV[5] == '1' then
   if redis.call('HGET', KEYS[1], 'n') == ARGV[6] then
-    drop_call(KEYS[1], KEYS[2], KEYS[3], id, nil)
+    drop_call(KEYS[1], KEYS[2], KEYS[3], id, nil, false)
     redis.call('HINCRBY', KEYS[3], 'processed', -1)
     return 1
   end
@@ -27,4 +27,4 @@ local counter = nil
 if ARGV[4] ~= '' then
   counter = ARGV[4]
 end
-return drop_call(KEYS[1], KEYS[2], KEYS[3], id, counter)
+return drop_call(KEYS[1], KEYS[2], KEYS[3], id, counter, true)
