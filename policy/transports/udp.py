@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any, cast
 
 import structlog
@@ -12,6 +14,7 @@ from policy.transports import eager
 from policy.wire import BadMessage, decode_datagram, encode
 
 log = structlog.get_logger("policy.transports.udp")
+UDP_RCVBUF = 4 * 1024 * 1024
 
 
 class DatagramProtocol(asyncio.DatagramProtocol):
@@ -58,4 +61,10 @@ async def serve_udp(service: PolicyService, host: str, port: int, max_message: i
         lambda: DatagramProtocol(service, max_message), local_addr=(host, port),
         reuse_port=reuse_port or None,
     )
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # bursts from many proxies must not overflow the default ~200 KiB receive buffer
+        # (each datagram costs ~2 KiB of it); the kernel caps this at net.core.rmem_max
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
     return transport, protocol
