@@ -76,6 +76,14 @@ def pair_messages(n: int, tag: str, accounts: int = 1000) -> Iterator[bytes]:
         yield orjson.dumps({"op": "end", "call_id": cid}) + b"\n"
 
 
+def _nodelay(transport: asyncio.BaseTransport) -> Any:
+    """TCP_NODELAY on a TCP transport (not on a Unix socket); returns the transport."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return transport
+
+
 class _Pipe(asyncio.Protocol):
     """Sends pre-encoded lines keeping `window` outstanding; records each reply's latency."""
 
@@ -91,10 +99,7 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = _nodelay(transport)
         self._fill()
 
     def _fill(self) -> None:
@@ -147,10 +152,7 @@ class _Open(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = _nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
