@@ -606,3 +606,39 @@ async def test_decision_log_event(running: Running) -> None:
         ("a0", "allow", None), ("a1", "allow", None), ("a2", "allow", None), ("a3", "deny", "account-cap")]
     assert all(e["latency_ms"] >= 0 for e in decisions)
     await c.close()
+
+
+async def test_bad_datagram_gets_an_error_datagram(running: Running) -> None:
+    """A garbage UDP datagram is answered with an error datagram; the next one works."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            got.put_nowait(data)
+
+    transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=("127.0.0.1", running.port))
+    transport.sendto(b"\xff not json")
+    transport.sendto(orjson.dumps({"op": "ping", "id": 2}))
+    first = orjson.loads(await asyncio.wait_for(got.get(), 5))
+    second = orjson.loads(await asyncio.wait_for(got.get(), 5))
+    transport.close()
+    assert first["ok"] is False and first["error"]["code"] == "invalid_json"
+    assert second == {"id": 2, "ok": True, "pong": True, "rules_version": running.service.ruleset.version}
+
+
+async def test_incomplete_message_times_out(tmp_path: Path) -> None:
+    """A connection holding half a message past partial_timeout is answered 'timeout' and closed."""
+    port = free_port()
+    settings = Settings(tcp=f"127.0.0.1:{port}", udp=None, unix=None, rules=str(ROOT / "rules"), snapshot=None,
+                        watch=False, metrics=None, partial_timeout=0.2, base_dir=tmp_path)
+    server = Server(settings, clock=ManualClock())
+    await server.start()
+    try:
+        c = await AClient.tcp(port)
+        await c.send(b'{"op":"check","call_id":"slow')
+        rest = await asyncio.wait_for(c.reader.read(), 5)
+        assert orjson.loads(rest)["error"]["code"] == "timeout"
+        assert server.conn_stats.open == 0
+    finally:
+        await server.stop()
