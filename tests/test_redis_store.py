@@ -422,6 +422,16 @@ async def test_closed_store_raises_store_error(redis_url: str) -> None:
         await s.stats(T0)
 
 
+async def test_close_fails_calls_in_flight(redis_url: str) -> None:
+    s = RedisStore(redis_url, timeout=0.5)
+    await s.start()
+    pending = asyncio.gather(*(s.get_call(f"x{i}", T0) for i in range(50)), return_exceptions=True)
+    await asyncio.sleep(0)
+    await s.close()
+    results = await asyncio.wait_for(pending, 2)
+    assert all(isinstance(r, StoreError) or r is None for r in results)
+
+
 # -- settings and Sentinel ---------------------------------------------------------------
 
 

@@ -290,10 +290,10 @@ class RedisStore(CounterStore):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        self._waiting.clear()
-        for op in self._queue:
+        for op in [*self._waiting, *self._queue]:  # queued, or on a round trip cut short
             if not op.fut.done():
                 op.fut.set_exception(StoreError("redis store closed"))
+        self._waiting.clear()
         self._queue = []
         if self._task is not None and not self._task.done():
             self._task.cancel()
