@@ -33,14 +33,18 @@ local function each_key(k, fn)
 end
 
 -- Remove a call everywhere it is listed; count it under `counter` (may be nil).
--- Returns the record's fields (HGETALL form) when `want`, else true; false when there was
--- no record.
+-- Returns the record's fields (HGETALL form) when `want` (true, or the record already read),
+-- else true; false when there was no record.
 local function drop_call(rec_key, exp_key, stats_key, id, counter, want)
   redis.call('ZREM', exp_key, id)
   local rec = nil
   local k, s
   if want then
-    rec = redis.call('HGETALL', rec_key)
+    if type(want) == 'table' then
+      rec = want
+    else
+      rec = redis.call('HGETALL', rec_key)
+    end
     if #rec == 0 then
       return false
     end

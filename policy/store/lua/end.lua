@@ -20,11 +20,18 @@ if ARGV[5] == '1' then
   return 0
 end
 purge(KEYS[2], KEYS[3], ARGV[2], now, PURGE_LIMIT)
-if not is_live(KEYS[1], KEYS[2], KEYS[3], id, now) then
+local rec = redis.call('HGETALL', KEYS[1])  -- read once: lease check, keys, and the reply
+if #rec == 0 then
   return false
+end
+for j = 1, #rec, 2 do
+  if rec[j] == 'e' and tonumber(rec[j + 1]) <= tonumber(now) then
+    drop_call(KEYS[1], KEYS[2], KEYS[3], id, 'expired', rec)  -- its lease had ended
+    return false
+  end
 end
 local counter = nil
 if ARGV[4] ~= '' then
   counter = ARGV[4]
 end
-return drop_call(KEYS[1], KEYS[2], KEYS[3], id, counter, true)
+return drop_call(KEYS[1], KEYS[2], KEYS[3], id, counter, rec)
