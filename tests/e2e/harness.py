@@ -36,7 +36,8 @@ def missing_tools() -> str | None:
     return None
 
 
-def _wait(pred: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `pred` until it is true; TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -46,7 +47,10 @@ def _wait(pred: Any, timeout: float, what: str, interval: float = 0.05) -> None:
 
 
 class Kamailio:
-    """A private Kamailio with the shipped config on free ports."""
+    """A private Kamailio with the shipped config on free ports.
+
+    Subclasses running another config override `policy_defines()` (how it reaches callpolicy).
+    """
 
     def __init__(self, upstream_port: int, *, fail_open: bool = False, timeout_ms: int = 500,
                  children: int = 4, sip_port: int | None = None, evapi_port: int | None = None,
@@ -71,12 +75,15 @@ class Kamailio:
         """The evapi address callpolicy connects to."""
         return f"{HOST}:{self.evapi_port}"
 
+    def policy_defines(self) -> list[str]:
+        """The -A defines that point the config at callpolicy (here: the evapi listener)."""
+        return [f'EVAPI_BIND="{HOST}:{self.evapi_port}"', f"POLICY_TIMEOUT_MS={self.timeout_ms}"]
+
     def defines(self) -> list[str]:
         """The -A defines: ports, upstream, policy switches."""
         out = [f"SIP_LISTEN=udp:{HOST}:{self.sip_port}",
                f'UPSTREAM_URI="sip:{HOST}:{self.upstream_port}"',
-               f'EVAPI_BIND="{HOST}:{self.evapi_port}"',
-               f"POLICY_TIMEOUT_MS={self.timeout_ms}",
+               *self.policy_defines(),
                f"SIP_CHILDREN={self.children}",
                f"DBG_LEVEL={self.debug}"]
         if self.fail_open:
@@ -103,7 +110,7 @@ class Kamailio:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(self.dir), env=env)
+                                     stdin=subprocess.DEVNULL, cwd=str(self.dir), env=env)
 
         def up() -> bool:
             assert self.proc is not None
@@ -111,7 +118,7 @@ class Kamailio:
                 raise RuntimeError(f"kamailio exited {self.proc.returncode}:\n{self.log()[-4000:]}")
             return (self.dir / "kamailio_ctl").exists() and self.rpc_ok("core.uptime")
 
-        _wait(up, timeout, "kamailio to start")
+        wait_for(up, timeout, "kamailio to start")
         return self
 
     def rpc(self, *args: str) -> str:
@@ -139,7 +146,7 @@ class Kamailio:
 
     def wait_clients(self, n: int = 1, timeout: float = 10.0) -> None:
         """Wait until n callpolicy clients are connected."""
-        _wait(lambda: self.clients() >= n, timeout, f"{n} callpolicy client(s) on {self.evapi}")
+        wait_for(lambda: self.clients() >= n, timeout, f"{n} callpolicy client(s) on {self.evapi}")
 
     def active_dialogs(self) -> int:
         """Dialogs Kamailio still tracks (`dlg.stats_active` all)."""
@@ -188,12 +195,12 @@ class Uas:
 
     def __init__(self, scenario: str = "uas.xml", *, port: int | None = None,
                  keys: dict[str, str] | None = None, subst: dict[str, str] | None = None,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), scenarios: Path = SCENARIOS) -> None:
         self.port = port or free_port()
         self.keys = keys or {}
         self.extra = list(extra)
         self.dir = Path(tempfile.mkdtemp(prefix="sipp-uas-"))
-        self.scenario = SCENARIOS / scenario
+        self.scenario = scenarios / scenario
         if subst:  # sipp checks response codes when it loads the file: no [keyword] there
             text = self.scenario.read_text()
             for k, v in subst.items():
@@ -214,9 +221,9 @@ class Uas:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sipp UAS exited {self.proc.returncode}: "
                                    f"{(self.dir / 'err').read_text(errors='replace')}")
-            return _udp_bound(self.port)
+            return udp_bound(self.port)
 
-        _wait(bound, 10, "the sipp UAS")
+        wait_for(bound, 10, "the sipp UAS")
         return self
 
     def stop(self) -> None:
@@ -239,7 +246,8 @@ class Uas:
         self.stop()
 
 
-def _udp_bound(port: int) -> bool:
+def udp_bound(port: int) -> bool:
+    """Whether something already holds UDP `port` on HOST."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -292,12 +300,13 @@ def _last_row(path: Path) -> dict[str, str]:
 def run_uac(target_port: int, *, scenario: str = "uac.xml", calls: int = 1, rate: float = 10,
             hold_ms: int = 1000, from_user: str = "alice", service: str = "100",
             limit: int | None = None, timeout: float = 30, recv_timeout_ms: int = 10000,
-            keys: dict[str, str] | None = None, extra: Sequence[str] = ()) -> SippResult:
+            keys: dict[str, str] | None = None, extra: Sequence[str] = (),
+            scenarios: Path = SCENARIOS) -> SippResult:
     """Run a sipp UAC scenario to the end (bounded by `timeout`) and read its counts."""
     work = Path(tempfile.mkdtemp(prefix="sipp-uac-"))
     port = free_port()
     cmd = ["timeout", "-s", "INT", "-k", "5", str(int(timeout)),
-           "sipp", f"{HOST}:{target_port}", "-sf", str(SCENARIOS / scenario), "-i", HOST, "-p", str(port),
+           "sipp", f"{HOST}:{target_port}", "-sf", str(scenarios / scenario), "-i", HOST, "-p", str(port),
            "-s", service, "-m", str(calls), "-r", str(rate), "-d", str(hold_ms),
            "-nostdin", "-recv_timeout", str(recv_timeout_ms), "-default_behaviors", "all,-bye",
            "-trace_counts", "-trace_stat", "-stf", str(work / "stat.csv"), "-fd", "1",
@@ -354,7 +363,7 @@ def wait_profiles_zero(port: int, timeout: float = 5.0) -> dict[str, int]:
         return not any(sizes.values())
 
     with contextlib.suppress(TimeoutError):
-        _wait(zero, timeout, "profile counts to return to 0", interval=0.1)
+        wait_for(zero, timeout, "profile counts to return to 0", interval=0.1)
     return sizes
 
 
