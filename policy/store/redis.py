@@ -77,6 +77,8 @@ MAX_BATCH = 128
 MAX_QUEUE_WAIT = 1.0
 #: Reserves whose outcome is unknown, kept for release once Redis answers again (bounded).
 MAX_PENDING_UNDO = 100_000
+#: How many of them are retried after each successful round trip.
+UNDO_PER_BATCH = 32
 #: Key names remembered per store (cleared when full).
 KEY_CACHE = 50_000
 
@@ -514,9 +516,11 @@ class RedisStore(CounterStore):
         results: list[Any] = []
         loop = asyncio.get_running_loop()
         self._inflight_since = loop.time()
+        sent = False  # once written, a reserve may have run even if its answer is lost
         try:
             async with asyncio.timeout(self._exchange_timeout):
                 conn = await self._connection()
+                sent = True
                 results = await self._exchange(conn, [op.cmd for op in batch])
                 retry = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
                 if retry:  # Redis restarted or SCRIPT FLUSH: load them again, retry once
@@ -541,7 +545,7 @@ class RedisStore(CounterStore):
                 self._down_since = asyncio.get_running_loop().time()
                 log.warning("redis_down", where=self._where, error=str(err))
             for op in batch:
-                if op.undo is not None:  # it may have run before the connection failed
+                if sent and op.undo is not None:  # it may have run before the connection failed
                     self._keep_undo(op.undo)
                 if not op.fut.done():
                     op.fut.set_exception(err)
@@ -563,8 +567,9 @@ class RedisStore(CounterStore):
                 op.fut.set_result(res)
         if readonly:  # a failover demoted our primary: reconnect (Sentinel finds the new one)
             await self._drop_connection()
-        elif self._undo_pending:
-            pending, self._undo_pending = self._undo_pending, []
+        elif self._undo_pending:  # a few per round trip, so a backlog never delays checks
+            pending = self._undo_pending[:UNDO_PER_BATCH]
+            del self._undo_pending[:UNDO_PER_BATCH]
             for undo in pending:
                 self._undo(undo)
 
