@@ -626,37 +626,43 @@ class RedisStore(CounterStore):
     ) -> tuple[list[str], list[str], list[tuple[str, str | None]], list[int]]:
         """KEYS and ARGV of reserve.lua for this call (also used by the benchmark), the distinct
         profile keys, and for each plan entry the position of its key among them."""
+        # (hot path: ~7 us; every check pays it)
         distinct: dict[tuple[str, str | None], int] = {}
         slots: list[int] = []
         checks: list[str] = []
         zsets: list[str] = []
         indexes: list[str] = []
         pieces: list[str] = []
-        for i, e in enumerate(plan):
+        cache = self._pair_cache
+        i = 0
+        for e in plan:
             key = (e.profile, e.value)
             slot = distinct.get(key)
             if slot is None:
-                slot = distinct[key] = len(distinct)
-                zset, index, piece = self._key_pair(key)
-                zsets.append(zset)
-                indexes.append(index)
-                pieces.append(piece)
+                slot = distinct[key] = len(zsets)
+                pair = cache.get(key) or self._key_pair(key)
+                zsets.append(pair[0])
+                indexes.append(pair[1])
+                pieces.append(pair[2])
             slots.append(slot)
             if e.limit is not None and not e.shadow:
-                checks += [str(i), str(slot + 1), str(e.limit)]
+                checks += (str(i), str(slot + 1), str(e.limit))
+            i += 1
         profiles = list(distinct)
-        keys = [self._rec + call.call_id, self._exp, self._stats, *zsets, *indexes]
-        token = f"{self._token_prefix}{next(self._tokens)}"
-        static = orjson.dumps({"id": call.call_id, "f": call.from_uri, "t": call.to_uri,
-                               "a": call.account, "i": now, "p": profiles}).decode()
-        args = [_num(now), self._rec, _num(now + timeout), _num(timeout), call.call_id, static,
-                "".join(pieces), str(len(profiles)), str(len(checks) // 3), token, *checks]
+        cid = call.call_id
+        static = orjson.dumps({"id": cid, "f": call.from_uri, "t": call.to_uri, "a": call.account,
+                               "i": now, "p": profiles}).decode()
+        keys = [self._rec + cid, self._exp, self._stats, *zsets, *indexes]
+        args = [repr(now), self._rec, repr(now + timeout), repr(timeout), cid, static,
+                "".join(pieces), str(len(zsets)), str(len(checks) // 3),
+                f"{self._token_prefix}{next(self._tokens)}", *checks]
         return keys, args, profiles, slots
 
     async def reserve(
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
     ) -> ReserveResult:
         """Admit the call into every key of the plan, or into none (reserve.lua)."""
+        now, timeout = float(now), float(timeout)  # repr() of a float is what Lua parses back
         keys, args, profiles, slots = self.reserve_command(call, plan, now, timeout)
         reply = await self._call("reserve", keys, args, undo=(call.call_id, args[9]))
         n = len(profiles)
