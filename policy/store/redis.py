@@ -634,8 +634,7 @@ class RedisStore(CounterStore):
         indexes: list[str] = []
         pieces: list[str] = []
         cache = self._pair_cache
-        i = 0
-        for e in plan:
+        for i, e in enumerate(plan):
             key = (e.profile, e.value)
             slot = distinct.get(key)
             if slot is None:
@@ -647,7 +646,6 @@ class RedisStore(CounterStore):
             slots.append(slot)
             if e.limit is not None and not e.shadow:
                 checks += (str(i), str(slot + 1), str(e.limit))
-            i += 1
         profiles = list(distinct)
         cid = call.call_id
         static = orjson.dumps({"id": cid, "f": call.from_uri, "t": call.to_uri, "a": call.account,
