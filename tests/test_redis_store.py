@@ -448,6 +448,14 @@ def test_from_settings_and_factory() -> None:
     assert isinstance(s3, RedisStore) and s3.name == "redis"
 
 
+def test_bad_addresses_raise_store_error() -> None:
+    for url in ("redis://127.0.0.1:notaport/0", "http://127.0.0.1/", "redis+sentinel:///svc"):
+        with pytest.raises(StoreError):
+            RedisStore(url)
+    with pytest.raises(StoreError):
+        RedisStore("redis://127.0.0.1/0", timeout=0)
+
+
 def test_parse_sentinel_url() -> None:
     assert parse_sentinel_url("redis+sentinel://h1:1,h2:2/svc/3") == (
         [("h1", 1), ("h2", 2)], "svc", 3, None, None)

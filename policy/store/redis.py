@@ -12,7 +12,7 @@ them all on one slot, which the multi-key scripts need):
 - ``{P}:i:<profile>``: set of the profile's non-empty keys with a value (profile_size without one)
 - ``{P}:c:<call id>``: hash, the call record (state, timestamps, from/to/account, keys)
 - ``{P}:exp``: zset of every held call id scored by lease expiry (the sweep's index)
-- ``{P}:stats``: hash of counters (processed, expired, failed, early, active)
+- ``{P}:stats``: hash of counters (processed, expired, failed, active; early = held - active)
 
 Speed: store operations that arrive in the same event-loop tick (and while a round trip is
 in flight) go to Redis as ONE pipelined write of EVALSHA commands on a dedicated connection,
@@ -160,8 +160,8 @@ class RedisStore(CounterStore):
         sentinels: list[str] | None = None,
         sentinel_service: str = "mymaster",
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        if not timeout > 0:
+            raise StoreError(f"redis store timeout must be > 0, not {timeout!r}")
         self.url = url
         self.prefix = prefix
         self.timeout = timeout
@@ -177,29 +177,10 @@ class RedisStore(CounterStore):
             "health_check_interval": 0,
             "decode_responses": True,  # hiredis decodes in C
         }
-        self._client: RedisClient
-        if url.startswith("redis+sentinel://") or sentinels:
-            if url.startswith("redis+sentinel://"):
-                hosts, service, db, username, password = parse_sentinel_url(url)
-            else:
-                hosts = [_hostport(s, 26379) for s in sentinels or []]
-                service = sentinel_service
-                p = urlsplit(url)
-                db = int(p.path.strip("/") or 0) if p.path.strip("/").isdigit() else 0
-                username, password = p.username, p.password
-            self._sentinel: Sentinel | None = Sentinel(  # type: ignore[no-untyped-call]
-                hosts, socket_timeout=timeout, socket_connect_timeout=timeout,
-                sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                                 "retry": Retry(NoBackoff(), 0)},
-            )
-            self._client = self._sentinel.master_for(
-                service, db=db, username=username, password=password, **common
-            )
-            self._where = f"sentinel {service} via {','.join(f'{h}:{p}' for h, p in hosts)}"
-        else:
-            self._sentinel = None
-            self._client = Redis.from_url(url, **common)
-            self._where = url.split("@")[-1]
+        try:
+            self._client, self._where = self._make_client(url, timeout, sentinels, sentinel_service, common)
+        except (ValueError, TypeError) as exc:  # a malformed URL or address
+            raise StoreError(f"bad redis address {url!r}: {exc}") from None
         self._scripts: dict[str, AsyncScript] = {
             name: self._client.register_script(load_script_source(name)) for name in SCRIPTS
         }
@@ -230,6 +211,30 @@ class RedisStore(CounterStore):
         self.batches = 0
         self.ops = 0
         self.undone = 0
+
+    @staticmethod
+    def _make_client(url: str, timeout: float, sentinels: list[str] | None, sentinel_service: str,
+                     common: dict[str, Any]) -> tuple[RedisClient, str]:
+        """The redis-py client (plain, or the primary found through Sentinel) and a label."""
+        if url.startswith("redis+sentinel://") or sentinels:
+            if url.startswith("redis+sentinel://"):
+                hosts, service, db, username, password = parse_sentinel_url(url)
+            else:
+                hosts = [_hostport(s, 26379) for s in sentinels or []]
+                service = sentinel_service
+                p = urlsplit(url)
+                db = int(p.path.strip("/") or 0) if p.path.strip("/").isdigit() else 0
+                username, password = p.username, p.password
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                hosts, socket_timeout=timeout, socket_connect_timeout=timeout,
+                sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                 "retry": Retry(NoBackoff(), 0)},
+            )
+            client: RedisClient = sentinel.master_for(
+                service, db=db, username=username, password=password, **common
+            )
+            return client, f"sentinel {service} via {','.join(f'{h}:{p}' for h, p in hosts)}"
+        return Redis.from_url(url, **common), url.split("@")[-1]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisStore:
