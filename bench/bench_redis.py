@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rb-requests", type=int, default=200_000, help="redis-benchmark requests")
     ap.add_argument("--rb-clients", type=int, default=50)
     ap.add_argument("--rb-pipeline", type=int, default=16)
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="one-service phases: do not pin the service to the last CPU and Redis plus "
+                         "this load generator to the others (two services are never pinned)")
     args = ap.parse_args(argv)
     try:
         import uvloop
@@ -176,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         url = redis.url
         p1, port1, _ = start_service(url)
         procs.append(p1)
+        cpus = sorted(os.sched_getaffinity(0))
+        pinned = args.pin and len(cpus) >= 2 and redis.proc is not None
+        if pinned:
+            assert redis.proc is not None
+            os.sched_setaffinity(p1.pid, {cpus[-1]})
+            os.sched_setaffinity(redis.proc.pid, set(cpus[:-1]))
+            os.sched_setaffinity(0, set(cpus[:-1]))
+            print(f"pinned: service on CPU {cpus[-1]}, Redis and the load generator on {cpus[:-1]}",
+                  flush=True)
         runner(closed([port1], 2000, args.conns, args.window, "warm"))
         redis_cli(redis.port, "CONFIG", "RESETSTAT")
         e0 = store_errors([port1])
@@ -191,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
               f"p50 {pct(lat, 50):6.3f} ms  p99 {pct(lat, 99):6.3f} ms  p99.9 {pct(lat, 99.9):6.3f} ms  "
               f"({e2 - e1} store-error answers)", flush=True)
 
+        if pinned:
+            assert redis.proc is not None
+            for pid in (p1.pid, redis.proc.pid, 0):
+                os.sched_setaffinity(pid, set(cpus))
         p2, port2, _ = start_service(url)
         procs.append(p2)
         runner(closed([port2], 2000, args.conns, args.window, "warm2"))
