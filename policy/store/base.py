@@ -146,6 +146,9 @@ class CounterStore(abc.ABC):
 
     #: Short backend name for logs and stats ("embedded", "redis").
     name: str = "store"
+    #: True when operations finish without ever suspending (no I/O): transports then run
+    #: requests eagerly instead of giving each one a Task.
+    answers_inline: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect, restore state, start background work."""

@@ -39,6 +39,7 @@ class EmbeddedStore(CounterStore):
     """Profile counters in this process's memory."""
 
     name = "embedded"
+    answers_inline = True
 
     def __init__(
         self,

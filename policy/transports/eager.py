@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -25,6 +25,16 @@ def start(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
     except StopIteration as stop:
         return True, stop.value
     return False, asyncio.ensure_future(_resume(coro, yielded))
+
+
+def schedule(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
+    """`start`'s signature for handlers that will suspend anyway (a Redis round trip): a Task."""
+    return False, asyncio.ensure_future(coro)
+
+
+def starter(inline: bool) -> Callable[[Coroutine[Any, Any, Any]], tuple[bool, Any]]:
+    """`start` when the service's store answers inline, else `schedule`."""
+    return start if inline else schedule
 
 
 async def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> T:

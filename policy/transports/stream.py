@@ -43,6 +43,7 @@ class StreamProtocol(asyncio.Protocol):
         self.peer: Any = None
         self.closing = False
         self.counted = False
+        self._flush_soon = False
         self._partial_timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_event_loop()
 
@@ -77,6 +78,7 @@ class StreamProtocol(asyncio.Protocol):
         dec = self.decoder
         dec.receive_data(data)
         handle = self.service.handle
+        start = eager.starter(self.service.store.answers_inline)
         while True:
             try:
                 event = dec.next_event()
@@ -91,7 +93,7 @@ class StreamProtocol(asyncio.Protocol):
                 self.pending.append([{"ok": False, "error": {"code": event.code, "message": event.message}},
                                      event.framing])
             else:
-                done, result = eager.start(handle(event.data))
+                done, result = start(handle(event.data))
                 if done:
                     self.pending.append([result, event.framing])
                 else:
@@ -113,10 +115,14 @@ class StreamProtocol(asyncio.Protocol):
 
     def _on_done(self, slot: list[Any], task: asyncio.Future[dict[str, Any]]) -> None:
         slot[0] = task.result()
-        self._flush()
+        if not self._flush_soon:
+            # the replies of one store round trip complete together: one write for all of them
+            self._flush_soon = True
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Write every reply that is ready at the head of the queue, in one write."""
+        self._flush_soon = False
         pending = self.pending
         out = []
         while pending and pending[0][0] is not None:

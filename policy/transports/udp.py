@@ -39,7 +39,7 @@ class DatagramProtocol(asyncio.DatagramProtocol):
             self._send({"ok": False, "error": {"code": event.code, "message": event.message}},
                        event.framing, addr)
             return
-        done, result = eager.start(self.service.handle(event.data))
+        done, result = eager.starter(self.service.store.answers_inline)(self.service.handle(event.data))
         if done:
             self._send(result, event.framing, addr)
         else:
