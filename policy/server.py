@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import Callable
@@ -76,6 +77,10 @@ class Server:
         if s.watch:
             self.tasks.append(asyncio.create_task(service.watch(s.watch_interval)))
         self.tasks.append(asyncio.create_task(service.sweep_loop(s.sweep_interval)))
+        # Everything loaded so far lives as long as the process: keep the cyclic GC from
+        # walking it again and again (its pauses showed up as p99.9 spikes in the bench).
+        gc.collect()
+        gc.freeze()
         log.info("listening", **self.listening, store=store.name, rules=len(service.ruleset.rules),
                  rules_version=service.ruleset.version, rules_dir=str(rules_path), pid=os.getpid())
         return service
