@@ -842,7 +842,8 @@ def compile_sources(sources: Sequence[tuple[str, str]]) -> Ruleset:
     comp = _Compiler()
     digest = hashlib.sha256()
     for name, text in sources:
-        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+        # by file name, not path: the same rules give the same version on every node
+        digest.update(Path(name).name.encode() + b"\0" + text.encode() + b"\0")
         comp.file(name, text)
     return comp.finish([n for n, _ in sources], digest.hexdigest()[:12])
 
