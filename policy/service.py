@@ -19,7 +19,7 @@ import structlog
 from policy import logs
 from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
-from policy.rules import BUILTIN_FIELDS, Ruleset, load_rules, rule_files
+from policy.rules import Ruleset, load_rules, rule_files
 from policy.sip import split_uri
 from policy.store.base import END_REASONS, CallInfo, CounterStore, DialogStats, PlanEntry, ReserveResult
 
@@ -200,10 +200,13 @@ class PolicyService:
         )
         return body
 
-    def _decide(self, res: ReserveResult, plan: list[PlanEntry], ruleset: Ruleset) -> dict[str, Any]:
+    def _decide(self, res: ReserveResult, plan: list[PlanEntry], ruleset: Ruleset,
+                record: bool = True) -> dict[str, Any]:
+        """The reply body for a reservation; `record` counts and logs it (not for a dry run)."""
         profiles = []
         shadow = []
         joined = 1 if res.admitted else 0
+        count = record and not res.duplicate
         for i, entry in enumerate(plan):
             size = res.sizes[i]
             item: dict[str, Any] = {"profile": entry.profile, "value": entry.value, "size": size,
@@ -216,11 +219,11 @@ class PolicyService:
                     if before >= entry.limit:
                         shadow.append({"rule": entry.rule, "profile": entry.profile, "value": entry.value,
                                        "size": before, "limit": entry.limit})
-                        if not res.duplicate:
+                        if count:
                             self.decisions[(entry.rule, "would_deny")] += 1
-                    elif not res.duplicate:
+                    elif count:
                         self.decisions[(entry.rule, "allow")] += 1
-                elif not res.duplicate:
+                elif count:
                     self.decisions[(entry.rule, "deny" if res.blocked == i else "allow")] += 1
             profiles.append(item)
         body: dict[str, Any] = {"decision": "allow" if res.admitted else "deny"}
@@ -234,7 +237,7 @@ class PolicyService:
             body["duplicate"] = True
         body["profiles"] = profiles
         body["shadow"] = shadow
-        if shadow:
+        if shadow and record:
             log.info("shadow_would_deny", rules=[s["rule"] for s in shadow])
         return body
 
@@ -270,9 +273,7 @@ class PolicyService:
                     break
         res = ReserveResult(held is not None or blocked is None, held is not None, blocked,
                             [s + (1 if held is None and blocked is None else 0) for s in sizes], held)
-        saved = self.decisions.copy()
-        body = self._decide(res, plan, self.ruleset)
-        self.decisions = saved  # a dry run is not a decision
+        body = self._decide(res, plan, self.ruleset, record=False)  # a dry run is not a decision
         body["dry_run"] = True
         body["attrs"] = attrs
         body["explain"] = [{"rule": o.rule, "matched": o.matched, "why": o.why,
@@ -449,5 +450,3 @@ class PolicyService:
             if n:
                 log.info("calls_expired", count=n)
 
-
-__all__ = ["BUILTIN_FIELDS", "PolicyService"]
