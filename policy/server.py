@@ -150,8 +150,22 @@ def _unlink(path: Any) -> None:
         os.unlink(path)
 
 
+def raise_fd_limit(wanted: int) -> None:
+    """Lift the soft open-files limit toward the hard one, so max_connections can be reached."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError) as exc:  # pragma: no cover - exotic platforms
+        log.warning("fd_limit_unchanged", error=str(exc))
+
+
 def run(settings: Settings) -> None:
     """Run the service until SIGTERM/SIGINT, on uvloop where available."""
+    raise_fd_limit(settings.max_connections + 256)
     try:
         import uvloop
 
