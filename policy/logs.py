@@ -104,8 +104,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         )
 
 
-def hot_event(logger: str, event: str) -> Callable[..., None]:
-    """A writer for an info event logged on every request (the `decision` line).
+def hot_event(logger: str, event: str, level: str = "info") -> Callable[..., None]:
+    """A writer for an event logged on every request (the `decision` line, `call_end`).
 
     With JSON output set up by `configure`, it writes the same JSON line structlog would
     (`event`, `level`, `ts` and the fields) with one orjson call, skipping structlog's
@@ -114,14 +114,14 @@ def hot_event(logger: str, event: str) -> Callable[..., None]:
     """
     stream = _stream
     if stream is not None:
-        if _level > logging.INFO:
+        if _level > _LEVELS[level]:
             return _nop
         dumps = orjson.dumps
         now = time.time
 
         def write(**fields: Any) -> None:
             fields["event"] = event
-            fields["level"] = "info"
+            fields["level"] = level
             fields["ts"] = round(now(), 6)
             stream.write(dumps(fields) + b"\n")
 
@@ -129,7 +129,7 @@ def hot_event(logger: str, event: str) -> Callable[..., None]:
     log = structlog.get_logger(logger)
 
     def via_structlog(**fields: Any) -> None:
-        log.info(event, **fields)
+        getattr(log, level)(event, **fields)
 
     return via_structlog
 

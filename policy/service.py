@@ -85,6 +85,7 @@ class PolicyService:
         self.last_reload_error: str | None = None
         self.info_providers: dict[str, Callable[[], Any]] = {}
         self.log_decision = logs.hot_event("policy.service", "decision")
+        self.log_end = logs.hot_event("policy.service", "call_end", "debug")
         self.last_dialogs: DialogStats | None = None  # refreshed by the sweep loop, for /metrics
         self._watch_sig: tuple[tuple[str, int, int], ...] | None = None
         self._ops: dict[str, Handler] = {
@@ -320,9 +321,8 @@ class PolicyService:
             raise RequestError("bad_field", f"'reason' must be one of {', '.join(END_REASONS)}")
         rec = await self.store.end(call_id, self.clock.now(), reason)
         if rec is None:
-            log.debug("end_unknown", call_id=call_id, reason=reason)
             return {"released": False}
-        log.debug("call_end", call_id=call_id, reason=reason, state=rec.state)
+        self.log_end(call_id=call_id, reason=reason, state=rec.state)
         return {"released": True, "state": rec.state,
                 "profiles": [{"profile": p, "value": v} for p, v in rec.profiles]}
 

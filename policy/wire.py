@@ -75,12 +75,13 @@ class StreamDecoder:
         self.max_message = max_message
         self._max_digits = len(str(max_message))
         self._buf = bytearray()
+        self._pos = 0  # where the next message starts in _buf
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete message."""
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes received from the peer."""
@@ -96,6 +97,7 @@ class StreamDecoder:
         except ProtocolError as exc:
             self._error = exc
             self._buf.clear()
+            self._pos = 0
             raise
 
     def feed(self, data: bytes) -> list[Event]:
@@ -107,26 +109,29 @@ class StreamDecoder:
         return events
 
     def _next(self) -> Event | None:
+        # Messages are read at an offset into the buffer, which is compacted only when it runs
+        # dry: a pipelined chunk of many messages costs one memmove, not one per message.
         buf = self._buf
-        # skip white space between messages
-        i = 0
+        pos = self._pos
         n = len(buf)
-        while i < n and buf[i] in _WS:
-            i += 1
-        if i:
-            del buf[:i]
-            n -= i
-        if not n:
+        while pos < n and buf[pos] in _WS:  # white space between messages
+            pos += 1
+        if pos >= n:
+            buf.clear()
+            self._pos = 0
             return None
-        if buf[0] in _DIGITS:
-            return self._netstring()
-        return self._line()
+        self._pos = pos
+        event = self._netstring(pos) if buf[pos] in _DIGITS else self._line(pos)
+        if event is None and self._pos:
+            del buf[: self._pos]
+            self._pos = 0
+        return event
 
-    def _netstring(self) -> Event | None:
+    def _netstring(self, pos: int) -> Event | None:
         buf = self._buf
-        colon = buf.find(b":", 0, self._max_digits + 1)
+        colon = buf.find(b":", pos, pos + self._max_digits + 1)
         if colon < 0:
-            head = bytes(buf[: self._max_digits + 1])
+            head = bytes(buf[pos : pos + self._max_digits + 1])
             if not head.isdigit():
                 raise ProtocolError("bad_netstring", "netstring length must be digits followed by ':'")
             if len(head) > self._max_digits:
@@ -134,7 +139,7 @@ class StreamDecoder:
                     "too_long", f"netstring length has too many digits (limit {self.max_message} bytes)"
                 )
             return None
-        digits = bytes(buf[:colon])
+        digits = bytes(buf[pos:colon])
         if not digits.isdigit():
             raise ProtocolError("bad_netstring", "netstring length must be digits followed by ':'")
         length = int(digits)
@@ -148,18 +153,18 @@ class StreamDecoder:
         if buf[end] != 0x2C:  # ','
             raise ProtocolError("bad_netstring", "netstring does not end with ','")
         payload = bytes(buf[colon + 1 : end])
-        del buf[: end + 1]
+        self._pos = end + 1
         return parse_json(payload, Framing.NETSTRING)
 
-    def _line(self) -> Event | None:
+    def _line(self, pos: int) -> Event | None:
         buf = self._buf
-        nl = buf.find(b"\n", 0, self.max_message + 1)
+        nl = buf.find(b"\n", pos, pos + self.max_message + 1)
         if nl < 0:
-            if len(buf) > self.max_message:
+            if len(buf) - pos > self.max_message:
                 raise ProtocolError("too_long", f"line is over the limit of {self.max_message} bytes")
             return None
-        payload = bytes(buf[:nl])
-        del buf[: nl + 1]
+        payload = bytes(buf[pos:nl])
+        self._pos = nl + 1
         return parse_json(payload, Framing.LINE)
 
 
