@@ -81,9 +81,6 @@ class Server:
         # walking it again and again (its pauses showed up as p99.9 spikes in the bench).
         gc.collect()
         gc.freeze()
-        # Held calls are long-lived containers; with the default thresholds the full
-        # collections that walk all of them came every few thousand checks (ms-long pauses).
-        gc.set_threshold(50_000, 50, 100)
         log.info("listening", **self.listening, store=store.name, rules=len(service.ruleset.rules),
                  rules_version=service.ruleset.version, rules_dir=str(rules_path), pid=os.getpid())
         return service
