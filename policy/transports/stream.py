@@ -45,7 +45,7 @@ class StreamProtocol(asyncio.Protocol):
         self.counted = False
         self._flush_soon = False
         self._partial_timer: asyncio.TimerHandle | None = None
-        self.loop = asyncio.get_event_loop()
+        self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
