@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from policy.errors import RuleError
-from policy.store.base import PlanEntry
+from policy.plan import PlanEntry
 
 #: Request fields every check may carry (missing ones are empty / absent).
 BUILTIN_FIELDS = (

@@ -16,28 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from policy.plan import PlanEntry as PlanEntry  # re-exported: stores take plans
+
 #: Why a call ended, as the protocol spells it.
 END_REASONS = ("bye", "cancel", "failed", "timeout", "admin")
 #: End reasons counted in `failed_dialogs` (the call never became an answered dialog).
 FAILED_REASONS = frozenset({"cancel", "failed"})
-
-
-class PlanEntry(NamedTuple):
-    """One profile key a call joins; with `limit`, a cap that must have room first.
-
-    A NamedTuple, not a dataclass: one is built per profile per check, on the hot path.
-    """
-
-    profile: str
-    value: str | None
-    limit: int | None = None
-    shadow: bool = False
-    rule: str = ""
-
-    @property
-    def key(self) -> tuple[str, str | None]:
-        """The profile key (profile, value)."""
-        return (self.profile, self.value)
 
 
 class CallInfo(NamedTuple):
