@@ -1,13 +1,18 @@
-"""The policy service: ties rules, the counter store and the protocol's operations.
+"""The policy service: dispatches the protocol's operations to the rules, the decision and the store.
 
-Transports hand every decoded request (a JSON object) to `PolicyService.handle` and send
-back what it returns. `handle` never raises: every failure becomes an error reply.
+Transports hand every message to `handle_payload(payload, peer)` (or a decoded request to
+`handle(req, peer)`) and send back the dict it returns. Neither ever raises: every failure
+becomes an error reply. What a decision is lives in `policy.decision`; notices the store
+refused wait in `policy.notices`; the repair against the proxies' dialog lists lives in
+`policy.reconcile`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -16,46 +21,32 @@ from typing import Any
 
 import structlog
 
-from policy import logs
+from policy import decision, logs
+from policy import protocol as P
+from policy.auth import LOCAL, Peer, Tokens
 from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
+from policy.notices import Notice, NoticeQueue
+from policy.plan import PlanEntry
 from policy.rules import Ruleset, load_rules, rule_files
 from policy.sip import split_uri
-from policy.store.base import END_REASONS, CallInfo, CounterStore, DialogStats, PlanEntry, ReserveResult
+from policy.store.base import MAX_PAGE, CallInfo, CallRecord, CounterStore, DialogStats, ReserveResult, call_uid
 
 log = structlog.get_logger("policy.service")
 
-STORE_DOWN_CODE = 503
-STORE_DOWN_REASON = "Call policy store unavailable"
-_ECHO = ("id", "tindex", "tlabel")
-_STR_FIELDS = ("from", "to", "ruri", "from_user", "from_domain", "to_user", "to_domain",
-               "ruri_user", "ruri_domain", "account", "src_ip")
-_STR_FIELD_SET = frozenset(_STR_FIELDS)
-_URI_FIELDS = (("from", "from_user", "from_domain"), ("to", "to_user", "to_domain"),
-               ("ruri", "ruri_user", "ruri_domain"))
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+_URI_FIELDS = (("from_", "from", "from_user", "from_domain"), ("to", "to", "to_user", "to_domain"),
+               ("ruri", "ruri", "ruri_user", "ruri_domain"))
+_PLAIN_FIELDS = ("account", "src_ip")
+Handler = Callable[[Any, Peer], Awaitable[dict[str, Any]]]
 
 
-def _str_field(msg: dict[str, Any], name: str, required: bool = False) -> str:
-    val = msg.get(name)
-    if val is None:
-        if required:
-            raise RequestError("missing_field", f"{name!r} is required")
-        return ""
-    if not isinstance(val, str):
-        raise RequestError("bad_field", f"{name!r} must be a string, not {type(val).__name__}")
-    if required and not val:
-        raise RequestError("bad_field", f"{name!r} must not be empty")
-    return val
+class Limits:
+    """Bounds on what a client may ask for (issue: nobody who reaches a socket changes the counts)."""
 
-
-def _num_field(msg: dict[str, Any], name: str) -> float | None:
-    val = msg.get(name)
-    if val is None:
-        return None
-    if isinstance(val, bool) or not isinstance(val, int | float) or not 0 < val < 10**8:
-        raise RequestError("bad_field", f"{name!r} must be a positive number of seconds")
-    return float(val)
+    def __init__(self, max_field: int = 1024, max_vars: int = 32, max_timeout: float = 43200.0) -> None:
+        self.max_field = max_field
+        self.max_vars = max_vars
+        self.max_timeout = max_timeout
 
 
 class PolicyService:
@@ -70,12 +61,16 @@ class PolicyService:
         early_timeout: float = 300.0,
         default_timeout: float = 43200.0,
         ruleset: Ruleset | None = None,
+        limits: Limits | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         self.rules_path = Path(rules_path)
         self.store = store
         self.clock = clock or SystemClock()
         self.early_timeout = early_timeout
         self.default_timeout = default_timeout
+        self.limits = limits or Limits(max_timeout=default_timeout)
+        self.tokens = tokens or Tokens([])
         self.ruleset = ruleset if ruleset is not None else load_rules(self.rules_path)
         self.started = time.time()
         self.decisions: Counter[tuple[str, str]] = Counter()
@@ -87,185 +82,200 @@ class PolicyService:
         self.log_decision = logs.hot_event("policy.service", "decision")
         self.log_end = logs.hot_event("policy.service", "call_end", "debug")
         self.last_dialogs: DialogStats | None = None  # refreshed by the sweep loop, for /metrics
+        self.notices = NoticeQueue(store, self.clock.now, max_age=max(default_timeout, self.limits.max_timeout))
+        self.reconciler: Any = None  # policy.reconcile.Reconciler, when proxies can be asked
+        self.on_call_end: list[Callable[[CallRecord, str, float], None]] = []
         self._watch_sig: tuple[tuple[str, int, int], ...] | None = None
-        self._ops: dict[str, Handler] = {
-            "check": self.op_check,
-            "answer": self.op_answer,
-            "refresh": self.op_refresh,
-            "end": self.op_end,
-            "stats": self.op_stats,
-            "profile_size": self.op_profile_size,
-            "profile_list": self.op_profile_list,
-            "reload": self.op_reload,
-            "ping": self.op_ping,
+        # admission tokens: unique per process start and per admission, short on the wire
+        self._token_prefix = os.urandom(3).hex()
+        self._token_seq = itertools.count(1)
+        self._ops: dict[type, Handler] = {
+            P.Check: self.op_check,
+            P.Answer: self.op_answer,
+            P.Refresh: self.op_refresh,
+            P.End: self.op_end,
+            P.SetVar: self.op_set_var,
+            P.Ping: self.op_ping,
+            P.Auth: self.op_auth,
+            P.Stats: self.op_stats,
+            P.ProfileSize: self.op_profile_size,
+            P.ProfileList: self.op_profile_list,
+            P.ProfileValues: self.op_profile_values,
+            P.Release: self.op_release,
+            P.Reload: self.op_reload,
+            P.Reconcile: self.op_reconcile,
         }
 
-    # -- entry point ----------------------------------------------------------------------
+    # -- entry points ---------------------------------------------------------------------
 
-    async def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Answer one request; never raises."""
-        reply: dict[str, Any] = {}
-        for key in _ECHO:
-            if key in msg:
-                reply[key] = msg[key]
-        op = msg.get("op")
-        handler = self._ops.get(op) if isinstance(op, str) else None
+    async def handle_payload(self, payload: bytes, peer: Peer = LOCAL) -> dict[str, Any]:
+        """Answer the bytes of one message; never raises."""
         try:
-            if handler is None:
-                if op is None:
-                    raise RequestError("missing_field", "'op' is required")
-                raise RequestError("unknown_op", f"unknown op {op!r} (known: {', '.join(self._ops)})")
-            body = await handler(msg)
+            req = P.decode(payload)
         except RequestError as exc:
-            log.warning("bad_request", op=op, code=exc.code, error=exc.message)
+            echoed = P.echo_of(payload)
+            log.warning("bad_request", op=echoed.get("op"), code=exc.code, error=exc.message,
+                        transport=peer.transport, peer=peer.address)
             self.totals["bad_requests"] += 1
-            return self.error_reply(reply, exc.code, exc.message)
+            return P.error(exc.code, exc.message, echoed)
+        return await self.handle(req, peer)
+
+    async def handle(self, req: P.Request | dict[str, Any], peer: Peer = LOCAL) -> dict[str, Any]:
+        """Answer one request; never raises. A dict is decoded first (tests, adapters)."""
+        if isinstance(req, dict):
+            raw = req
+            try:
+                req = P.from_dict(raw)
+            except RequestError as exc:
+                self.totals["bad_requests"] += 1
+                return P.error(exc.code, exc.message, raw)
+        reply = P.echo(req)
+        try:
+            if not peer.may(req.ROLE) and not isinstance(req, P.Auth):
+                if peer.role is None:
+                    raise RequestError("unauthenticated", "send {\"op\":\"auth\",\"token\":...} first")
+                raise RequestError("forbidden", f"op {req.op!r} needs the {req.ROLE} role "
+                                                f"(this connection has {peer.role})")
+            body = await self._ops[type(req)](req, peer)
+        except RequestError as exc:
+            log.warning("bad_request", op=req.op, code=exc.code, error=exc.message,
+                        transport=peer.transport, peer=peer.address)
+            self.totals["bad_requests"] += 1
+            return P.error(exc.code, exc.message, reply)
         except StoreError as exc:
-            log.warning("store_error", op=op, error=str(exc))
-            return self.error_reply(reply, "store_error", str(exc))
+            log.warning("store_error", op=req.op, error=str(exc))
+            return P.error("store_error", str(exc), reply)
         except Exception as exc:  # a bug: answer, log, keep serving
-            log.exception("internal_error", op=op)
-            return self.error_reply(reply, "internal", f"internal error: {type(exc).__name__}")
+            log.exception("internal_error", op=req.op)
+            return P.error("internal", f"internal error: {type(exc).__name__}", reply)
         reply["ok"] = True
         reply.update(body)
         return reply
 
-    @staticmethod
-    def error_reply(reply: dict[str, Any], code: str, message: str) -> dict[str, Any]:
-        """Fill an error reply."""
-        reply["ok"] = False
-        reply["error"] = {"code": code, "message": message}
-        return reply
-
     # -- check ----------------------------------------------------------------------------
 
-    def request_fields(self, msg: dict[str, Any]) -> dict[str, str]:
-        """The rule-visible fields of a check: given ones, plus user/domain parsed from URIs."""
-        call_id = msg.get("call_id")
-        if type(call_id) is not str or not call_id:
-            _str_field(msg, "call_id", required=True)  # raises the precise error
-        req: dict[str, str] = {"call_id": call_id}  # type: ignore[dict-item]
-        attrs = None
-        for name, val in msg.items():
-            if name in _STR_FIELD_SET:
-                if type(val) is not str:
-                    if val is None:
-                        continue
-                    raise RequestError("bad_field", f"{name!r} must be a string, not {type(val).__name__}")
-                req[name] = val
-            elif name == "attrs":
-                attrs = val
-        for uri, user_key, domain_key in _URI_FIELDS:
-            value = req.get(uri)
-            if value is not None and (user_key not in req or domain_key not in req):
-                user, domain = split_uri(value)
-                req.setdefault(user_key, user)
-                req.setdefault(domain_key, domain)
-        if attrs is not None:
-            if not isinstance(attrs, dict):
-                raise RequestError("bad_field", "'attrs' must be an object of strings")
-            for k, v in attrs.items():
-                if not isinstance(v, str):
-                    raise RequestError("bad_field", f"attrs.{k} must be a string, not {type(v).__name__}")
-                req["attrs." + k] = v
-        return req
+    def _bounded(self, name: str, value: str) -> str:
+        if len(value) > self.limits.max_field:
+            raise RequestError("bad_field", f"{name!r} is longer than {self.limits.max_field} characters")
+        return value
 
-    async def op_check(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def call_fields(self, req: P.CallFields) -> dict[str, str]:
+        """The rule-visible fields of a call: given ones, plus user/domain parsed from URIs."""
+        cap = self.limits.max_field
+        if not req.call_id:
+            raise RequestError("bad_field", "'call_id' must not be empty")
+        fields: dict[str, str] = {"call_id": req.call_id}
+        if len(req.call_id) > cap or len(req.from_tag) > cap:
+            self._bounded("call_id", req.call_id)
+            self._bounded("from_tag", req.from_tag)
+        for attr, name, user_key, domain_key in _URI_FIELDS:
+            uri = getattr(req, attr)
+            user = getattr(req, user_key)
+            domain = getattr(req, domain_key)
+            if uri is not None:
+                fields[name] = uri if len(uri) <= cap else self._bounded(name, uri)
+                if user is None or domain is None:
+                    u, d = split_uri(uri)
+                    user = u if user is None else user
+                    domain = d if domain is None else domain
+            if user is not None:
+                fields[user_key] = self._bounded(user_key, user)
+            if domain is not None:
+                fields[domain_key] = self._bounded(domain_key, domain)
+        for name in _PLAIN_FIELDS:
+            value = getattr(req, name)
+            if value is not None:
+                fields[name] = value if len(value) <= cap else self._bounded(name, value)
+        if req.attrs:
+            for k, v in req.attrs.items():
+                fields["attrs." + k] = self._bounded(f"attrs.{k}", v)
+        return fields
+
+    def _vars(self, given: dict[str, str] | None) -> dict[str, str] | None:
+        if not given:
+            return None
+        if len(given) > self.limits.max_vars:
+            raise RequestError("bad_field", f"'vars' holds more than {self.limits.max_vars} variables")
+        for k, v in given.items():
+            self._bounded(f"vars.{k}", k)
+            self._bounded(f"vars.{k}", v)
+        return given
+
+    def new_token(self) -> str:
+        """A token naming one admission (unique across restarts and instances)."""
+        return f"{self._token_prefix}{next(self._token_seq):x}"
+
+    def _timeout(self, given: float | None) -> float:
+        if given is None:
+            return self.default_timeout
+        return min(given, self.limits.max_timeout)
+
+    async def op_check(self, req: P.Check, peer: Peer) -> dict[str, Any]:
         """May this call start? Reserve its slots, or say which limit has no room."""
         t0 = time.perf_counter()
-        req = self.request_fields(msg)
-        dry = msg.get("dry_run", False)
-        if not isinstance(dry, bool):
-            raise RequestError("bad_field", "'dry_run' must be a boolean")
+        fields = self.call_fields(req)
         ruleset = self.ruleset
-        ev = ruleset.evaluate(req, explain=dry)
-        plan = ev.plan
-        call = CallInfo(req["call_id"], req.get("from", ""), req.get("to", ""), req.get("account", ""))
         now = self.clock.now()
-        if dry:
-            return await self._dry_run(call, ev.plan, ev.outcomes, ev.attrs, now)
+        call = CallInfo(req.call_id, fields.get("from", ""), fields.get("to", ""), fields.get("account", ""),
+                        req.from_tag, peer.node, self._vars(req.vars))
+        if req.dry_run:
+            return await self._dry_run(call, fields, ruleset, now)
+        plan = ruleset.evaluate(fields).plan
+        token = self.new_token()
         try:
-            res = await self.store.reserve(call, plan, now, self.early_timeout)
+            res = await self.store.reserve(call, plan, now, self.early_timeout, token)
         except StoreError as exc:
-            return self._store_down(call.call_id, plan, ruleset, exc, t0)
-        body = self._decide(res, plan, ruleset)
+            return self._store_down(call, fields, plan, ruleset, exc, t0)
+        if res.conflict:
+            held = res.record
+            raise RequestError("call_conflict", "this Call-ID and From-tag are held by a call with another "
+                               f"account, From or To (held: account={held.account if held else ''!r})")
+        body, tallies = decision.decide(res, plan, ruleset)
         outcome = body["decision"]
+        if res.admitted:
+            body["token"] = token
         self.totals[outcome] += 1
+        for t in tallies:
+            self.decisions[t] += 1
+        shadow = body["shadow"]
+        if shadow:
+            log.info("shadow_would_deny", call_id=call.call_id, from_tag=call.from_tag,
+                     rules=[s["rule"] for s in shadow])
         self.log_decision(
             call_id=call.call_id,
+            from_tag=call.from_tag or None,
+            account=call.account or None,
+            from_user=fields.get("from_user"),
+            to_user=fields.get("to_user"),
+            src_ip=fields.get("src_ip"),
+            node=peer.node or None,
             decision=outcome,
+            code=body.get("code"),
             rule=body.get("rule"),
-            duplicate=res.duplicate,
-            shadow=[s["rule"] for s in body["shadow"]] or None,
+            limit=decision.limiting(res, plan),
+            duplicate=res.duplicate or None,
+            shadow=[s["rule"] for s in shadow] or None,
             latency_ms=round((time.perf_counter() - t0) * 1000, 3),
         )
         return body
 
-    def _decide(self, res: ReserveResult, plan: list[PlanEntry], ruleset: Ruleset,
-                record: bool = True) -> dict[str, Any]:
-        """The reply body for a reservation; `record` counts and logs it (not for a dry run)."""
-        profiles = []
-        shadow = []
-        joined = 1 if res.admitted else 0
-        count = record and not res.duplicate
-        for i, entry in enumerate(plan):
-            size = res.sizes[i]
-            item: dict[str, Any] = {"profile": entry.profile, "value": entry.value, "size": size,
-                                    "rule": entry.rule}
-            if entry.limit is not None:
-                item["limit"] = entry.limit
-                before = size - joined
-                if entry.shadow:
-                    item["shadow"] = True
-                    if before >= entry.limit:
-                        shadow.append({"rule": entry.rule, "profile": entry.profile, "value": entry.value,
-                                       "size": before, "limit": entry.limit})
-                        if count:
-                            self.decisions[(entry.rule, "would_deny")] += 1
-                    elif count:
-                        self.decisions[(entry.rule, "allow")] += 1
-                elif count:
-                    self.decisions[(entry.rule, "deny" if res.blocked == i else "allow")] += 1
-            profiles.append(item)
-        body: dict[str, Any] = {"decision": "allow" if res.admitted else "deny"}
-        if res.blocked is not None:
-            entry = plan[res.blocked]
-            rule = ruleset.by_name.get(entry.rule)
-            body["code"] = rule.code if rule else 486
-            body["reason"] = rule.reason if rule else "Call limit reached"
-            body["rule"] = entry.rule
-        if res.duplicate:
-            body["duplicate"] = True
-        body["profiles"] = profiles
-        body["shadow"] = shadow
-        if shadow and record:
-            log.info("shadow_would_deny", rules=[s["rule"] for s in shadow])
+    def _store_down(self, call: CallInfo, fields: dict[str, str], plan: list[PlanEntry], ruleset: Ruleset,
+                    exc: StoreError, t0: float) -> dict[str, Any]:
+        body, tallies = decision.store_down(plan, ruleset, str(exc))
+        self.totals["store_" + body["decision"]] += 1
+        for t in tallies:
+            self.decisions[t] += 1
+        log.warning("decision", call_id=call.call_id, from_tag=call.from_tag or None,
+                    account=call.account or None, src_ip=fields.get("src_ip"), decision=body["decision"],
+                    code=body.get("code"), rule=body.get("rule"), store_error=str(exc),
+                    latency_ms=round((time.perf_counter() - t0) * 1000, 3))
         return body
 
-    def _store_down(
-        self, call_id: str, plan: list[PlanEntry], ruleset: Ruleset, exc: StoreError, t0: float
-    ) -> dict[str, Any]:
-        denier = None
-        for entry in plan:
-            rule = ruleset.by_name.get(entry.rule)
-            if entry.limit is not None and not entry.shadow and rule and rule.on_store_error == "deny":
-                denier = entry.rule
-                break
-        body: dict[str, Any] = {"decision": "deny" if denier else "allow", "store_error": str(exc),
-                                "profiles": [], "shadow": []}
-        if denier:
-            body.update(code=STORE_DOWN_CODE, reason=STORE_DOWN_REASON, rule=denier)
-        outcome = "store_" + body["decision"]
-        self.totals[outcome] += 1
-        self.decisions[(denier or "-", outcome)] += 1
-        log.warning("decision", call_id=call_id, decision=body["decision"], rule=denier,
-                    store_error=str(exc), latency_ms=round((time.perf_counter() - t0) * 1000, 3))
-        return body
-
-    async def _dry_run(self, call: CallInfo, plan: list[PlanEntry], outcomes: list[Any],
-                       attrs: dict[str, str], now: float) -> dict[str, Any]:
+    async def _dry_run(self, call: CallInfo, fields: dict[str, str], ruleset: Ruleset, now: float) -> dict[str, Any]:
+        ev = ruleset.evaluate(fields, explain=True)
+        plan = ev.plan
         sizes = [await self.store.profile_size(e.profile, e.value, now) for e in plan]
-        held = await self.store.get_call(call.call_id, now)
+        held = await self.store.get_call(call.uid, now)
         blocked = None
         if held is None:
             for i, e in enumerate(plan):
@@ -274,86 +284,171 @@ class PolicyService:
                     break
         res = ReserveResult(held is not None or blocked is None, held is not None, blocked,
                             [s + (1 if held is None and blocked is None else 0) for s in sizes], held)
-        body = self._decide(res, plan, self.ruleset, record=False)  # a dry run is not a decision
-        body["dry_run"] = True
-        body["attrs"] = attrs
-        body["explain"] = [{"rule": o.rule, "matched": o.matched, "why": o.why,
-                            "entries": [{"profile": plan[i].profile, "value": plan[i].value,
-                                         "limit": plan[i].limit} for i in o.entries]} for o in outcomes]
-        return body
+        return decision.dry_run(res, plan, ruleset, ev.outcomes, ev.attrs)
 
     # -- call life ----------------------------------------------------------------------
 
-    async def op_answer(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def _uid(self, call_id: str, from_tag: str) -> str:
+        if not call_id:
+            raise RequestError("bad_field", "'call_id' must not be empty")
+        return call_uid(self._bounded("call_id", call_id), self._bounded("from_tag", from_tag))
+
+    def _queue(self, kind: str, uid: str, token: str | None, timeout: float, reason: str,
+               exc: StoreError) -> dict[str, Any]:
+        queued = self.notices.add(Notice(kind, uid, token, timeout, reason, self.clock.now()))
+        log.warning("notice_queued" if queued else "notice_not_queued", kind=kind, call=uid, error=str(exc))
+        if not queued:
+            raise exc
+        return {"queued": True}
+
+    async def op_answer(self, req: P.Answer, peer: Peer) -> dict[str, Any]:
         """The call was answered (200 OK): it becomes active with the answered-call lease."""
-        call_id = _str_field(msg, "call_id", required=True)
-        timeout = _num_field(msg, "timeout") or self.default_timeout
+        uid = self._uid(req.call_id, req.from_tag)
+        timeout = self._timeout(req.timeout)
+        token = req.token or None
         now = self.clock.now()
-        rec = await self.store.answer(call_id, now, timeout)
+        try:
+            rec = await self.store.answer(uid, now, timeout, token)
+        except StoreError as exc:
+            return self._queue("answer", uid, token, timeout, "", exc)
         created = False
-        if rec is None and msg.get("create") is True:
+        if rec is None and req.create:
             # accounting-only platforms: count a call we never checked, without enforcing caps
-            req = self.request_fields(msg)
-            plan = [PlanEntry(e.profile, e.value, None, False, e.rule)
-                    for e in self.ruleset.evaluate(req).plan]
-            call = CallInfo(call_id, req.get("from", ""), req.get("to", ""), req.get("account", ""))
-            await self.store.reserve(call, plan, now, timeout)
-            rec = await self.store.answer(call_id, now, timeout)
+            fields = self.call_fields(req)
+            plan = self.ruleset.evaluate(fields).plan
+            call = CallInfo(req.call_id, fields.get("from", ""), fields.get("to", ""), fields.get("account", ""),
+                            req.from_tag, peer.node, self._vars(req.vars))
+            token = token or self.new_token()
+            await self.store.reserve(call, plan, now, timeout, token, force=True)
+            rec = await self.store.answer(uid, now, timeout, token)
             created = rec is not None
         if rec is None:
             return {"found": False}
+        if token is not None and rec.token != token:
+            log.info("notice_stale", kind="answer", call=uid, token=token, holder=rec.token)
+            return {"found": False, "stale": True}
         return {"found": True, "created": created, "state": rec.state, "expires": rec.expires}
 
-    async def op_refresh(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_refresh(self, req: P.Refresh, peer: Peer) -> dict[str, Any]:
         """Extend a call's lease (a re-INVITE, an interim update, a keepalive)."""
-        call_id = _str_field(msg, "call_id", required=True)
-        timeout = _num_field(msg, "timeout") or self.default_timeout
-        rec = await self.store.refresh(call_id, self.clock.now(), timeout)
+        uid = self._uid(req.call_id, req.from_tag)
+        timeout = self._timeout(req.timeout)
+        token = req.token or None
+        try:
+            rec = await self.store.refresh(uid, self.clock.now(), timeout, token)
+        except StoreError as exc:
+            return self._queue("refresh", uid, token, timeout, "", exc)
         if rec is None:
             return {"found": False}
+        if token is not None and rec.token != token:
+            return {"found": False, "stale": True}
         return {"found": True, "state": rec.state, "expires": rec.expires}
 
-    async def op_end(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Release every slot the call holds; a no-op for an unknown or ended call."""
-        call_id = _str_field(msg, "call_id", required=True)
-        reason = _str_field(msg, "reason") or "bye"
-        if reason not in END_REASONS:
-            raise RequestError("bad_field", f"'reason' must be one of {', '.join(END_REASONS)}")
-        rec = await self.store.end(call_id, self.clock.now(), reason)
+    async def op_end(self, req: P.End, peer: Peer) -> dict[str, Any]:
+        """Release every slot the call holds; a no-op for an unknown, ended or superseded call."""
+        if req.reason not in P.END_REASONS:
+            raise RequestError("bad_field", f"'reason' must be one of {', '.join(P.END_REASONS)}")
+        uid = self._uid(req.call_id, req.from_tag)
+        token = req.token or None
+        now = self.clock.now()
+        try:
+            rec = await self.store.end(uid, now, req.reason, token)
+        except StoreError as exc:
+            return self._queue("end", uid, token, 0.0, req.reason, exc)
         if rec is None:
             return {"released": False}
-        self.log_end(call_id=call_id, reason=reason, state=rec.state)
+        if token is not None and rec.token != token:
+            log.info("end_ignored", call=uid, reason="superseded by a later attempt", token=token,
+                     holder=rec.token)
+            return {"released": False, "stale": True}
+        self.ended(rec, req.reason, now)
         return {"released": True, "state": rec.state,
                 "profiles": [{"profile": p, "value": v} for p, v in rec.profiles]}
 
+    def ended(self, rec: CallRecord, reason: str, now: float) -> None:
+        """A call left the store (end, expiry, reconciliation): log it and tell the listeners."""
+        self.log_end(call_id=rec.call_id, from_tag=rec.from_tag or None, reason=reason, state=rec.state)
+        for listener in self.on_call_end:
+            try:
+                listener(rec, reason, now)
+            except Exception:
+                log.exception("call_end_listener_failed")
+
+    async def op_set_var(self, req: P.SetVar, peer: Peer) -> dict[str, Any]:
+        """Set or delete one variable of a held call (Kamailio's `$dlg_var`)."""
+        uid = self._uid(req.call_id, req.from_tag)
+        self._bounded("name", req.name)
+        if req.value is not None:
+            self._bounded("value", req.value)
+        rec = await self.store.get_call(uid, self.clock.now())
+        if rec is not None and req.value is not None and req.name not in rec.vars \
+                and len(rec.vars) >= self.limits.max_vars:
+            raise RequestError("bad_field", f"the call already holds {self.limits.max_vars} variables")
+        rec = await self.store.set_var(uid, req.name, req.value, self.clock.now())
+        if rec is None:
+            return {"found": False}
+        return {"found": True, "vars": rec.vars}
+
     # -- admin ----------------------------------------------------------------------------
 
-    def _profile_arg(self, msg: dict[str, Any]) -> tuple[str, str | None]:
-        profile = _str_field(msg, "profile", required=True)
-        value = msg.get("value")
-        if value is not None and not isinstance(value, str):
-            raise RequestError("bad_field", "'value' must be a string")
+    def _profile_arg(self, profile: str, value: str | None, with_value: bool | None = None) -> None:
         rs = self.ruleset
         if profile not in rs.profiles:
             raise RequestError("unknown_profile", f"unknown profile {profile!r} "
                                                   f"(declared: {', '.join(sorted(rs.profiles))})")
         if value is not None and profile in rs.no_value:
             raise RequestError("bad_field", f"profile {profile!r} is declared without value")
-        return profile, value
+        if with_value and profile in rs.no_value:
+            raise RequestError("bad_field", f"profile {profile!r} is declared without value: it has no values")
 
-    async def op_profile_size(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_profile_size(self, req: P.ProfileSize, peer: Peer) -> dict[str, Any]:
         """How many calls are in a profile (or one value of it), like dlg.profile_get_size."""
-        profile, value = self._profile_arg(msg)
-        size = await self.store.profile_size(profile, value, self.clock.now())
-        return {"profile": profile, "value": value, "size": size}
+        self._profile_arg(req.profile, req.value)
+        size = await self.store.profile_size(req.profile, req.value, self.clock.now())
+        return {"profile": req.profile, "value": req.value, "size": size}
 
-    async def op_profile_list(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """The calls in a profile (or one value of it), like dlg.profile_list."""
-        profile, value = self._profile_arg(msg)
-        calls = await self.store.profile_list(profile, value, self.clock.now())
-        return {"profile": profile, "value": value, "calls": [c.to_json() for c in calls]}
+    async def op_profile_list(self, req: P.ProfileList, peer: Peer) -> dict[str, Any]:
+        """A page of the calls in a profile (or one value of it), like dlg.profile_list."""
+        self._profile_arg(req.profile, req.value)
+        page = await self.store.profile_list(req.profile, req.value, self.clock.now(), req.cursor,
+                                             min(req.limit, MAX_PAGE))
+        return {"profile": req.profile, "value": req.value, "calls": [c.to_json() for c in page.items],
+                "cursor": page.cursor}
 
-    async def op_stats(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_profile_values(self, req: P.ProfileValues, peer: Peer) -> dict[str, Any]:
+        """A page of a with-value profile's values and sizes (OpenSIPS `profile_get_values`)."""
+        self._profile_arg(req.profile, None, with_value=True)
+        page = await self.store.profile_values(req.profile, self.clock.now(), req.cursor, min(req.limit, MAX_PAGE))
+        return {"profile": req.profile, "values": [{"value": v, "size": n} for v, n in page.items],
+                "cursor": page.cursor}
+
+    async def op_release(self, req: P.Release, peer: Peer) -> dict[str, Any]:
+        """An operator's forced release: one call, or every call in a profile (key)."""
+        now = self.clock.now()
+        if req.call_id is not None:
+            rec = await self.store.end(self._uid(req.call_id, req.from_tag), now, "admin")
+            if rec is not None:
+                self.ended(rec, "admin", now)
+                log.info("call_released", call_id=rec.call_id, from_tag=rec.from_tag or None, by=peer.name)
+            return {"released": 1 if rec is not None else 0}
+        if req.profile is None:
+            raise RequestError("missing_field", "'call_id' or 'profile' is required")
+        self._profile_arg(req.profile, req.value)
+        released = 0
+        while True:  # always page from the start: released calls leave the listing
+            page = await self.store.profile_list(req.profile, req.value, self.clock.now(), "", MAX_PAGE)
+            if not page.items:
+                break
+            for rec in page.items:
+                gone = await self.store.end(rec.uid, self.clock.now(), "admin")
+                if gone is not None:
+                    released += 1
+                    self.ended(gone, "admin", now)
+            await asyncio.sleep(0)
+        log.info("profile_released", profile=req.profile, value=req.value, calls=released, by=peer.name)
+        return {"released": released}
+
+    async def op_stats(self, req: P.Stats, peer: Peer) -> dict[str, Any]:
         """Dialog stats (Kamailio's names), decisions per rule and outcome, rules version."""
         dialogs = await self.store.stats(self.clock.now())
         self.last_dialogs = dialogs
@@ -369,6 +464,8 @@ class PolicyService:
             "reloads": self.reloads,
             "reload_errors": self.reload_errors,
             "store": self.store.name,
+            "store_info": self.store.info(),
+            "notices": self.notices.info(),
             "uptime": round(time.time() - self.started, 3),
         }
         if self.last_reload_error:
@@ -377,7 +474,7 @@ class PolicyService:
             body[name] = provider()
         return body
 
-    async def op_reload(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_reload(self, req: P.Reload, peer: Peer) -> dict[str, Any]:
         """Reload the rules now; a broken file is refused and the old rules stay."""
         try:
             self.reload()
@@ -385,9 +482,26 @@ class PolicyService:
             raise RequestError("rules_invalid", str(exc)) from None
         return {"rules_version": self.ruleset.version, "rules_loaded": len(self.ruleset.rules)}
 
-    async def op_ping(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_reconcile(self, req: P.Reconcile, peer: Peer) -> dict[str, Any]:
+        """Compare the store with the proxies' dialog lists now and repair (or only report) it."""
+        if self.reconciler is None:
+            raise RequestError("unavailable", "no proxy to reconcile with (no [evapi] nodes configured)")
+        result: dict[str, Any] = await self.reconciler.run(node=req.node, dry_run=req.dry_run)
+        return result
+
+    async def op_ping(self, req: P.Ping, peer: Peer) -> dict[str, Any]:
         """Liveness."""
         return {"pong": True, "rules_version": self.ruleset.version}
+
+    async def op_auth(self, req: P.Auth, peer: Peer) -> dict[str, Any]:
+        """Present a token: the connection takes its role."""
+        tok = self.tokens.check(req.token)
+        if tok is None:
+            log.warning("auth_failed", transport=peer.transport, peer=peer.address)
+            raise RequestError("auth_failed", "unknown token")
+        peer.role = tok.role
+        peer.name = tok.name
+        return {"role": tok.role, "name": tok.name}
 
     # -- reload -----------------------------------------------------------------------------
 
@@ -441,12 +555,14 @@ class PolicyService:
         """Drop expired leases now and then, so idle keys do not linger (until cancelled)."""
         while True:
             await asyncio.sleep(interval)
+            now = self.clock.now()
             try:
-                n = await self.store.sweep(self.clock.now())
-                self.last_dialogs = await self.store.stats(self.clock.now())
+                expired = await self.store.sweep(now)
+                self.last_dialogs = await self.store.stats(now)
             except StoreError as exc:
                 log.warning("sweep_failed", error=str(exc))
                 continue
-            if n:
-                log.info("calls_expired", count=n)
-
+            for rec in expired:
+                self.ended(rec, "timeout", now)
+            if expired:
+                log.info("calls_expired", count=len(expired))

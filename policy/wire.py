@@ -6,11 +6,11 @@ per message by its first byte: a digit starts a netstring, anything else a line.
 space between messages is skipped. Replies go back in the framing of their request.
 
 `StreamDecoder.receive_data(data)` buffers bytes; `next_event()` returns the next
-`Message` (a decoded JSON object) or `BadMessage` (a framed message that is not a valid
-JSON object: answer it, the stream goes on), or None when it needs more bytes. A stream
-that cannot be resynchronised (a bad netstring length, a message over the size limit)
-raises `ProtocolError`, and so does every later call: answer it and close. Nothing else
-is ever raised.
+`Message` (the payload bytes of one framed message, for `policy.protocol.decode`), or None
+when it needs more bytes. A stream that cannot be resynchronised (a bad netstring length, a
+message over the size limit) raises `ProtocolError`, and so does every later call: answer
+it and close. Nothing else is ever raised. `decode_datagram` never raises: a datagram too
+big to be a message is a `BadMessage` (answered, like any other bad request).
 """
 
 from __future__ import annotations
@@ -36,36 +36,21 @@ class Framing(enum.Enum):
 
 
 class Message(NamedTuple):
-    """A framed JSON object."""
+    """The payload of one framed message (JSON, decoded by `policy.protocol`)."""
 
-    data: dict[str, Any]
+    payload: bytes
     framing: Framing
 
 
 class BadMessage(NamedTuple):
-    """A framed message that is not a JSON object; the stream stays usable."""
+    """A datagram that cannot be a message (too big); it is answered."""
 
     code: str
     message: str
     framing: Framing
 
 
-Event = Message | BadMessage
-
-
-def parse_json(payload: bytes, framing: Framing) -> Event:
-    """Decode one framed payload into a Message or a BadMessage."""
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        try:
-            payload.decode("utf-8")
-        except UnicodeDecodeError:
-            return BadMessage("invalid_json", "message is not valid UTF-8", framing)
-        return BadMessage("invalid_json", f"invalid JSON: {exc}", framing)
-    if not isinstance(data, dict):
-        return BadMessage("invalid_json", "message must be a JSON object", framing)
-    return Message(data, framing)
+Event = Message
 
 
 class StreamDecoder:
@@ -154,7 +139,7 @@ class StreamDecoder:
             raise ProtocolError("bad_netstring", "netstring does not end with ','")
         payload = bytes(buf[colon + 1 : end])
         self._pos = end + 1
-        return parse_json(payload, Framing.NETSTRING)
+        return Message(payload, Framing.NETSTRING)
 
     def _line(self, pos: int) -> Event | None:
         buf = self._buf
@@ -165,7 +150,7 @@ class StreamDecoder:
             return None
         payload = bytes(buf[pos:nl])
         self._pos = nl + 1
-        return parse_json(payload, Framing.LINE)
+        return Message(payload, Framing.LINE)
 
 
 def encode(data: dict[str, Any], framing: Framing) -> bytes:
@@ -178,17 +163,15 @@ def encode(data: dict[str, Any], framing: Framing) -> bytes:
     return body
 
 
-def decode_datagram(data: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> Event:
-    """Decode one UDP datagram: a bare JSON object (a netstring frame is accepted too)."""
+def decode_datagram(data: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> Message | BadMessage:
+    """One UDP datagram: a bare JSON object (a netstring frame is accepted too). Never raises."""
     if len(data) > max_message:
         return BadMessage("too_long", f"datagram of {len(data)} bytes is over the limit", Framing.DATAGRAM)
     stripped = data.strip(_WS)
     if stripped[:1].isdigit():
-        colon = stripped.find(b":")
+        colon = stripped.find(b":", 0, len(str(max_message)) + 1)  # bounded: no int() of a huge number
         if colon > 0 and stripped[:colon].isdigit() and stripped.endswith(b","):
             body = stripped[colon + 1 : -1]
             if len(body) == int(stripped[:colon]):
-                ev = parse_json(body, Framing.NETSTRING)
-                return ev
-    ev = parse_json(stripped, Framing.DATAGRAM)
-    return ev
+                return Message(body, Framing.NETSTRING)
+    return Message(stripped, Framing.DATAGRAM)

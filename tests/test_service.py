@@ -591,7 +591,8 @@ async def test_store_error_policy_per_rule() -> None:
     r = await svc.handle({"op": "check", **chk("o")})
     assert (r["decision"], r["code"], r["rule"]) == ("deny", 503, "account-cap")
     r = await svc.handle({"op": "end", "call_id": "o"})
-    assert r["ok"] is False and r["error"]["code"] == "store_error"
+    assert r["ok"] is True and r["queued"] is True  # kept, applied once the store answers
+    assert svc.notices.info()["pending"] == 1
     assert svc.totals == {"store_allow": 1, "store_deny": 1}
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from policy.store.base import CallInfo, CounterStore, PlanEntry
+from policy.store.base import CallInfo, CounterStore, PlanEntry, call_uid
 from policy.store.embedded import EmbeddedStore
 
 T0 = 1_800_000_000.0
@@ -37,15 +37,15 @@ def acct(value: str, limit: int | None = None, shadow: bool = False) -> PlanEntr
 TOTAL = PlanEntry("total", None, None, False, "count-all")
 
 
-def call(cid: str, account: str = "acme") -> CallInfo:
+def call(cid: str, account: str = "acme", from_tag: str = "", node: str = "") -> CallInfo:
     """A call with recognisable from/to."""
-    return CallInfo(cid, f"sip:{cid}@example.com", "sip:100@example.com", account)
+    return CallInfo(cid, f"sip:{cid}@example.com", "sip:100@example.com", account, from_tag, node)
 
 
 async def test_reserve_joins_every_key_and_reports_sizes(store: CounterStore) -> None:
     """An admitted call is counted in each key of its plan; sizes include it."""
     plan = [TOTAL, acct("acme", 3)]
-    r = await store.reserve(call("a"), plan, T0, 300)
+    r = await store.reserve(call("a"), plan, T0, 300, "tok")
     assert (r.admitted, r.duplicate, r.blocked, r.sizes) == (True, False, None, [1, 1])
     assert r.record is not None and r.record.state == "early"
     assert await store.profile_size("total", None, T0) == 1
@@ -57,8 +57,8 @@ async def test_limit_refuses_and_joins_nothing(store: CounterStore) -> None:
     """All or nothing: a refused call joins no key, not even the join-only ones."""
     plan = [TOTAL, acct("acme", 2)]
     for cid in ("a", "b"):
-        assert (await store.reserve(call(cid), plan, T0, 300)).admitted
-    r = await store.reserve(call("c"), plan, T0, 300)
+        assert (await store.reserve(call(cid), plan, T0, 300, "tok")).admitted
+    r = await store.reserve(call("c"), plan, T0, 300, "tok")
     assert (r.admitted, r.blocked, r.sizes) == (False, 1, [2, 2])
     assert await store.profile_size("total", None, T0) == 2
     assert await store.get_call("c", T0) is None
@@ -67,30 +67,30 @@ async def test_limit_refuses_and_joins_nothing(store: CounterStore) -> None:
 async def test_first_blocked_limit_is_reported(store: CounterStore) -> None:
     """When two limits are full, the first in plan order is the one reported."""
     user = PlanEntry("user", "u@x", 1, False, "user-cap")
-    assert (await store.reserve(call("a"), [acct("acme", 1), user], T0, 300)).admitted
-    r = await store.reserve(call("b"), [acct("acme", 1), user], T0, 300)
+    assert (await store.reserve(call("a"), [acct("acme", 1), user], T0, 300, "tok")).admitted
+    r = await store.reserve(call("b"), [acct("acme", 1), user], T0, 300, "tok")
     assert r.blocked == 0
 
 
 async def test_limit_zero_refuses_everything(store: CounterStore) -> None:
     """A limit of 0 admits nothing."""
-    r = await store.reserve(call("a"), [acct("acme", 0)], T0, 300)
+    r = await store.reserve(call("a"), [acct("acme", 0)], T0, 300, "tok")
     assert not r.admitted and r.blocked == 0
 
 
 async def test_shadow_limit_never_refuses(store: CounterStore) -> None:
     """A shadow limit is counted but does not refuse."""
     plan = [acct("acme", 1, shadow=True)]
-    assert (await store.reserve(call("a"), plan, T0, 300)).admitted
-    r = await store.reserve(call("b"), plan, T0, 300)
+    assert (await store.reserve(call("a"), plan, T0, 300, "tok")).admitted
+    r = await store.reserve(call("b"), plan, T0, 300, "tok")
     assert r.admitted and r.sizes == [2]
 
 
 async def test_duplicate_check_counts_once(store: CounterStore) -> None:
     """A repeated reserve for a held call is admitted again without counting twice."""
     plan = [TOTAL, acct("acme", 1)]
-    assert (await store.reserve(call("a"), plan, T0, 300)).admitted
-    r = await store.reserve(call("a"), plan, T0 + 1, 300)
+    assert (await store.reserve(call("a"), plan, T0, 300, "tok")).admitted
+    r = await store.reserve(call("a"), plan, T0 + 1, 300, "tok")
     assert r.admitted and r.duplicate and r.sizes == [1, 1]
     assert await store.profile_size("account", "acme", T0) == 1
 
@@ -100,7 +100,7 @@ async def test_six_profiles_and_repeated_key(store: CounterStore) -> None:
     plan = [TOTAL, acct("acme", 5), PlanEntry("user", "u@x", 4, False, "user-cap"),
             PlanEntry("type", "local", None, False, "count-all"), PlanEntry("local", None, None, False, "x"),
             PlanEntry("emergency", None, 9, True, "s"), acct("acme", 10)]
-    r = await store.reserve(call("a"), plan, T0, 300)
+    r = await store.reserve(call("a"), plan, T0, 300, "tok")
     assert r.admitted and r.sizes == [1, 1, 1, 1, 1, 1, 1]
     assert r.record is not None and len(r.record.profiles) == 6
     rec = await store.end("a", T0, "bye")
@@ -112,7 +112,7 @@ async def test_six_profiles_and_repeated_key(store: CounterStore) -> None:
 
 async def test_answer_refresh_end_lifecycle(store: CounterStore) -> None:
     """check -> answer -> refresh -> end, with states and leases."""
-    await store.reserve(call("a"), [acct("acme", 3)], T0, 300)
+    await store.reserve(call("a"), [acct("acme", 3)], T0, 300, "tok")
     rec = await store.answer("a", T0 + 5, 3600)
     assert rec is not None and rec.state == "active" and rec.start_ts == T0 + 5
     assert rec.expires == T0 + 5 + 3600
@@ -128,7 +128,7 @@ async def test_answer_refresh_end_lifecycle(store: CounterStore) -> None:
 
 async def test_end_before_answer_and_answer_after_end(store: CounterStore) -> None:
     """Ending an early call releases it; answering or refreshing it afterwards is a no-op."""
-    await store.reserve(call("a"), [acct("acme", 3)], T0, 300)
+    await store.reserve(call("a"), [acct("acme", 3)], T0, 300, "tok")
     assert await store.end("a", T0 + 1, "cancel") is not None
     assert await store.answer("a", T0 + 2, 3600) is None
     assert await store.refresh("a", T0 + 2, 3600) is None
@@ -149,16 +149,16 @@ async def test_unknown_calls_are_no_ops(store: CounterStore) -> None:
 async def test_early_lease_expires(store: CounterStore) -> None:
     """A call never answered drops out at its early lease and frees its slot."""
     plan = [acct("acme", 1)]
-    assert (await store.reserve(call("a"), plan, T0, 300)).admitted
-    assert not (await store.reserve(call("b"), plan, T0 + 299, 300)).admitted
-    assert (await store.reserve(call("c"), plan, T0 + 300, 300)).admitted
+    assert (await store.reserve(call("a"), plan, T0, 300, "tok")).admitted
+    assert not (await store.reserve(call("b"), plan, T0 + 299, 300, "tok")).admitted
+    assert (await store.reserve(call("c"), plan, T0 + 300, 300, "tok")).admitted
     assert await store.get_call("a", T0 + 300) is None
     assert (await store.stats(T0 + 300)).expired_dialogs == 1
 
 
 async def test_lost_bye_expires_at_answered_lease(store: CounterStore) -> None:
     """An answered call whose BYE is lost is released at its lease, and refresh pushes it back."""
-    await store.reserve(call("a"), [acct("acme", 1)], T0, 300)
+    await store.reserve(call("a"), [acct("acme", 1)], T0, 300, "tok")
     await store.answer("a", T0, 100)
     await store.refresh("a", T0 + 90, 100)
     assert await store.profile_size("account", "acme", T0 + 150) == 1
@@ -169,31 +169,32 @@ async def test_lost_bye_expires_at_answered_lease(store: CounterStore) -> None:
 async def test_sweep_drops_expired_calls(store: CounterStore) -> None:
     """sweep() releases every ended lease and says how many."""
     for cid in ("a", "b", "c"):
-        await store.reserve(call(cid), [TOTAL], T0, 10)
+        await store.reserve(call(cid), [TOTAL], T0, 10, "tok")
     await store.answer("c", T0, 1000)
-    assert await store.sweep(T0 + 11) == 2
-    assert await store.sweep(T0 + 12) == 0
+    assert sorted(r.call_id for r in await store.sweep(T0 + 11)) == ["a", "b"]
+    assert await store.sweep(T0 + 12) == []
     assert await store.profile_size("total", None, T0 + 12) == 1
 
 
 async def test_profile_list_and_whole_profile(store: CounterStore) -> None:
     """profile_list shows the calls of a value, or of every value when none is given."""
-    await store.reserve(call("b", "acme"), [acct("acme")], T0, 300)
-    await store.reserve(call("a", "acme"), [acct("acme")], T0, 300)
-    await store.reserve(call("z", "beta"), [acct("beta")], T0, 300)
-    listed = await store.profile_list("account", "acme", T0)
-    assert [c.call_id for c in listed] == ["a", "b"]
-    assert listed[0].from_uri == "sip:a@example.com" and listed[0].account == "acme"
-    assert listed[0].profiles == [("account", "acme")]
-    assert [c.call_id for c in await store.profile_list("account", None, T0)] == ["a", "b", "z"]
+    await store.reserve(call("b", "acme"), [acct("acme")], T0, 300, "tok")
+    await store.reserve(call("a", "acme"), [acct("acme")], T0, 300, "tok")
+    await store.reserve(call("z", "beta"), [acct("beta")], T0, 300, "tok")
+    listed = (await store.profile_list("account", "acme", T0)).items
+    assert sorted(c.call_id for c in listed) == ["a", "b"]
+    a = next(c for c in listed if c.call_id == "a")
+    assert a.from_uri == "sip:a@example.com" and a.account == "acme"
+    assert a.profiles == [("account", "acme")]
+    assert sorted(c.call_id for c in (await store.profile_list("account", None, T0)).items) == ["a", "b", "z"]
     assert await store.profile_size("account", None, T0) == 3
 
 
 async def test_stats_counts(store: CounterStore) -> None:
     """processed/failed/expired/active/early follow the calls' lives."""
-    await store.reserve(call("a"), [TOTAL], T0, 300)
-    await store.reserve(call("b"), [TOTAL], T0, 300)
-    await store.reserve(call("c"), [TOTAL], T0, 5)
+    await store.reserve(call("a"), [TOTAL], T0, 300, "tok")
+    await store.reserve(call("b"), [TOTAL], T0, 300, "tok")
+    await store.reserve(call("c"), [TOTAL], T0, 5, "tok")
     await store.answer("a", T0, 1000)
     await store.end("b", T0, "failed")
     s = await store.stats(T0 + 10)
@@ -204,9 +205,130 @@ async def test_stats_counts(store: CounterStore) -> None:
 async def test_concurrent_reserves_never_exceed_the_limit(store: CounterStore) -> None:
     """Hundreds of concurrent reserves for one key admit exactly the limit."""
     plan = [TOTAL, acct("acme", 10)]
-    results = await asyncio.gather(*(store.reserve(call(f"c{i}"), plan, T0, 300) for i in range(300)))
+    results = await asyncio.gather(*(store.reserve(call(f"c{i}"), plan, T0, 300, "tok") for i in range(300)))
     assert sum(r.admitted for r in results) == 10
     assert await store.profile_size("account", "acme", T0) == 10
     assert await store.profile_size("total", None, T0) == 10
     await asyncio.gather(*(store.end(f"c{i}", T0, "bye") for i in range(300)))
     assert await store.profile_size("total", None, T0) == 0
+
+
+# -- identity, tokens, force -----------------------------------------------------------------
+
+
+async def test_identity_is_call_id_and_from_tag(store: CounterStore) -> None:
+    """One Call-ID with three From-tags is three calls (a phone reusing a Call-ID cannot pass a
+    cap); each is ended on its own."""
+    plan = [acct("acme", 2)]
+    rs = [await store.reserve(call("x", from_tag=t), plan, T0, 300, f"k{t}") for t in ("1", "2", "3")]
+    assert [r.admitted for r in rs] == [True, True, False]
+    assert await store.profile_size("account", "acme", T0) == 2
+    assert await store.end(call_uid("x", "1"), T0, "bye") is not None
+    assert await store.get_call(call_uid("x", "2"), T0) is not None
+    assert await store.profile_size("account", "acme", T0) == 1
+
+
+async def test_repeated_check_takes_the_admission_over(store: CounterStore) -> None:
+    """A repeated check of a held call gets the new token; an end with the old one changes
+    nothing (it belongs to the earlier attempt), an end with the new one releases."""
+    plan = [acct("acme", 3)]
+    c = call("a", from_tag="ft")
+    assert (await store.reserve(c, plan, T0, 300, "first")).record.token == "first"  # type: ignore[union-attr]
+    again = await store.reserve(c, plan, T0 + 1, 300, "second")
+    assert again.admitted and again.duplicate and again.sizes == [1]
+    assert again.record is not None and again.record.token == "second"
+    stale = await store.end(c.uid, T0 + 2, "failed", "first")
+    assert stale is not None and stale.token == "second"  # returned, not released
+    assert await store.profile_size("account", "acme", T0 + 2) == 1
+    stale = await store.answer(c.uid, T0 + 2, 3600, "first")
+    assert stale is not None and stale.state == "early"
+    assert (await store.answer(c.uid, T0 + 3, 3600, "second")).state == "active"  # type: ignore[union-attr]
+    assert (await store.end(c.uid, T0 + 4, "bye", "second")) is not None
+    assert await store.get_call(c.uid, T0 + 4) is None
+
+
+async def test_repeated_check_with_other_fields_is_a_conflict(store: CounterStore) -> None:
+    """The same identity with another account is refused and changes nothing."""
+    c = call("a", from_tag="ft")
+    await store.reserve(c, [acct("acme", 3)], T0, 300, "first")
+    other = CallInfo("a", c.from_uri, c.to_uri, "beta", "ft")
+    r = await store.reserve(other, [acct("beta", 3)], T0, 300, "second")
+    assert r.conflict and not r.admitted
+    assert r.record is not None and r.record.token == "first" and r.record.account == "acme"
+    assert await store.profile_size("account", "beta", T0) == 0
+
+
+async def test_force_admits_over_the_limit(store: CounterStore) -> None:
+    """Reconciliation adds calls the proxy really has, even over a cap."""
+    plan = [acct("acme", 1)]
+    assert (await store.reserve(call("a"), plan, T0, 300, "t")).admitted
+    assert not (await store.reserve(call("b"), plan, T0, 300, "t")).admitted
+    r = await store.reserve(call("b"), plan, T0, 300, "t", force=True)
+    assert r.admitted and r.sizes == [2]
+    assert await store.profile_size("account", "acme", T0) == 2
+
+
+async def test_record_keeps_tag_node_token_and_vars(store: CounterStore) -> None:
+    """What the check said about the call is in its record."""
+    c = CallInfo("a", "sip:1@x", "sip:2@x", "acme", "ft", "kam1", {"plan": "gold"})
+    await store.reserve(c, [acct("acme", 3)], T0, 300, "tok1")
+    rec = await store.get_call(c.uid, T0)
+    assert rec is not None
+    assert (rec.call_id, rec.from_tag, rec.node, rec.token, rec.vars) == ("a", "ft", "kam1", "tok1", {"plan": "gold"})
+    rec = await store.set_var(c.uid, "tier", "2", T0)
+    assert rec is not None and rec.vars == {"plan": "gold", "tier": "2"}
+    rec = await store.set_var(c.uid, "plan", None, T0)
+    assert rec is not None and rec.vars == {"tier": "2"}
+    assert (await store.get_call(c.uid, T0)).vars == {"tier": "2"}  # type: ignore[union-attr]
+    assert await store.set_var("nope", "x", "1", T0) is None
+
+
+# -- listings and counters ---------------------------------------------------------------------
+
+
+async def test_listings_page_without_skipping(store: CounterStore) -> None:
+    """Pages of a profile (and of a node) never skip a call that stays, whatever else ends."""
+    for i in range(25):
+        await store.reserve(call(f"c{i:02d}", node="n1"), [TOTAL, acct("acme")], T0, 300, "t")
+    seen: list[str] = []
+    cursor = ""
+    rounds = 0
+    while True:
+        page = await store.profile_list("total", None, T0, cursor, 7)
+        seen += [r.call_id for r in page.items]
+        if rounds == 0:  # calls leave while the listing goes on
+            for cid in ("c00", "c20", "c21"):
+                await store.end(cid, T0, "bye")
+        rounds += 1
+        cursor = page.cursor
+        if not cursor:
+            break
+        assert rounds < 20
+    stayed = {f"c{i:02d}" for i in range(25)} - {"c00", "c20", "c21"}
+    assert stayed <= set(seen)
+    node = await store.node_calls("n1", T0, "", 1000)
+    assert {r.call_id for r in node.items} == stayed and node.cursor == ""
+    assert (await store.node_calls("other", T0)).items == []
+
+
+async def test_profile_values_and_whole_profile_size(store: CounterStore) -> None:
+    """Sizes per value, and a whole profile counts each call once even in two of its values."""
+    await store.reserve(call("a"), [acct("acme"), acct("beta")], T0, 300, "t")
+    await store.reserve(call("b", "beta"), [acct("beta")], T0, 300, "t")
+    values = dict((await store.profile_values("account", T0)).items)
+    assert values == {"acme": 1, "beta": 2}
+    assert await store.profile_size("account", None, T0) == 2
+    await store.end("a", T0, "bye")
+    assert dict((await store.profile_values("account", T0)).items) == {"beta": 1}
+    assert await store.profile_size("account", None, T0) == 1
+
+
+async def test_every_expiry_is_reported_once(store: CounterStore) -> None:
+    """A call whose lease ended is returned by exactly one sweep, also when an operation
+    dropped it lazily first."""
+    await store.reserve(call("a"), [acct("acme", 1)], T0, 10, "t")
+    await store.reserve(call("b"), [TOTAL], T0, 10, "t")
+    assert (await store.reserve(call("c"), [acct("acme", 1)], T0 + 11, 300, "t")).admitted  # drops "a" lazily
+    first = await store.sweep(T0 + 12)
+    second = await store.sweep(T0 + 13)
+    assert sorted(r.call_id for r in first + second) == ["a", "b"]

@@ -1,10 +1,20 @@
 """The counter-store contract shared by the embedded and the Redis backend.
 
 A store keeps dialog-profile counters the way Kamailio's dialog module does, as leases:
-each profile key (profile, value) holds the Call-IDs of the calls in it, and each call has
-a record of the keys it joined and the time its lease expires. Every operation is atomic
-with respect to every other (one step per operation), so concurrent checks never admit a
-call over a limit, and a call releases exactly the keys its record lists.
+each profile key (profile, value) holds the calls in it, and each call has a record of the
+keys it joined and the time its lease expires. Every operation is atomic with respect to
+every other (one step per operation), so concurrent checks never admit a call over a limit,
+and a call releases exactly the keys its record lists.
+
+A call's identity is (Call-ID, From-tag) - the part of Kamailio's dialog id known at the
+initial INVITE - spelled as one string by `call_uid` (Call-ID alone when there is no tag).
+Each admission carries a token chosen by the caller of `reserve`: a repeated check of a held
+call takes the admission over with its new token, and `answer`/`refresh`/`end` given a token
+that is not the record's change nothing (they belong to an earlier attempt, e.g. the INVITE
+a 407 challenged), so a late notice can never release a later admission.
+
+Whole-profile sizes, per-value sizes and the dialog stats are counters kept with the
+reservations: reading them never walks the calls. Listings are paged.
 
 Times are passed in (`now`), never read inside a store, so tests drive them with a clock.
 """
@@ -12,16 +22,20 @@ Times are passed in (`now`), never read inside a store, so tests drive them with
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from policy.plan import PlanEntry as PlanEntry  # re-exported: stores take plans
 
-#: Why a call ended, as the protocol spells it.
-END_REASONS = ("bye", "cancel", "failed", "timeout", "admin")
 #: End reasons counted in `failed_dialogs` (the call never became an answered dialog).
 FAILED_REASONS = frozenset({"cancel", "failed"})
+
+
+def call_uid(call_id: str, from_tag: str = "") -> str:
+    """The one-string identity of a call: Call-ID, a space, From-tag (neither holds a space
+    in SIP); the Call-ID alone when there is no From-tag."""
+    return f"{call_id} {from_tag}" if from_tag else call_id
 
 
 class CallInfo(NamedTuple):
@@ -31,11 +45,19 @@ class CallInfo(NamedTuple):
     from_uri: str = ""
     to_uri: str = ""
     account: str = ""
+    from_tag: str = ""
+    node: str = ""  # who admitted it: an evapi node, a RADIUS client, or "" (reconciliation scope)
+    vars: Mapping[str, str] | None = None  # the call's variables (like Kamailio's $dlg_var)
+
+    @property
+    def uid(self) -> str:
+        """The call's identity as one string (see `call_uid`)."""
+        return call_uid(self.call_id, self.from_tag)
 
 
 @dataclass(slots=True)
 class CallRecord:
-    """A call held by the store: its state, lease and the profile keys it joined."""
+    """A call held by the store: its state, lease, token and the profile keys it joined."""
 
     call_id: str
     from_uri: str
@@ -47,19 +69,36 @@ class CallRecord:
     timeout: float  # length of the current lease in seconds
     expires: float  # absolute time the lease ends
     profiles: list[tuple[str, str | None]] = field(default_factory=list)
+    from_tag: str = ""
+    node: str = ""
+    token: str = ""  # the admission that holds the call now
+    vars: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uid(self) -> str:
+        """The call's identity as one string (see `call_uid`)."""
+        return call_uid(self.call_id, self.from_tag)
+
+    def same_call(self, call: CallInfo) -> bool:
+        """Whether a repeated check describes this call (else it is a `call_conflict`)."""
+        return (self.account, self.from_uri, self.to_uri) == (call.account, call.from_uri, call.to_uri)
 
     def to_json(self) -> dict[str, Any]:
         """The record as the protocol shows it."""
         return {
             "call_id": self.call_id,
+            "from_tag": self.from_tag,
             "from": self.from_uri,
             "to": self.to_uri,
             "account": self.account,
+            "node": self.node,
             "state": self.state,
             "init_ts": self.init_ts,
             "start_ts": self.start_ts,
             "timeout": self.timeout,
             "expires": self.expires,
+            "token": self.token,
+            "vars": self.vars,
             "profiles": [{"profile": p, "value": v} for p, v in self.profiles],
         }
 
@@ -81,6 +120,10 @@ class CallRecord:
                 (str(p["profile"]), None if p["value"] is None else str(p["value"]))
                 for p in data["profiles"]
             ],
+            from_tag=str(data.get("from_tag", "")),
+            node=str(data.get("node", "")),
+            token=str(data.get("token", "")),
+            vars={str(k): str(v) for k, v in (data.get("vars") or {}).items()},
         )
 
 
@@ -90,7 +133,9 @@ class ReserveResult(NamedTuple):
     `sizes[i]` is the size of `plan[i]`'s key after the operation: it includes the call
     when it was admitted. `blocked` is the index of the first enforced (non-shadow) limit
     that had no room, when the call was refused. `duplicate` says the call already held
-    its slots (a retransmitted check): nothing was counted again.
+    its slots (a repeated check): nothing was counted again and the admission now carries
+    the new token. `conflict` says a call with this identity is held with another account,
+    From or To: nothing changed, the call is not admitted, `record` is the held one.
     """
 
     admitted: bool
@@ -98,6 +143,7 @@ class ReserveResult(NamedTuple):
     blocked: int | None
     sizes: list[int]
     record: CallRecord | None
+    conflict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +167,23 @@ class DialogStats:
         }
 
 
+class Page(NamedTuple):
+    """One page of a listing; `cursor` continues it ("" when it is the last page)."""
+
+    items: list[Any]
+    cursor: str
+
+
+#: The most items one page may hold (a bigger `limit` is cut to this).
+MAX_PAGE = 1000
+
+
 class CounterStore(abc.ABC):
     """Dialog-profile counters with leases; every method is one atomic step.
 
     Stores raise `policy.errors.StoreError` when they cannot answer; they never raise
-    anything else on purpose.
+    anything else on purpose. A token of None (or "") in answer/refresh/end means "whatever
+    admission holds the call" (an operator's forced release, a client without tokens).
     """
 
     #: Short backend name for logs and stats ("embedded", "redis").
@@ -140,44 +198,77 @@ class CounterStore(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop background work, persist what must be persisted, disconnect."""
 
+    def info(self) -> dict[str, Any]:
+        """Backend health for `stats` and metrics (cheap, no I/O)."""
+        return {}
+
     @abc.abstractmethod
     async def reserve(
-        self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
+        self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
+        force: bool = False,
     ) -> ReserveResult:
         """Admit the call into every key of `plan` if every enforced limit has room; else into none.
 
-        A call that is already held answers admitted with `duplicate=True` and changes nothing.
-        An admitted call is `early` with a lease of `timeout` seconds.
+        A call that is already held (same `call.uid`) answers admitted with `duplicate=True`,
+        counts nothing again and takes the admission over: the record's token becomes `token`
+        (its lease is left as it is). If the held call has another account, From or To, the
+        answer is `conflict=True` and nothing changes. An admitted call is `early` with a
+        lease of `timeout` seconds. `force` admits it even over its limits (reconciliation
+        adds calls the proxy really has).
         """
 
     @abc.abstractmethod
-    async def answer(self, call_id: str, now: float, timeout: float) -> CallRecord | None:
-        """Mark the call answered (`active`) with a lease of `timeout` seconds; None if unknown."""
+    async def answer(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
+        """Mark the call answered (`active`) with a lease of `timeout` seconds; None if unknown.
+
+        With a token that is not the record's, nothing changes and the held record is returned.
+        """
 
     @abc.abstractmethod
-    async def refresh(self, call_id: str, now: float, timeout: float) -> CallRecord | None:
-        """Extend the call's lease to `now + timeout`; None if unknown."""
+    async def refresh(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
+        """Extend the call's lease to `now + timeout`; None if unknown (token as in `answer`)."""
 
     @abc.abstractmethod
-    async def end(self, call_id: str, now: float, reason: str) -> CallRecord | None:
-        """Release every key the call joined; the removed record, or None if it was not held."""
+    async def end(self, uid: str, now: float, reason: str, token: str | None = None) -> CallRecord | None:
+        """Release every key the call joined; the removed record, or None if it was not held.
+
+        With a token that is not the record's, nothing is released and the held record is returned.
+        """
 
     @abc.abstractmethod
-    async def get_call(self, call_id: str, now: float) -> CallRecord | None:
+    async def set_var(self, uid: str, name: str, value: str | None, now: float) -> CallRecord | None:
+        """Set (or with None, delete) one of a held call's variables; None if unknown."""
+
+    @abc.abstractmethod
+    async def get_call(self, uid: str, now: float) -> CallRecord | None:
         """The record of a held call, or None."""
 
     @abc.abstractmethod
     async def profile_size(self, profile: str, value: str | None, now: float) -> int:
-        """How many calls are in the key; with `value=None`, in every value of the profile."""
+        """How many calls are in the key; with `value=None`, in any value of the profile. O(1)."""
 
     @abc.abstractmethod
-    async def profile_list(self, profile: str, value: str | None, now: float) -> list[CallRecord]:
-        """The calls in the key (or in every value of the profile), ordered by Call-ID."""
+    async def profile_list(self, profile: str, value: str | None, now: float,
+                           cursor: str = "", limit: int = MAX_PAGE) -> Page:
+        """A page of the calls (CallRecord) in the key, or in any value of the profile."""
+
+    @abc.abstractmethod
+    async def profile_values(self, profile: str, now: float, cursor: str = "", limit: int = MAX_PAGE) -> Page:
+        """A page of (value, size) pairs of a with-value profile's non-empty keys."""
+
+    @abc.abstractmethod
+    async def node_calls(self, node: str, now: float, cursor: str = "", limit: int = MAX_PAGE) -> Page:
+        """A page of the calls (CallRecord) admitted through `node` (reconciliation)."""
 
     @abc.abstractmethod
     async def stats(self, now: float) -> DialogStats:
-        """The dialog statistics across everything this store covers."""
+        """The dialog statistics across everything this store covers. O(1)."""
 
     @abc.abstractmethod
-    async def sweep(self, now: float) -> int:
-        """Drop every call whose lease ended by `now`; return how many were dropped."""
+    async def sweep(self, now: float) -> list[CallRecord]:
+        """Drop every call whose lease ended by `now`; return the calls that expired.
+
+        Every expired call is returned by exactly one sweep (also when an operation dropped
+        its lease lazily before, and across every instance sharing the store), so each gets
+        exactly one call record.
+        """

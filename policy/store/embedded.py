@@ -18,13 +18,15 @@ from typing import Any
 import orjson
 import structlog
 
-from policy.errors import SnapshotError
+from policy.errors import SnapshotError, StoreError
 from policy.store.base import (
     FAILED_REASONS,
+    MAX_PAGE,
     CallInfo,
     CallRecord,
     CounterStore,
     DialogStats,
+    Page,
     PlanEntry,
     ReserveResult,
 )
@@ -48,10 +50,15 @@ class EmbeddedStore(CounterStore):
         snapshot_interval: float = 10.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self._calls: dict[str, CallRecord] = {}
-        # (profile, value) -> ordered set of call ids; profile -> its values with members
-        self._keys: dict[ProfileKey, dict[str, None]] = {}
-        self._values: dict[str, set[str | None]] = {}
+        self._calls: dict[str, CallRecord] = {}  # uid -> record
+        # indexes, each member -> the sequence number it was indexed under (see _page):
+        self._keys: dict[ProfileKey, dict[str, int]] = {}  # (profile, value) -> calls
+        self._profiles: dict[str, dict[str, int]] = {}  # profile -> calls in any of its keys
+        self._values: dict[str, dict[str, int]] = {}  # profile -> its non-empty values
+        self._nodes: dict[str, dict[str, int]] = {}  # node -> calls it admitted
+        self._seq = 0
+        self._active = 0
+        self._expired_pending: list[CallRecord] = []
         self._heap: list[tuple[float, str]] = []
         self._processed = 0
         self._expired = 0
@@ -93,33 +100,47 @@ class EmbeddedStore(CounterStore):
                     log.error("snapshot_write_failed", path=str(self._snapshot_path), error=str(exc))
 
     # -- internals ---------------------------------------------------------------------
+    #
+    # Every index maps a call's uid to the sequence number it was indexed under; dicts keep
+    # insertion order, so the numbers rise along each index and a listing's cursor is the
+    # last number it returned: pages never skip a call that stays, whatever else leaves.
 
     def _purge(self, now: float) -> int:
         heap = self._heap
         dropped = 0
         while heap and heap[0][0] <= now:
-            expires, call_id = heapq.heappop(heap)
-            rec = self._calls.get(call_id)
+            expires, uid = heapq.heappop(heap)
+            rec = self._calls.get(uid)
             if rec is not None and rec.expires == expires:
                 self._remove(rec)
                 self._expired += 1
+                self._expired_pending.append(rec)
                 dropped += 1
         return dropped
 
+    @staticmethod
+    def _unindex(index: dict[Any, dict[str, int]], key: Any, uid: str) -> bool:
+        """Drop uid from index[key]; True when that emptied the key."""
+        members = index.get(key)
+        if members is None:
+            return False
+        members.pop(uid, None)
+        if not members:
+            del index[key]
+            return True
+        return False
+
     def _remove(self, rec: CallRecord) -> None:
-        del self._calls[rec.call_id]
-        keys = self._keys
+        uid = rec.uid
+        del self._calls[uid]
         for key in rec.profiles:
-            members = keys.get(key)
-            if members is None:
-                continue
-            members.pop(rec.call_id, None)
-            if not members:
-                del keys[key]
-                values = self._values[key[0]]
-                values.discard(key[1])
-                if not values:
-                    del self._values[key[0]]
+            if self._unindex(self._keys, key, uid) and key[1] is not None:
+                self._unindex(self._values, key[0], key[1])
+        for profile in {p for p, _ in rec.profiles}:
+            self._unindex(self._profiles, profile, uid)
+        self._unindex(self._nodes, rec.node, uid)
+        if rec.state == "active":
+            self._active -= 1
         self._dirty = True
 
     def _size(self, key: ProfileKey) -> int:
@@ -129,34 +150,52 @@ class EmbeddedStore(CounterStore):
     def _lease(self, rec: CallRecord, now: float, timeout: float) -> None:
         rec.timeout = timeout
         rec.expires = now + timeout
-        heapq.heappush(self._heap, (rec.expires, rec.call_id))
+        heapq.heappush(self._heap, (rec.expires, rec.uid))
         self._dirty = True
 
     def _add(self, rec: CallRecord) -> None:
-        self._calls[rec.call_id] = rec
+        uid = rec.uid
+        self._calls[uid] = rec
+        self._seq += 1
+        seq = self._seq
         keys = self._keys
-        cid = rec.call_id
         for key in rec.profiles:
             members = keys.get(key)
             if members is None:
-                keys[key] = {cid: None}
-                self._values.setdefault(key[0], set()).add(key[1])
+                keys[key] = {uid: seq}
+                if key[1] is not None:
+                    self._values.setdefault(key[0], {})[key[1]] = seq
             else:
-                members[cid] = None
-        heapq.heappush(self._heap, (rec.expires, rec.call_id))
+                members[uid] = seq
+        for profile in {p for p, _ in rec.profiles}:
+            self._profiles.setdefault(profile, {})[uid] = seq
+        self._nodes.setdefault(rec.node, {})[uid] = seq
+        if rec.state == "active":
+            self._active += 1
+        heapq.heappush(self._heap, (rec.expires, uid))
         self._dirty = True
+
+    def _token_ok(self, rec: CallRecord, token: str | None) -> bool:
+        return not token or rec.token == token
 
     # -- operations --------------------------------------------------------------------
 
     async def reserve(
-        self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float
+        self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
+        force: bool = False,
     ) -> ReserveResult:
         """Admit the call into every key of the plan, or into none."""
         if self._heap and self._heap[0][0] <= now:
             self._purge(now)
-        held = self._calls.get(call.call_id)
+        uid = call.uid
+        held = self._calls.get(uid)
         if held is not None:
-            return ReserveResult(True, True, None, [self._size(e.key) for e in plan], held)
+            current = [self._size(e.key) for e in plan]
+            if not held.same_call(call):
+                return ReserveResult(False, False, None, current, held, True)
+            held.token = token  # a later attempt takes the admission over
+            self._dirty = True
+            return ReserveResult(True, True, None, current, held)
         index = self._keys
         sizes: list[int] = []
         joined: list[ProfileKey] = []
@@ -167,46 +206,48 @@ class EmbeddedStore(CounterStore):
             n = len(members) if members else 0
             sizes.append(n)
             joined.append(key)
-            if limit is not None and n >= limit and not shadow and blocked is None:
+            if limit is not None and n >= limit and not shadow and blocked is None and not force:
                 blocked = i
         if blocked is not None:
             return ReserveResult(False, False, blocked, sizes, None)
         keys = list(dict.fromkeys(joined))
         rec = CallRecord(call.call_id, call.from_uri, call.to_uri, call.account, "early", now, None,
-                         timeout, now + timeout, keys)
+                         timeout, now + timeout, keys, call.from_tag, call.node, token,
+                         dict(call.vars) if call.vars else {})
         self._add(rec)
         self._processed += 1
         if len(keys) != len(plan):  # a key listed twice: count the call once
             return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec)
         return ReserveResult(True, False, None, [n + 1 for n in sizes], rec)
 
-    async def answer(self, call_id: str, now: float, timeout: float) -> CallRecord | None:
+    async def answer(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
         """Mark a held call answered and give it the answered-call lease."""
         self._purge(now)
-        rec = self._calls.get(call_id)
-        if rec is None:
-            return None
+        rec = self._calls.get(uid)
+        if rec is None or not self._token_ok(rec, token):
+            return rec
         if rec.state != "active":
             rec.state = "active"
             rec.start_ts = now
+            self._active += 1
         self._lease(rec, now, timeout)
         return rec
 
-    async def refresh(self, call_id: str, now: float, timeout: float) -> CallRecord | None:
+    async def refresh(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
         """Extend a held call's lease."""
         self._purge(now)
-        rec = self._calls.get(call_id)
-        if rec is None:
-            return None
+        rec = self._calls.get(uid)
+        if rec is None or not self._token_ok(rec, token):
+            return rec
         self._lease(rec, now, timeout)
         return rec
 
-    async def end(self, call_id: str, now: float, reason: str) -> CallRecord | None:
+    async def end(self, uid: str, now: float, reason: str, token: str | None = None) -> CallRecord | None:
         """Release a held call."""
         self._purge(now)
-        rec = self._calls.get(call_id)
-        if rec is None:
-            return None
+        rec = self._calls.get(uid)
+        if rec is None or not self._token_ok(rec, token):
+            return rec
         self._remove(rec)
         if reason in FAILED_REASONS:
             self._failed += 1
@@ -214,48 +255,92 @@ class EmbeddedStore(CounterStore):
             self._expired += 1
         return rec
 
-    async def get_call(self, call_id: str, now: float) -> CallRecord | None:
+    async def set_var(self, uid: str, name: str, value: str | None, now: float) -> CallRecord | None:
+        """Set or delete one of a held call's variables."""
+        self._purge(now)
+        rec = self._calls.get(uid)
+        if rec is None:
+            return None
+        if value is None:
+            rec.vars.pop(name, None)
+        else:
+            rec.vars[name] = value
+        self._dirty = True
+        return rec
+
+    async def get_call(self, uid: str, now: float) -> CallRecord | None:
         """The record of a held call."""
         self._purge(now)
-        return self._calls.get(call_id)
+        return self._calls.get(uid)
 
-    def _members(self, profile: str, value: str | None) -> list[str]:
-        if value is not None:
-            return list(self._keys.get((profile, value), ()))
-        values = self._values.get(profile, ())
-        return list(dict.fromkeys(cid for v in values for cid in self._keys[(profile, v)]))
+    @staticmethod
+    def _page(members: dict[Any, int] | None, cursor: str, limit: int) -> tuple[list[Any], str]:
+        """Up to `limit` members indexed after the cursor, and the cursor of the next page."""
+        if not members:
+            return [], ""
+        try:
+            after = int(cursor) if cursor else 0
+        except ValueError:
+            raise StoreError(f"bad cursor {cursor!r}") from None
+        limit = max(1, min(limit, MAX_PAGE))
+        out: list[Any] = []
+        last = 0
+        for member, seq in members.items():
+            if seq > after:
+                out.append(member)
+                last = seq
+                if len(out) >= limit:
+                    break
+        more = bool(out) and len(out) >= limit and next(reversed(members.values())) > last
+        return out, str(last) if more else ""
 
     async def profile_size(self, profile: str, value: str | None, now: float) -> int:
         """How many calls are in the key (or the whole profile)."""
         self._purge(now)
         if value is not None:
             return self._size((profile, value))
-        return len(self._members(profile, None))
+        members = self._profiles.get(profile)
+        return 0 if members is None else len(members)
 
-    async def profile_list(self, profile: str, value: str | None, now: float) -> list[CallRecord]:
-        """The calls in the key (or the whole profile)."""
+    async def profile_list(self, profile: str, value: str | None, now: float,
+                           cursor: str = "", limit: int = MAX_PAGE) -> Page:
+        """A page of the calls in the key (or the whole profile), oldest first."""
         self._purge(now)
-        return [self._calls[cid] for cid in sorted(self._members(profile, value))]
+        members = self._keys.get((profile, value)) if value is not None else self._profiles.get(profile)
+        uids, nxt = self._page(members, cursor, limit)
+        return Page([self._calls[u] for u in uids], nxt)
+
+    async def profile_values(self, profile: str, now: float, cursor: str = "", limit: int = MAX_PAGE) -> Page:
+        """A page of the profile's non-empty values with their sizes."""
+        self._purge(now)
+        values, nxt = self._page(self._values.get(profile), cursor, limit)
+        return Page([(v, self._size((profile, v))) for v in values], nxt)
+
+    async def node_calls(self, node: str, now: float, cursor: str = "", limit: int = MAX_PAGE) -> Page:
+        """A page of the calls admitted through `node`."""
+        self._purge(now)
+        uids, nxt = self._page(self._nodes.get(node), cursor, limit)
+        return Page([self._calls[u] for u in uids], nxt)
 
     async def stats(self, now: float) -> DialogStats:
-        """Dialog statistics of this process."""
+        """Dialog statistics of this process (counters, no walk over the calls)."""
         self._purge(now)
-        active = sum(1 for r in self._calls.values() if r.state == "active")
         return DialogStats(
-            active_dialogs=active,
-            early_dialogs=len(self._calls) - active,
+            active_dialogs=self._active,
+            early_dialogs=len(self._calls) - self._active,
             processed_dialogs=self._processed,
             expired_dialogs=self._expired,
             failed_dialogs=self._failed,
         )
 
-    async def sweep(self, now: float) -> int:
-        """Drop ended leases and compact the expiry heap."""
-        dropped = self._purge(now)
+    async def sweep(self, now: float) -> list[CallRecord]:
+        """Drop ended leases, compact the expiry heap; the calls that expired since the last sweep."""
+        self._purge(now)
         if len(self._heap) > 2 * len(self._calls) + 1024:
-            self._heap = [(r.expires, r.call_id) for r in self._calls.values()]
+            self._heap = [(r.expires, r.uid) for r in self._calls.values()]
             heapq.heapify(self._heap)
-        return dropped
+        expired, self._expired_pending = self._expired_pending, []
+        return expired
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -286,8 +371,11 @@ class EmbeddedStore(CounterStore):
             raise SnapshotError(f"malformed snapshot: {exc!r}") from exc
         self._calls.clear()
         self._keys.clear()
+        self._profiles.clear()
         self._values.clear()
+        self._nodes.clear()
         self._heap.clear()
+        self._active = 0
         kept = dropped = 0
         for rec in records:
             if rec.expires <= now:

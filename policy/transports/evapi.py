@@ -36,9 +36,11 @@ from typing import Any, Protocol, cast
 
 import structlog
 
-from policy.errors import ProtocolError
+from policy import protocol as P
+from policy.auth import Peer
+from policy.errors import ProtocolError, RequestError
 from policy.settings import split_hostport
-from policy.wire import BadMessage, Framing, StreamDecoder, encode
+from policy.wire import Framing, StreamDecoder, encode
 
 log = structlog.get_logger("policy.transports.evapi")
 
@@ -51,7 +53,7 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 class _Service(Protocol):
     info_providers: dict[str, Callable[[], Any]]
 
-    async def handle(self, msg: dict[str, Any]) -> dict[str, Any]: ...
+    async def handle(self, req: P.Request, peer: Peer) -> dict[str, Any]: ...
 
 
 class _Settings(Protocol):
@@ -60,9 +62,9 @@ class _Settings(Protocol):
     max_message: int
 
 
-def needs_reply(msg: dict[str, Any]) -> bool:
+def needs_reply(req: P.Request) -> bool:
     """Whether a message from Kamailio gets a reply (notices only when they carry an `id`)."""
-    return "id" in msg or msg.get("op") not in NOTICE_OPS
+    return req.id is not None or req.op not in NOTICE_OPS
 
 
 class EvapiProtocol(asyncio.Protocol):
@@ -91,9 +93,9 @@ class EvapiProtocol(asyncio.Protocol):
                 self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # requests in flight run to the end: a notice (answer/end) must still reach the store
+        # even though its connection is gone; only the reply has nowhere to go
         self.transport = None
-        for task in self.tasks:
-            task.cancel()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -112,20 +114,25 @@ class EvapiProtocol(asyncio.Protocol):
                 return
             if event is None:
                 return
-            if isinstance(event, BadMessage):
-                log.warning("evapi_bad_message", node=self.node.name, code=event.code, error=event.message)
-                self.node.bad_messages += 1
-                continue
-            msg = event.data
             self.node.received += 1
-            task = asyncio.ensure_future(self._answer(msg, needs_reply(msg)))
+            task = asyncio.ensure_future(self._answer(event.payload))
             if not task.done():
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
 
-    async def _answer(self, msg: dict[str, Any], reply: bool) -> None:
-        result = await self.service.handle(msg)
-        if reply and self.transport is not None:
+    async def _answer(self, payload: bytes) -> None:
+        try:
+            req = P.decode(payload)
+        except RequestError as exc:
+            # answered all the same: a bad check still names the transaction to resume
+            echoed = P.echo_of(payload)
+            log.warning("evapi_bad_message", node=self.node.name, code=exc.code, error=exc.message)
+            self.node.bad_messages += 1
+            if self.transport is not None and "tindex" in echoed:
+                self.transport.write(encode(P.error(exc.code, exc.message, echoed), Framing.NETSTRING))
+            return
+        result = await self.service.handle(req, self.node.peer)
+        if needs_reply(req) and self.transport is not None:
             self.transport.write(encode(result, Framing.NETSTRING))
             self.node.replied += 1
 
@@ -139,6 +146,7 @@ class EvapiNode:
         self.host, self.port = split_hostport(name)
         self.max_message = max_message
         self.reconnect_max = max(reconnect_max, INITIAL_BACKOFF)
+        self.peer = Peer("evapi", name, "proxy", name=name, node=name)
         self.protocol: EvapiProtocol | None = None
         self.connected_since: float | None = None
         self.connects = 0

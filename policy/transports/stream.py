@@ -8,10 +8,11 @@ from typing import Any, cast
 
 import structlog
 
+from policy.auth import Peer
 from policy.errors import ProtocolError
 from policy.service import PolicyService
 from policy.transports import eager
-from policy.wire import BadMessage, Framing, StreamDecoder, encode
+from policy.wire import Framing, StreamDecoder, encode
 
 log = structlog.get_logger("policy.transports.stream")
 
@@ -31,8 +32,9 @@ class StreamProtocol(asyncio.Protocol):
     """One client connection."""
 
     def __init__(self, service: PolicyService, stats: ConnectionStats, *, max_message: int,
-                 partial_timeout: float, name: str = "tcp") -> None:
+                 partial_timeout: float, name: str = "tcp", role: str | None = "admin") -> None:
         self.service = service
+        self.role = role
         self.stats = stats
         self.name = name
         self.decoder = StreamDecoder(max_message)
@@ -50,6 +52,9 @@ class StreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername") or self.name
+        addr = self.peer
+        where = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
+        self.client = Peer(self.name, where, self.role)
         st = self.stats
         if st.open >= st.max_connections:
             st.refused += 1
@@ -77,7 +82,8 @@ class StreamProtocol(asyncio.Protocol):
             return
         dec = self.decoder
         dec.receive_data(data)
-        handle = self.service.handle
+        handle = self.service.handle_payload
+        client = self.client
         start = eager.starter(self.service.store.answers_inline)
         while True:
             try:
@@ -87,19 +93,13 @@ class StreamProtocol(asyncio.Protocol):
                 return
             if event is None:
                 break
-            if isinstance(event, BadMessage):
-                log.warning("bad_message", transport=self.name, peer=str(self.peer), code=event.code,
-                            error=event.message)
-                self.pending.append([{"ok": False, "error": {"code": event.code, "message": event.message}},
-                                     event.framing])
+            done, result = start(handle(event.payload, client))
+            if done:
+                self.pending.append([result, event.framing])
             else:
-                done, result = start(handle(event.data))
-                if done:
-                    self.pending.append([result, event.framing])
-                else:
-                    slot: list[Any] = [None, event.framing]
-                    self.pending.append(slot)
-                    result.add_done_callback(lambda t, slot=slot: self._on_done(slot, t))
+                slot: list[Any] = [None, event.framing]
+                self.pending.append(slot)
+                result.add_done_callback(lambda t, slot=slot: self._on_done(slot, t))
         self._flush()
         self._arm_partial_timer()
 

@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import structlog
 
+from policy.auth import Peer
 from policy.service import PolicyService
 from policy.transports import eager
 from policy.wire import BadMessage, decode_datagram, encode
@@ -39,7 +40,10 @@ class DatagramProtocol(asyncio.DatagramProtocol):
             self._send({"ok": False, "error": {"code": event.code, "message": event.message}},
                        event.framing, addr)
             return
-        done, result = eager.starter(self.service.store.answers_inline)(self.service.handle(event.data))
+        # UDP cannot prove where a datagram came from: proxy ops only (docs/security.md)
+        peer = Peer("udp", f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr), "proxy")
+        done, result = eager.starter(self.service.store.answers_inline)(
+            self.service.handle_payload(event.payload, peer))
         if done:
             self._send(result, event.framing, addr)
         else:

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from policy import protocol as P
 from policy.transports.evapi import needs_reply, start_evapi
 from policy.wire import Framing, Message, StreamDecoder, encode
 
@@ -21,12 +22,13 @@ class FakeService:
         self.info_providers: dict[str, Any] = {}
         self.seen: list[dict[str, Any]] = []
 
-    async def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def handle(self, req: P.Request, peer: Any) -> dict[str, Any]:
+        msg = {k: v for k, v in orjson.loads(P.msgspec.json.encode(req)).items() if v not in (None, "", False)}
         self.seen.append(msg)
         reply = {k: msg[k] for k in ("id", "tindex", "tlabel") if k in msg}
         reply["ok"] = True
         if msg.get("op") == "check":
-            await asyncio.sleep(0.01 if msg.get("slow") else 0)
+            await asyncio.sleep(0.01 if msg.get("call_id", "").startswith("slow") else 0)
             reply["decision"] = "allow"
         return reply
 
@@ -73,7 +75,7 @@ async def read_frames(r: asyncio.StreamReader, n: int, timeout: float = 2.0) -> 
         assert data, "connection closed"
         for ev in dec.feed(data):
             assert isinstance(ev, Message) and ev.framing is Framing.NETSTRING
-            out.append(ev.data)
+            out.append(orjson.loads(ev.payload))
     return out
 
 
@@ -87,12 +89,12 @@ def ns(msg: dict[str, Any]) -> bytes:
 
 
 def test_which_messages_get_replies() -> None:
-    assert needs_reply({"op": "check", "tindex": 1, "tlabel": 2})
-    assert needs_reply({"op": "ping"})
-    assert not needs_reply({"op": "answer", "call_id": "a"})
-    assert not needs_reply({"op": "end", "call_id": "a"})
-    assert not needs_reply({"op": "refresh", "call_id": "a"})
-    assert needs_reply({"op": "end", "call_id": "a", "id": 7})
+    assert needs_reply(P.from_dict({"op": "check", "call_id": "a", "tindex": 1, "tlabel": 2}))
+    assert needs_reply(P.from_dict({"op": "ping"}))
+    assert not needs_reply(P.from_dict({"op": "answer", "call_id": "a"}))
+    assert not needs_reply(P.from_dict({"op": "end", "call_id": "a"}))
+    assert not needs_reply(P.from_dict({"op": "refresh", "call_id": "a"}))
+    assert needs_reply(P.from_dict({"op": "end", "call_id": "a", "id": 7}))
 
 
 async def test_check_answered_with_tindex_tlabel_notices_silent() -> None:
@@ -102,7 +104,7 @@ async def test_check_answered_with_tindex_tlabel_notices_silent() -> None:
     try:
         r, w = await kam.wait_conn(1)
         # a slow check first: replies are written when ready, each naming its transaction
-        w.write(ns({"op": "check", "call_id": "c1", "tindex": 11, "tlabel": 1, "slow": True})
+        w.write(ns({"op": "check", "call_id": "slow-c1", "tindex": 11, "tlabel": 1})
                 + b"\n" + ns({"op": "end", "call_id": "c0"})
                 + ns({"op": "check", "call_id": "c2", "tindex": 12, "tlabel": 2}))
         # a frame split over two writes, then a notice that asks for a reply
