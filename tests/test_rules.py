@@ -329,7 +329,7 @@ limit = { profile = "user", value = "{from_user}@{from_domain}:{attrs.x}", max =
 shadow = true
 [[rule]]
 name = "never"
-match = { any = [] }
+match = { not = { any = [{ to_user = { regex = "" } }] } }
 join = [{ profile = "local" }]
 '''
 RICH_RS = compile_sources([("rich.toml", RICH)])
