@@ -26,9 +26,20 @@ EXPECTED = {
     "bad_cidr": "bad_cidr.toml: rule 'trusted': key 'match.src_ip.cidr': bad network '10.0.0.0/33': '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network",
     "bad_code": "bad_code.toml: rule 'cap': key 'deny.code': must be a SIP final error code 400-699, not 200",
     "bad_on_store_error": "bad_on_store_error.toml: rule 'cap': key 'on_store_error': must be 'allow' or 'deny', not 'maybe'",
+    "bad_regex_overflow": "bad_regex_overflow.toml: rule 'r': key 'match.to_user.regex': bad regex 'a{99999999999}': the repetition number is too large",
     "bad_regex": "bad_regex.toml: rule 'intl': key 'match.to_user.regex': bad regex '^(00': missing ), unterminated subpattern at position 1",
+    "classify_never_holds": "classify_never_holds.toml: rule 'x': key 'match.type.prefix': can never hold: none of the values of 'type' (emergency, international, domestic, local) passes it",
+    "classify_reserved_attr": "classify_reserved_attr.toml: classify 'any': key 'attr': 'any' is reserved (a match combinator)",
+    "classify_value_not_in": "classify_value_not_in.toml: rule 'not-intl': key 'match.type.not_in': 'intl' is not a value of 'type' (emergency, international, domestic, local)",
+    "classify_value_typo": "classify_value_typo.toml: rule 'emergency': key 'match.type': 'emergancy' is not a value of 'type' (emergency, international, domestic, local)",
     "classify_bad_regex": "classify_bad_regex.toml: classify 'type': key 'cases[0].regex': bad regex '^00[': unterminated character set at position 3",
     "duplicate_rule": "duplicate_rule.toml: rule 'all': key 'name': duplicate rule name (first defined in duplicate_rule.toml)",
+    "empty_all": "empty_all.toml: rule 'r': key 'match.all': is empty: all needs at least one condition table",
+    "empty_any": "empty_any.toml: rule 'r': key 'match.any': is empty: any needs at least one condition table",
+    "empty_any_table": "empty_any_table.toml: rule 'r': key 'match.any[0]': is empty: a condition table needs at least one condition",
+    "empty_match": "empty_match.toml: rule 'r': key 'match': is empty: a condition table needs at least one condition (leave match out to match every call)",
+    "empty_not": "empty_not.toml: rule 'r': key 'match.not': is empty: a condition table needs at least one condition",
+    "empty_operators": "empty_operators.toml: rule 'r': key 'match.account': needs an operator (eq, ne, regex, prefix, in, not_in, cidr, present)",
     "invalid_toml": "invalid_toml.toml: invalid TOML: Expected '=' after a key in a key/value pair (at line 1, column 6)",
     "missing_value": "missing_value.toml: rule 'cap': key 'limit.value': profile 'account' is declared with value: a value is required",
     "override_not_int": "override_not_int.toml: key 'overrides.cap.acme': must be an integer, not a string",
@@ -41,6 +52,7 @@ EXPECTED = {
     "unknown_template_field": "unknown_template_field.toml: rule 'cap': key 'limit.value': template '{acount}' uses unknown field 'acount' (known: account, call_id, from, from_domain, from_user, ruri, ruri_domain, ruri_user, src_ip, to, to_domain, to_user, attrs.NAME)",
     "unknown_top_level": "unknown_top_level.toml: key 'rules': unknown key (expected one of: classify, overrides, profiles, rule)",
     "value_on_no_value": "value_on_no_value.toml: rule 'all': key 'join[0].value': profile 'total' is declared without value: it takes no value",
+    "too_deep": "too_deep.toml: rule 'deep': key 'match.not.not.not.not.not.not.not.not.not.not.not.not.not.not.not.not': nested too deep (more than 16 levels of all/any/not)",
     "wrong_type": "wrong_type.toml: rule 'cap': key 'limit.max': must be an integer, not a string",
 }
 
@@ -349,3 +361,69 @@ def test_generated_evaluator_matches_the_interpreter(req: dict[str, str]) -> Non
         fast = rs.evaluate(dict(req))
         ref = rs.interpret(dict(req))
         assert (fast.plan, fast.attrs) == (ref.plan, ref.attrs)
+
+
+# -- rules that cannot lie (issue 10) -----------------------------------------------------------
+
+CLASSIFY = '''
+[[classify]]
+attr = "type"
+field = "to_user"
+default = "local"
+cases = [{ value = "emergency", regex = '^(112|911)$' }, { value = "international", regex = '^00' }]
+[[classify]]
+attr = "vip"
+field = "account"
+cases = [{ value = "yes", regex = "^vip-" }]
+'''
+
+
+@pytest.mark.parametrize("cond", [
+    '{ type = "emergency" }',
+    '{ type = { ne = "local" } }',
+    '{ type = { in = ["emergency", "international"], not_in = ["local"] } }',
+    '{ type = { regex = "^inter" } }',
+    '{ type = { prefix = ["e", "zz"] } }',
+    '{ vip = { present = false } }',
+    '{ vip = { regex = "^$" } }',
+])
+def test_conditions_on_classify_values_that_exist_load(cond: str) -> None:
+    """Values a classifier produces (and absence, when it has no default) are accepted."""
+    rules(CLASSIFY + f'[[rule]]\nname = "r"\nmatch = {cond}\njoin = [{{ profile = "total" }}]\n')
+
+
+@pytest.mark.parametrize(("cond", "key", "message"), [
+    ('{ type = { eq = "emergancy" } }', "match.type.eq", "'emergancy' is not a value of 'type' (emergency, international, local)"),
+    ('{ type = { ne = "intl" } }', "match.type.ne", "'intl' is not a value of 'type'"),
+    ('{ type = { in = ["local", "lokal"] } }', "match.type.in", "'lokal' is not a value of 'type'"),
+    ('{ any = [{ account = "a" }, { vip = "no" }] }', "match.any[1].vip", "'no' is not a value of 'vip' (yes)"),
+    ('{ type = { present = false } }', "match.type.present", "can never hold: none of the values of 'type' (emergency, international, local) passes it"),
+    ('{ vip = { regex = "^n" } }', "match.vip.regex", "can never hold: none of the values of 'vip' (yes, or absent) passes it"),
+    ('{ type = { cidr = "10.0.0.0/8" } }', "match.type.cidr", "can never hold"),
+])
+def test_conditions_on_classify_values_that_never_come_are_errors(cond: str, key: str, message: str) -> None:
+    """A value no case or default produces, or a test none of them passes, is a load error."""
+    with pytest.raises(RuleError) as info:
+        rules(CLASSIFY + f'[[rule]]\nname = "r"\nmatch = {cond}\njoin = [{{ profile = "total" }}]\n')
+    assert info.value.key == key
+    assert message in info.value.message
+
+
+@pytest.mark.parametrize("match", ['{ not = {} }', '{ any = [{}] }', '{ all = [] }', '{ any = [] }',
+                                   '{ all = [{ account = "a" }, {}] }', '{ not = { any = [{ not = {} }] } }'])
+def test_empty_condition_tables_are_errors(match: str) -> None:
+    """Empty all/any/not and empty condition tables are load errors, never silently true/false."""
+    with pytest.raises(RuleError, match=r"key 'match\..*': is empty"):
+        rules(f'[[rule]]\nname = "r"\nmatch = {match}\njoin = [{{ profile = "total" }}]\n')
+
+
+@pytest.mark.parametrize("text", [
+    "a = " + "[" * 3000 + "]" * 3000,
+    "[[rule]]\nname = 'r'\nmatch = " + "{ not = " * 500 + "{ account = 'a' }" + " }" * 500 + "\n",
+    '[[rule]]\nname = "r"\nmatch = { to_user = { regex = "(?P<a>x)(?P=b)" } }\n',
+    "x = '\udcff'",
+])
+def test_pathological_files_are_rule_errors(text: str) -> None:
+    """Deep nesting, odd regexes and unencodable text are load errors, not crashes."""
+    with pytest.raises(RuleError):
+        compile_sources([("p.toml", text)])

@@ -21,7 +21,7 @@ import re
 import string
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,27 @@ from policy.errors import RuleError
 from policy.rules.conditions import COMBINATORS, OPERATORS, BadArg, Cond, all_of, parse_regex, type_name
 from policy.rules.fields import ATTR_NAME_RE, BUILTIN_FIELDS, is_attr_field
 from policy.rules.model import Classifier, Join, Limit, Rule, Ruleset, Template
+from policy.rules.schedule import Moment
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 #: How deep all/any/not may nest (the generated code stays far from Python's parser limits).
 MAX_DEPTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """The values a field can take, when they are known in advance (a classify attribute)."""
+
+    values: frozenset[str]
+    listing: str  # for messages: "emergency, international, domestic, local"
+    always: bool  # False: the field may also be absent
+
+    @classmethod
+    def of(cls, values: Sequence[str], always: bool) -> Domain:
+        return cls(frozenset(values), ", ".join(values), always)
+
+
+_PROBE_TIME = Moment(0.0)
 
 
 class _Ctx:
@@ -66,6 +83,7 @@ class _Compiler:
         self.with_value: set[str] = set()
         self.profile_file: dict[str, str] = {}
         self.fields: set[str] = set(BUILTIN_FIELDS)
+        self.domains: dict[str, Domain] = {}
         self.classifiers: list[Classifier] = []
         self.rule_file: dict[str, str] = {}
         self.raw_rules: list[tuple[_Ctx, dict[str, Any], frozenset[str]]] = []
@@ -115,6 +133,8 @@ class _Compiler:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise top.error(None, f"invalid TOML: {exc}") from None
+        except RecursionError:
+            raise top.error(None, "invalid TOML: nested too deep") from None
         _check_keys(top, "", doc, ("profiles", "classify", "rule", "overrides"))
         if "profiles" in doc:
             self.profiles(top, doc["profiles"])
@@ -155,6 +175,8 @@ class _Compiler:
             raise ctx.error("attr", f"bad attribute name {attr!r}")
         if attr in self.fields:
             raise ctx.error("attr", f"{attr!r} is already a field")
+        if attr in COMBINATORS:
+            raise ctx.error("attr", f"{attr!r} is reserved (a match combinator)")
         src = self.field_name(ctx, "field", _expect(ctx, "field", raw["field"], str, "a string"))
         default = raw.get("default")
         if default is not None:
@@ -170,8 +192,10 @@ class _Compiler:
                     raise ctx.error(f"{key}.{req}", "is required")
             value = _expect(ctx, f"{key}.value", case["value"], str, "a string")
             cases.append((self.regex(ctx, f"{key}.regex", case["regex"]), value))
-        self.classifiers.append(Classifier(attr, src, file, tuple(cases), default))
+        cl = Classifier(attr, src, file, tuple(cases), default)
+        self.classifiers.append(cl)
         self.fields.add(attr)
+        self.domains[attr] = Domain.of(cl.values, default is not None)
 
     def regex(self, ctx: _Ctx, key: str, src: Any) -> re.Pattern[str]:
         try:
@@ -345,7 +369,7 @@ class _Compiler:
 
     def field_cond(self, ctx: _Ctx, key: str, name: str, spec: Any) -> Cond:
         if isinstance(spec, str):
-            return OPERATORS["eq"].build(name, spec)
+            return self.op_cond(ctx, key, name, "eq", spec)
         if not isinstance(spec, dict):
             raise ctx.error(key, f"must be a string (equality) or a table of operators, not {type_name(spec)}")
         _check_keys(ctx, f"{key}.", spec, OPERATORS)
@@ -353,13 +377,28 @@ class _Compiler:
             raise ctx.error(key, f"needs an operator ({', '.join(OPERATORS)})")
         conds: list[Cond] = []
         for op, arg in spec.items():
-            oper = OPERATORS[op]
-            try:
-                parsed = oper.parse(arg)
-            except BadArg as exc:
-                raise ctx.error(f"{key}.{op}", exc.message) from None
-            conds.append(oper.build(name, parsed))
+            conds.append(self.op_cond(ctx, f"{key}.{op}", name, op, arg))
         return all_of(conds)
+
+    def op_cond(self, ctx: _Ctx, key: str, name: str, op: str, arg: Any) -> Cond:
+        """One operator on one field; on a field of known values (a classify attribute, a time
+        field) a value it never takes, or a test none of its values passes, is an error."""
+        oper = OPERATORS[op]
+        try:
+            parsed = oper.parse(arg)
+        except BadArg as exc:
+            raise ctx.error(key, exc.message) from None
+        cond = oper.build(name, parsed)
+        dom = self.domains.get(name)
+        if dom is not None:
+            for value in oper.literals(parsed) if oper.literals else ():
+                if value not in dom.values:
+                    raise ctx.error(key, f"{value!r} is not a value of {name!r} ({dom.listing})")
+            probes = [{name: v} for v in dom.values] + ([] if dom.always else [{}])
+            if not any(cond.test(p, _PROBE_TIME) for p in probes):
+                raise ctx.error(key, f"can never hold: none of the values of {name!r} ({dom.listing}"
+                                + ("" if dom.always else ", or absent") + ") passes it")
+        return cond
 
     # the whole --------------------------------------------------------------------------------
 
@@ -400,12 +439,30 @@ class _Compiler:
         )
 
 
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
 def compile_sources(sources: Sequence[tuple[str, str]]) -> Ruleset:
-    """Compile rule files given as (file name, TOML text), in order."""
+    """Compile rule files given as (file name, TOML text), in order.
+
+    Raises only `RuleError`, whatever the input: an unexpected exception (a bug) becomes a
+    RuleError saying so, so a reload never dies of one.
+    """
     comp = _Compiler()
     digest = hashlib.sha256()
-    for name, text in sources:
-        # by file name, not path: the same rules give the same version on every node
-        digest.update(Path(name).name.encode() + b"\0" + text.encode() + b"\0")
-        comp.file(name, text)
-    return comp.finish([n for n, _ in sources], digest.hexdigest()[:12])
+    current = sources[0][0] if sources else "<rules>"
+    try:
+        for name, text in sources:
+            current = name
+            # by file name, not path: the same rules give the same version on every node
+            digest.update(_utf8(Path(name).name) + b"\0" + _utf8(text) + b"\0")
+            comp.file(name, text)
+        current = "<rules>"
+        return comp.finish([n for n, _ in sources], digest.hexdigest()[:12])
+    except RuleError:
+        raise
+    except RecursionError:
+        raise RuleError(current, None, None, "nested too deep") from None
+    except Exception as exc:
+        raise RuleError(current, None, None, f"internal error while compiling (a bug): {exc!r}") from exc
