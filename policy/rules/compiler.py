@@ -20,16 +20,26 @@ import hashlib
 import re
 import string
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from policy.errors import RuleError
-from policy.rules.conditions import COMBINATORS, OPERATORS, BadArg, Cond, all_of, parse_regex, type_name
-from policy.rules.fields import ATTR_NAME_RE, BUILTIN_FIELDS, is_attr_field
+from policy.rules.conditions import (
+    COMBINATORS,
+    OPERATORS,
+    BadArg,
+    Cond,
+    all_of,
+    in_schedule,
+    parse_regex,
+    type_name,
+)
+from policy.rules.fields import ATTR_NAME_RE, BUILTIN_FIELDS, TIME_FIELDS, is_attr_field
 from policy.rules.model import Classifier, Join, Limit, Rule, Ruleset, Template
-from policy.rules.schedule import Moment
+from policy.rules.overrides import DataError, parse_overrides
+from policy.rules.schedule import DAY, DEFAULT_TZ, HOURS, TIMES, WEEKDAYS, Moment, Window, get_tz
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 #: How deep all/any/not may nest (the generated code stays far from Python's parser limits).
@@ -50,6 +60,54 @@ class Domain:
 
 
 _PROBE_TIME = Moment(0.0)
+_TIME_DOMAINS = {
+    "hour": Domain(frozenset(HOURS), "00 to 23", True),
+    "weekday": Domain.of(WEEKDAYS, True),
+    "time": Domain(frozenset(TIMES), "HH:MM, 00:00 to 23:59", True),
+}
+_RANGE_RE = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
+
+
+def parse_days(arg: Any) -> frozenset[int]:
+    """`"mon-fri"`, `["mon", "wed-thu"]`, `"sat-mon"` (ranges may wrap) -> weekday numbers."""
+    items = [arg] if isinstance(arg, str) else arg
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise BadArg(f"must be a day, a range of days or an array of them, not {type_name(arg)}")
+    if not items:
+        raise BadArg("must not be empty")
+    days: set[int] = set()
+    for item in items:
+        first, dash, last = item.partition("-")
+        for name in (first, last) if dash else (first,):
+            if name not in WEEKDAYS:
+                raise BadArg(f"{name!r} is not a day ({', '.join(WEEKDAYS)}; ranges like 'mon-fri')")
+        a, b = WEEKDAYS.index(first), WEEKDAYS.index(last if dash else first)
+        days.update(d % 7 for d in range(a, (b if b >= a else b + 7) + 1))
+    return frozenset(days)
+
+
+def parse_hours(arg: Any) -> tuple[tuple[int, int], ...]:
+    """`"08:00-18:00"`, `["08:00-12:00", "22:00-06:00"]` -> (start, end) minutes of the day."""
+    items = [arg] if isinstance(arg, str) else arg
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise BadArg(f"must be a range \"HH:MM-HH:MM\" or an array of them, not {type_name(arg)}")
+    if not items:
+        raise BadArg("must not be empty")
+    out = []
+    for item in items:
+        m = _RANGE_RE.match(item)
+        if m is None:
+            raise BadArg(f"{item!r} is not a range of hours like '08:00-18:00'")
+        h1, m1, h2, m2 = (int(g) for g in m.groups())
+        if h1 > 23 or m1 > 59:
+            raise BadArg(f"{item!r}: {h1:02d}:{m1:02d} is not a time of day (00:00 to 23:59)")
+        if h2 > 24 or m2 > 59 or (h2 == 24 and m2):
+            raise BadArg(f"{item!r}: {h2:02d}:{m2:02d} is not a time of day (00:00 to 24:00)")
+        start, end = h1 * 60 + m1, h2 * 60 + m2
+        if start == end:
+            raise BadArg(f"{item!r} is empty (for the whole day leave hours out, or write '00:00-24:00')")
+        out.append((start, end))
+    return tuple(out)
 
 
 class _Ctx:
@@ -77,13 +135,30 @@ def _check_keys(ctx: _Ctx, prefix: str, table: Mapping[str, Any], allowed: Itera
             raise ctx.error(f"{prefix}{key}", f"unknown key (expected one of: {', '.join(sorted(allowed))})")
 
 
+Reader = Callable[[str], str]
+
+
+def read_data_file(path: str) -> str:
+    """The default reader of overrides files: a regular file's UTF-8 text."""
+    p = Path(path)
+    if not p.is_file():
+        raise OSError("no such regular file")
+    return p.read_text(encoding="utf-8")
+
+
 class _Compiler:
-    def __init__(self) -> None:
+    def __init__(self, read: Reader = read_data_file) -> None:
+        self.read = read
+        self.sources: set[Path] = set()  # the rule files (an overrides file must not be one)
+        self.data: dict[str, tuple[str, str, dict[str, tuple[int, int]] | None]] = {}  # path -> (ref, text, parsed)
         self.no_value: set[str] = set()
         self.with_value: set[str] = set()
         self.profile_file: dict[str, str] = {}
-        self.fields: set[str] = set(BUILTIN_FIELDS)
-        self.domains: dict[str, Domain] = {}
+        self.fields: set[str] = {*BUILTIN_FIELDS, *TIME_FIELDS}
+        self.domains: dict[str, Domain] = dict(_TIME_DOMAINS)
+        self.tz = DEFAULT_TZ
+        self.tz_file: str | None = None
+        self.time_fields = False  # a rule or classifier reads hour/weekday/time
         self.classifiers: list[Classifier] = []
         self.rule_file: dict[str, str] = {}
         self.raw_rules: list[tuple[_Ctx, dict[str, Any], frozenset[str]]] = []
@@ -93,6 +168,8 @@ class _Compiler:
     # fields -----------------------------------------------------------------------------
 
     def known(self, name: str) -> bool:
+        if name in TIME_FIELDS:
+            self.time_fields = True
         return name in self.fields or is_attr_field(name)
 
     def known_list(self) -> str:
@@ -135,7 +212,9 @@ class _Compiler:
             raise top.error(None, f"invalid TOML: {exc}") from None
         except RecursionError:
             raise top.error(None, "invalid TOML: nested too deep") from None
-        _check_keys(top, "", doc, ("profiles", "classify", "rule", "overrides"))
+        _check_keys(top, "", doc, ("profiles", "classify", "rule", "overrides", "time"))
+        if "time" in doc:
+            self.time_table(top, doc["time"])
         if "profiles" in doc:
             self.profiles(top, doc["profiles"])
         for i, raw in enumerate(_expect(top, "classify", doc.get("classify", []), list, "an array of tables")):
@@ -144,6 +223,50 @@ class _Compiler:
             self.rule_header(file, i, raw)
         if "overrides" in doc:
             self.overrides_table(top, doc["overrides"])
+
+    def time_table(self, ctx: _Ctx, raw: Any) -> None:
+        _expect(ctx, "time", raw, dict, "a table")
+        _check_keys(ctx, "time.", raw, ("tz",))
+        if "tz" not in raw:
+            raise ctx.error("time.tz", "is required")
+        if self.tz_file is not None:
+            raise ctx.error("time.tz", f"the time zone is already set in {self.tz_file}")
+        self.tz = self.zone_name(ctx, "time.tz", raw["tz"])
+        self.tz_file = ctx.file
+
+    def zone_name(self, ctx: _Ctx, key: str, raw: Any) -> str:
+        name = _expect(ctx, key, raw, str, "a string")
+        try:
+            get_tz(name)
+        except ValueError as exc:
+            raise ctx.error(key, str(exc)) from None
+        return str(name)
+
+    def window(self, ctx: _Ctx, key: str, raw: Any, extra: tuple[str, ...] = ()) -> Window:
+        """A schedule window: `{ days = ..., hours = ..., tz = ... }` (in the rules' zone by default)."""
+        _expect(ctx, key, raw, dict, "a table")
+        _check_keys(ctx, f"{key}.", raw, ("days", "hours", "tz", *extra))
+        if "days" not in raw and "hours" not in raw:
+            raise ctx.error(key, "needs days or hours (or both)")
+        try:
+            days = parse_days(raw["days"]) if "days" in raw else frozenset(range(7))
+        except BadArg as exc:
+            raise ctx.error(f"{key}.days", exc.message) from None
+        try:
+            ranges = parse_hours(raw["hours"]) if "hours" in raw else ((0, DAY),)
+        except BadArg as exc:
+            raise ctx.error(f"{key}.hours", exc.message) from None
+        tz = self.zone_name(ctx, f"{key}.tz", raw["tz"]) if "tz" in raw else self.tz
+        return Window.make(days, ranges, tz, get_tz(tz))
+
+    def windows(self, ctx: _Ctx, key: str, raw: Any, extra: tuple[str, ...] = ()
+                ) -> list[tuple[str, Window, dict[str, Any]]]:
+        """A schedule: one window table or an array of them; (key, window, table) each."""
+        tables = [(key, raw)] if isinstance(raw, dict) else [
+            (f"{key}[{i}]", t) for i, t in enumerate(_expect(ctx, key, raw, list, "a table or an array of tables"))]
+        if not tables:
+            raise ctx.error(key, "is empty: give at least one window (days and/or hours)")
+        return [(k, self.window(ctx, k, t, extra), t) for k, t in tables]
 
     def profiles(self, ctx: _Ctx, raw: Any) -> None:
         _expect(ctx, "profiles", raw, dict, "a table")
@@ -250,12 +373,17 @@ class _Compiler:
             ctx,
             "",
             raw,
-            ("name", "description", "match", "join", "limit", "deny", "final", "shadow", "on_store_error"),
+            ("name", "description", "match", "schedule", "join", "limit", "deny", "final", "shadow",
+             "on_store_error"),
         )
         name = raw["name"]
         conds: tuple[Cond, ...] = ()
         if "match" in raw:
             conds = tuple(self.match_table(ctx, "match", raw["match"]))
+        schedule: tuple[Window, ...] = ()
+        if "schedule" in raw:
+            schedule = tuple(w for _, w, _ in self.windows(ctx, "schedule", raw["schedule"]))
+            conds = (*conds, in_schedule(schedule))
         joins: list[Join] = []
         for i, j in enumerate(_expect(ctx, "join", raw.get("join", []), list, "an array of tables")):
             key = f"join[{i}]"
@@ -302,6 +430,7 @@ class _Compiler:
             shadow=shadow,
             on_store_error=on_err,
             description=desc,
+            schedule=schedule,
         )
 
     def profile_ref(self, ctx: _Ctx, key: str, raw: Mapping[str, Any]) -> tuple[str, Template | None]:
@@ -320,18 +449,73 @@ class _Compiler:
 
     def limit(self, ctx: _Ctx, raw: Any) -> Limit:
         _expect(ctx, "limit", raw, dict, "a table")
-        _check_keys(ctx, "limit.", raw, ("profile", "value", "max", "overrides"))
+        _check_keys(ctx, "limit.", raw, ("profile", "value", "max", "overrides", "overrides_file", "schedule",
+                                         "max_from", "ceiling"))
         profile, value = self.profile_ref(ctx, "limit", raw)
         if "max" not in raw:
             raise ctx.error("limit.max", "is required")
         cap = self.count(ctx, "limit.max", raw["max"])
+        schedule: list[tuple[Window, int]] = []
+        if "schedule" in raw:
+            for key, window, table in self.windows(ctx, "limit.schedule", raw["schedule"], ("max",)):
+                if "max" not in table:
+                    raise ctx.error(f"{key}.max", "is required (the cap inside this window)")
+                schedule.append((window, self.count(ctx, f"{key}.max", table["max"])))
         overrides: dict[str, int] = {}
+        sources: list[tuple[str, Mapping[str, int]]] = []
         if "overrides" in raw:
             if value is None:
                 raise ctx.error("limit.overrides", f"profile {profile!r} has no values to override")
             for v, c in _expect(ctx, "limit.overrides", raw["overrides"], dict, "a table").items():
                 overrides[v] = self.count(ctx, f"limit.overrides.{v}", c)
-        return Limit(profile, value, cap, overrides, sources=(("inline", overrides),) if overrides else ())
+            sources.append(("limit.overrides", dict(overrides)))
+        if "overrides_file" in raw:
+            if value is None:
+                raise ctx.error("limit.overrides_file", f"profile {profile!r} has no values to override")
+            path, ref, data = self.overrides_file(ctx, raw["overrides_file"])
+            for v, (c, line) in data.items():
+                if v in overrides:
+                    raise RuleError(f"{path}:{line}" if line else path, ctx.name, None,
+                                    f"value {v!r} is also in the rule's limit.overrides ({ctx.file})")
+                overrides[v] = c
+            sources.append((ref, {v: c for v, (c, _) in data.items()}))
+        max_from = ceiling = None
+        if "max_from" in raw:
+            name = _expect(ctx, "limit.max_from", raw["max_from"], str, "a string")
+            max_from = self.field_name(ctx, "limit.max_from", name)
+            if "ceiling" not in raw:
+                raise ctx.error("limit.ceiling", "is required with max_from (the most a request may ask for)")
+            ceiling = self.count(ctx, "limit.ceiling", raw["ceiling"])
+        elif "ceiling" in raw:
+            raise ctx.error("limit.ceiling", "bounds max_from: give max_from too, or leave ceiling out")
+        return Limit(profile, value, cap, overrides, tuple(schedule), max_from, ceiling, tuple(sources))
+
+    def overrides_file(self, ctx: _Ctx, raw: Any) -> tuple[str, str, dict[str, tuple[int, int]]]:
+        """Read and parse an overrides file (path relative to the rule's file): (path, ref, values)."""
+        key = "limit.overrides_file"
+        ref = _expect(ctx, key, raw, str, "a string (a file name)")
+        if not ref or "\0" in ref:
+            raise ctx.error(key, f"bad file name {ref!r}")
+        if not ref.lower().endswith((".csv", ".toml")):
+            raise ctx.error(key, f"must name a .csv or a .toml file, not {ref!r}")
+        path = str(Path(ctx.file).parent / ref)
+        if Path(path) in self.sources:
+            raise ctx.error(key, f"{path} is a rule file: keep overrides files out of the rule files "
+                                 "(another directory, or .csv)")
+        if path not in self.data:
+            try:
+                text = self.read(path)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ctx.error(key, f"cannot read {path}: {exc}") from None
+            self.data[path] = (ref, text, None)
+        ref0, text, parsed = self.data[path]
+        if parsed is None:
+            try:
+                parsed = parse_overrides(path, text)
+            except DataError as exc:
+                raise RuleError(f"{path}:{exc.line}" if exc.line else path, ctx.name, None, exc.message) from None
+            self.data[path] = (ref0, text, parsed)
+        return path, ref, parsed
 
     def count(self, ctx: _Ctx, key: str, raw: Any) -> int:
         cap = _expect(ctx, key, raw, int, "an integer")
@@ -402,7 +586,7 @@ class _Compiler:
 
     # the whole --------------------------------------------------------------------------------
 
-    def finish(self, files: Sequence[str], digest: str) -> Ruleset:
+    def finish(self, files: Sequence[str], digest: Any) -> Ruleset:
         rules = [self.finish_rule(ctx, raw, fields) for ctx, raw, fields in self.raw_rules]
         by_name = {r.name: r for r in rules}
         for file, rule_name in self.override_where:
@@ -418,24 +602,36 @@ class _Compiler:
             if extra and r.limit is not None:
                 merged = dict(r.limit.overrides)
                 sources = list(r.limit.sources)
+                inline = dict(sources[0][1]) if sources and sources[0][0] == "limit.overrides" else {}
                 for value, (cap, file) in extra.items():
-                    if value in merged:
+                    if value in inline:
                         raise RuleError(file, None, f"overrides.{r.name}.{value}",
                                         f"override already set inline in rule {r.name!r} ({r.file})")
+                    if value in merged:
+                        where = next(ref for ref, vals in sources if value in vals)
+                        raise RuleError(file, None, f"overrides.{r.name}.{value}",
+                                        f"override already set in {where} (limit.overrides_file of rule {r.name!r})")
                     merged[value] = cap
                 for file in dict.fromkeys(f for _, f in extra.values()):
                     sources.append((f"[overrides.{r.name}] in {file}",
                                     {v: c for v, (c, f) in extra.items() if f == file}))
                 r = replace(r, limit=replace(r.limit, overrides=merged, sources=tuple(sources)))
             done.append(r.with_steps())
+        for ref, text, _ in self.data.values():
+            # the data files are part of the version: by the name the rules give them
+            digest.update(b"data\0" + _utf8(ref) + b"\0" + _utf8(text) + b"\0")
         return Ruleset(
             no_value=frozenset(self.no_value),
             with_value=frozenset(self.with_value),
             classifiers=tuple(self.classifiers),
             rules=tuple(done),
             files=tuple(files),
-            version=digest,
+            version=digest.hexdigest()[:12],
             by_name={r.name: r for r in done},
+            tz=self.tz,
+            zone=get_tz(self.tz),
+            time_fields=self.time_fields,
+            data_files=tuple(self.data),
         )
 
 
@@ -443,13 +639,19 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def compile_sources(sources: Sequence[tuple[str, str]]) -> Ruleset:
+def compile_sources(sources: Sequence[tuple[str, str]], read: Reader | None = None) -> Ruleset:
     """Compile rule files given as (file name, TOML text), in order.
+
+    Overrides files (`limit.overrides_file`, relative to the rule's file) are read with
+    `read(path) -> text`, which may raise OSError; by default from disk. The version hashes the
+    rule files' names and texts, then the overrides files' names (as the rules give them) and
+    texts.
 
     Raises only `RuleError`, whatever the input: an unexpected exception (a bug) becomes a
     RuleError saying so, so a reload never dies of one.
     """
-    comp = _Compiler()
+    comp = _Compiler(read or read_data_file)
+    comp.sources = {Path(name) for name, _ in sources}
     digest = hashlib.sha256()
     current = sources[0][0] if sources else "<rules>"
     try:
@@ -459,7 +661,7 @@ def compile_sources(sources: Sequence[tuple[str, str]]) -> Ruleset:
             digest.update(_utf8(Path(name).name) + b"\0" + _utf8(text) + b"\0")
             comp.file(name, text)
         current = "<rules>"
-        return comp.finish([n for n, _ in sources], digest.hexdigest()[:12])
+        return comp.finish([n for n, _ in sources], digest)
     except RuleError:
         raise
     except RecursionError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from policy.plan import PlanEntry
-from policy.rules.model import Evaluation, Limit, RuleOutcome, parse_count
+from policy.rules.model import Evaluation, Limit, Rule, RuleOutcome, parse_count
 from policy.rules.schedule import HOURS, WEEKDAYS, Moment
 
 if TYPE_CHECKING:
@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 def resolve_cap(lim: Limit, value: str | None, req: dict[str, str], moment: Moment) -> tuple[int, str]:
-    """The cap a limit gives this call, and why."""
+    """The cap a limit gives this call, and why (first that applies: the request's count within
+    the ceiling, the override for the value, the first schedule window the time is in, max)."""
     note = ""
     if lim.max_from is not None:
         raw = req.get(lim.max_from)
@@ -26,19 +27,24 @@ def resolve_cap(lim: Limit, value: str | None, req: dict[str, str], moment: Mome
         assert lim.ceiling is not None
         if count is not None:
             if count > lim.ceiling:
-                return lim.ceiling, f"{lim.max_from} = {raw!r} is over the ceiling: {lim.ceiling}"
-            return count, f"from {lim.max_from} = {raw!r} (ceiling {lim.ceiling})"
-        note = f"{lim.max_from} is missing" if not raw else f"{lim.max_from} = {raw!r} is not a count"
-        note += ", so "
+                return lim.ceiling, f"{lim.max_from} = {raw!r}, over the ceiling {lim.ceiling}"
+            return count, f"{lim.max_from} = {raw!r}, within the ceiling {lim.ceiling}"
+        note = f"{lim.max_from} missing; " if not raw else f"{lim.max_from} = {raw!r} is not a count; "
     if value is not None and value in lim.overrides:
         where = next((label for label, vals in lim.sources if value in vals), "overrides")
-        return lim.overrides[value], f"{note}override for {value!r} ({where})"
+        return lim.overrides[value], f"{note}override for {value!r} in {where}"
     for window, cap in lim.schedule:
         if moment.inside(window):
-            return cap, f"{note}schedule {window.desc}"
+            return cap, f"{note}schedule {window.desc}, local time {moment.describe(window.tz, window.zone)}"
     if lim.schedule:
-        return lim.max, f"{note}max (outside every schedule window)"
+        w = lim.schedule[0][0]
+        return lim.max, f"{note}max: outside every schedule window, local time {moment.describe(w.tz, w.zone)}"
     return lim.max, f"{note}max"
+
+
+def _local_times(rule: Rule, moment: Moment) -> str:
+    zones = {w.tz: w.zone for w in rule.schedule}
+    return " [local time " + ", ".join(moment.describe(tz, zone) for tz, zone in zones.items()) + "]"
 
 
 def interpret(rs: Ruleset, req: dict[str, str], explain: bool = False, now: float | None = None) -> Evaluation:
@@ -67,7 +73,10 @@ def interpret(rs: Ruleset, req: dict[str, str], explain: bool = False, now: floa
         failed = next((c for c in rule.conds if not c.test(req, moment)), None)
         if failed is not None:
             if explain:
-                outcomes.append(RuleOutcome(rule.name, False, f"not matched: {failed.desc}"))
+                why = f"not matched: {failed.desc}"
+                if rule.schedule:
+                    why += _local_times(rule, moment)
+                outcomes.append(RuleOutcome(rule.name, False, why))
             continue
         start = len(plan)
         missing: str | None = None
@@ -97,6 +106,8 @@ def interpret(rs: Ruleset, req: dict[str, str], explain: bool = False, now: floa
             continue
         if explain:
             why = "matched: " + (" and ".join(c.desc for c in rule.conds) if rule.conds else "no conditions")
+            if rule.schedule:
+                why += _local_times(rule, moment)
             if rule.final:
                 why += " (final: later rules skipped)"
             outcomes.append(RuleOutcome(rule.name, True, why, list(range(start, len(plan))), caps))

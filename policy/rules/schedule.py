@@ -86,10 +86,13 @@ class Window:
 
     @property
     def desc(self) -> str:
-        """'mon-fri 08:00-18:00 Europe/Berlin'."""
+        """'mon-fri 08:00-18:00 (Europe/Berlin)', 'sat-sun all day (UTC)'."""
         days = "every day" if len(self.days) == 7 else days_desc(tuple(self.days))
-        hours = ",".join(f"{fmt_minute(s)}-{fmt_minute(e)}" for s, e in self.ranges)
-        return f"{days} {hours} {self.tz}"
+        if self.ranges == ((0, DAY),):
+            hours = "all day"
+        else:
+            hours = ",".join(f"{fmt_minute(s)}-{fmt_minute(e)}" for s, e in self.ranges)
+        return f"{days} {hours} ({self.tz})"
 
     def contains(self, weekday: int, minute: int) -> bool:
         """Whether local `weekday` (0 = Monday) at `minute` of the day is inside (the reference)."""
@@ -157,6 +160,11 @@ class Moment:
         if dt is None:
             dt = self._local[tz] = datetime.fromtimestamp(math.floor(self.now), zone)
         return dt
+
+    def describe(self, tz: str, zone: tzinfo) -> str:
+        """'sat 23:30 Europe/Berlin': the local time, for explanations."""
+        dt = self.local(tz, zone)
+        return f"{WEEKDAYS[dt.weekday()]} {dt.hour:02d}:{dt.minute:02d} {tz}"
 
     def inside(self, window: Window) -> bool:
         """Whether this moment is inside a window."""
