@@ -1,0 +1,67 @@
+"""The request fields: the one list, and request_fields(msg) that builds what rules see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policy.errors import RequestError
+from policy.rules import BUILTIN_FIELDS, REQUEST_FIELDS, TIME_FIELDS, URI_FIELDS, load_rules, request_fields
+from policy.rules.fields import is_attr_field
+from tests.test_rules import ROOT
+
+
+def test_the_lists_fit_together() -> None:
+    """call_id + the request fields; every URI's user/domain is a request field; time is apart."""
+    assert BUILTIN_FIELDS == ("call_id", *REQUEST_FIELDS)
+    for uri, user, domain in URI_FIELDS:
+        assert {uri, user, domain} <= set(REQUEST_FIELDS)
+    assert not set(TIME_FIELDS) & set(BUILTIN_FIELDS)
+    assert is_attr_field("attrs.channels")
+    assert not is_attr_field("attrs.") and not is_attr_field("attrs.a-b") and not is_attr_field("channels")
+
+
+def test_request_fields_splits_uris_and_flattens_attrs() -> None:
+    """user/domain come out of the URIs unless given; attrs become attrs.NAME."""
+    req = request_fields({"op": "check", "call_id": "c1", "from": '"A" <sip:6001@Example.COM:5060>;tag=1',
+                          "to": "sip:0044@example.com", "to_user": "given", "ruri": "tel:+4930",
+                          "account": "acme", "src_ip": None, "unknown": 5, "attrs": {"channels": "4"}})
+    assert req == {"call_id": "c1", "from": '"A" <sip:6001@Example.COM:5060>;tag=1', "from_user": "6001",
+                   "from_domain": "example.com", "to": "sip:0044@example.com", "to_user": "given",
+                   "to_domain": "example.com", "ruri": "tel:+4930", "ruri_user": "+4930", "ruri_domain": "",
+                   "account": "acme", "attrs.channels": "4"}
+
+
+@pytest.mark.parametrize(("msg", "code", "message"), [
+    ({}, "missing_field", "'call_id' is required"),
+    ({"call_id": ""}, "bad_field", "'call_id' must not be empty"),
+    ({"call_id": 42}, "bad_field", "'call_id' must be a string, not int"),
+    ({"call_id": "x", "from": ["a"]}, "bad_field", "'from' must be a string, not list"),
+    ({"call_id": "x", "attrs": {"a": 1}}, "bad_field", "attrs.a must be a string, not int"),
+    ({"call_id": "x", "attrs": ["a"]}, "bad_field", "'attrs' must be an object of strings"),
+])
+def test_request_fields_errors(msg: dict[str, Any], code: str, message: str) -> None:
+    """Missing or mistyped fields are RequestErrors with the protocol's codes."""
+    with pytest.raises(RequestError) as info:
+        request_fields(msg)
+    assert (info.value.code, info.value.message) == (code, message)
+
+
+SHIPPED = load_rules(ROOT / "rules")
+
+
+@given(st.dictionaries(st.sampled_from([*REQUEST_FIELDS, "attrs", "op", "x"]),
+                       st.one_of(st.text(max_size=30), st.none(), st.dictionaries(st.text(max_size=5),
+                                                                                    st.text(max_size=5)))))
+def test_any_message_gives_fields_or_a_request_error(msg: dict[str, Any]) -> None:
+    """Any message is either a RequestError or a dict of strings the rules evaluate."""
+    msg["call_id"] = "c"
+    try:
+        req = request_fields(msg)
+    except RequestError:
+        return
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in req.items())
+    SHIPPED.evaluate(req)
