@@ -239,7 +239,7 @@ def test_local_clock_agrees_with_datetime_around_transitions(tz: str) -> None:
     zone = ZoneInfo(tz)
     clock = LocalClock(zone)
     points = transitions(zone, at(2024, 1, 1, tz="UTC"), at(2025, 1, 1, tz="UTC"))
-    points += transitions(zone, at(1972, 1, 1, tz="UTC"), at(1972, 2, 1, tz="UTC")) + [0.0, 1e9 + 0.999]
+    points += [*transitions(zone, at(1972, 1, 1, tz="UTC"), at(1972, 2, 1, tz="UTC")), 0.0, 1e9 + 0.999]
     assert tz == "UTC" or len(points) > 2 or tz == "Asia/Kathmandu"
     for point in points:
         seconds = [point - 300 + i * 7.5 + 0.25 for i in range(80)]
