@@ -178,7 +178,7 @@ class PolicyService:
         if not isinstance(dry, bool):
             raise RequestError("bad_field", "'dry_run' must be a boolean")
         ruleset = self.ruleset
-        ev = ruleset.evaluate(req, explain=dry)
+        ev = ruleset.evaluate(req, explain=dry, now=self.clock.now())
         plan = ev.plan
         call = CallInfo(req["call_id"], req.get("from", ""), req.get("to", ""), req.get("account", ""))
         now = self.clock.now()
@@ -277,9 +277,7 @@ class PolicyService:
         body = self._decide(res, plan, self.ruleset, record=False)  # a dry run is not a decision
         body["dry_run"] = True
         body["attrs"] = attrs
-        body["explain"] = [{"rule": o.rule, "matched": o.matched, "why": o.why,
-                            "entries": [{"profile": plan[i].profile, "value": plan[i].value,
-                                         "limit": plan[i].limit} for i in o.entries]} for o in outcomes]
+        body["explain"] = [o.as_dict(plan) for o in outcomes]  # rule, matched, why, entries, caps
         return body
 
     # -- call life ----------------------------------------------------------------------
