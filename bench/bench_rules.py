@@ -53,7 +53,13 @@ CHANNELS = '''
 [[rule]]
 name = "channels"
 match = { account = { present = true } }
-limit = { profile = "account", value = "ch:{account}", max = 10, max_from = "attrs.channels", ceiling = 100, overrides_file = "accounts.csv" }
+[rule.limit]
+profile = "account"
+value = "ch:{account}"
+max = 10
+max_from = "attrs.channels"
+ceiling = 100
+overrides_file = "accounts.csv"
 '''
 LINES = 10_000
 NOW = 1_700_000_000.0  # a Tuesday, 23:13 in Berlin
