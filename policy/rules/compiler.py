@@ -1,17 +1,20 @@
 """The rule compiler: TOML text -> a `Ruleset`. Every load error is a `RuleError` naming the
-file, the rule (or classifier) and the key.
+file, the rule (or classifier) and the key; nothing else escapes `compile_sources`.
 
 Rule files (every `*.toml` of the rules directory, read in name order) hold:
 
+- `[time]`: `tz`, the zone of the time fields and of schedules without their own (once).
 - `[profiles]`: `no_value = [...]` and `with_value = [...]` (Kamailio's dialog profiles).
 - `[[classify]]`: derive an attribute from a field by regular expressions, first match
   wins, with a default. Later classifiers and every later rule can use the attribute.
-- `[[rule]]`: `name`, optional `match`, `join`, `limit`, `deny`, `final`, `shadow`,
+- `[[rule]]`: `name`, optional `match`, `schedule`, `join`, `limit` (with `overrides`,
+  `overrides_file`, `schedule`, `max_from`/`ceiling`), `deny`, `final`, `shadow`,
   `on_store_error`, `description`. Rules run in file order.
 - `[overrides.RULE]`: per-value maxima for RULE's limit (e.g. `acme = 3`), so thousands
   of account caps can live in a file of their own.
 
-The reference of every key and error is docs/rules.md. Pure: no I/O.
+The reference of every key and error is docs/rules.md. Pure but for overrides files, which
+are read through the `read` callback given to `compile_sources` (by default from disk).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ _TIME_DOMAINS = {
     "weekday": Domain.of(WEEKDAYS, True),
     "time": Domain(frozenset(TIMES), "HH:MM, 00:00 to 23:59", True),
 }
-_RANGE_RE = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
+_RANGE_RE = re.compile(r"^([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})$")
 
 
 def parse_days(arg: Any) -> frozenset[int]:

@@ -55,8 +55,11 @@ def rule_files(path: str | Path) -> list[Path]:
     """Every file the rules at `path` are made of, for a watcher to stat: the rule files (every
     *.toml of a directory, in name order, or the single file), then the overrides files they
     name (`limit.overrides_file`, resolved against the rule file's directory; listed even when
-    missing, so that creating one is noticed)."""
-    files = toml_files(path)
+    missing, so that creating one is noticed). Never raises: an unreadable directory has none."""
+    try:
+        files = toml_files(path)
+    except OSError:
+        return []
     out = list(files)
     seen = set(out)
     for f in files:
@@ -69,7 +72,10 @@ def rule_files(path: str | Path) -> list[Path]:
 
 def load_rules(path: str | Path) -> Ruleset:
     """Read and compile a rules directory or file; raises RuleError naming file, rule, key."""
-    files = toml_files(path)
+    try:
+        files = toml_files(path)
+    except OSError as exc:
+        raise RuleError(str(path), None, None, f"cannot read: {exc}") from None
     if not files:
         raise RuleError(str(path), None, None, "no *.toml rule files")
     sources = []

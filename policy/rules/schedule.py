@@ -80,8 +80,9 @@ class Window:
             for start, end in ranges:
                 first = day * DAY + start
                 last = day * DAY + (end if end > start else end + DAY)
-                for minute in range(first, last):
-                    week[minute % WEEK] = 1
+                week[first:min(last, WEEK)] = b"\1" * (min(last, WEEK) - first)
+                if last > WEEK:  # Sunday night runs into Monday morning
+                    week[:last - WEEK] = b"\1" * (last - WEEK)
         return cls(days, ranges, tz, zone, bytes(week))
 
     @property
