@@ -7,6 +7,7 @@ A `Ruleset` is built whole by the compiler; a reload builds a new one and swaps 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, tzinfo
@@ -137,7 +138,7 @@ class Classifier:
     attr: str
     field: str
     file: str
-    cases: tuple[tuple[Any, str], ...]  # (compiled regex, value)
+    cases: tuple[tuple[re.Pattern[str], str], ...]  # (regex, value)
     default: str | None
 
     @property
