@@ -223,6 +223,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print("  attrs: " + ", ".join(f"{k}={v}" for k, v in r["attrs"].items()))
         for e in r["explain"]:
             print(f"  {'+' if e['matched'] else '-'} {e['rule']}: {e['why']}")
+            print("".join(f"      cap {c}\n" for c in e.get("caps", ())), end="")
     if "store_error" in r:
         print(f"  store error: {r['store_error']}")
     return 0

@@ -96,7 +96,5 @@ def dry_run(res: ReserveResult, plan: Sequence[PlanEntry], ruleset: Ruleset, out
     body = decide(res, plan, ruleset, count=False).body
     body["dry_run"] = True
     body["attrs"] = attrs
-    body["explain"] = [{"rule": o.rule, "matched": o.matched, "why": o.why,
-                        "entries": [{"profile": plan[i].profile, "value": plan[i].value,
-                                     "limit": plan[i].limit} for i in o.entries]} for o in outcomes]
+    body["explain"] = [o.as_dict(plan) for o in outcomes]  # rule, matched, why, entries, caps
     return body

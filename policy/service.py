@@ -28,15 +28,13 @@ from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
 from policy.notices import Notice, NoticeQueue
 from policy.plan import PlanEntry
-from policy.rules import Ruleset, load_rules, rule_files
-from policy.sip import split_uri
+from policy.rules import REQUEST_FIELDS, Ruleset, load_rules, request_fields, rule_files
 from policy.store.base import MAX_PAGE, CallInfo, CallRecord, CounterStore, DialogStats, ReserveResult, call_uid
 
 log = structlog.get_logger("policy.service")
 
-_URI_FIELDS = (("from_", "from", "from_user", "from_domain"), ("to", "to", "to_user", "to_domain"),
-               ("ruri", "ruri", "ruri_user", "ruri_domain"))
-_PLAIN_FIELDS = ("account", "src_ip")
+#: (rule field name, attribute of the protocol's CallFields struct): `from` is a keyword
+_FIELD_ATTRS = tuple((name, "from_" if name == "from" else name) for name in REQUEST_FIELDS)
 Handler = Callable[[Any, Peer], Awaitable[dict[str, Any]]]
 
 
@@ -160,36 +158,10 @@ class PolicyService:
         return value
 
     def call_fields(self, req: P.CallFields) -> dict[str, str]:
-        """The rule-visible fields of a call: given ones, plus user/domain parsed from URIs."""
-        cap = self.limits.max_field
-        if not req.call_id:
-            raise RequestError("bad_field", "'call_id' must not be empty")
-        fields: dict[str, str] = {"call_id": req.call_id}
-        if len(req.call_id) > cap or len(req.from_tag) > cap:
-            self._bounded("call_id", req.call_id)
-            self._bounded("from_tag", req.from_tag)
-        for attr, name, user_key, domain_key in _URI_FIELDS:
-            uri = getattr(req, attr)
-            user = getattr(req, user_key)
-            domain = getattr(req, domain_key)
-            if uri is not None:
-                fields[name] = uri if len(uri) <= cap else self._bounded(name, uri)
-                if user is None or domain is None:
-                    u, d = split_uri(uri)
-                    user = u if user is None else user
-                    domain = d if domain is None else domain
-            if user is not None:
-                fields[user_key] = self._bounded(user_key, user)
-            if domain is not None:
-                fields[domain_key] = self._bounded(domain_key, domain)
-        for name in _PLAIN_FIELDS:
-            value = getattr(req, name)
-            if value is not None:
-                fields[name] = value if len(value) <= cap else self._bounded(name, value)
-        if req.attrs:
-            for k, v in req.attrs.items():
-                fields["attrs." + k] = self._bounded(f"attrs.{k}", v)
-        return fields
+        """The rule-visible fields of a call (`policy.rules.request_fields`), lengths bounded."""
+        self._bounded("from_tag", req.from_tag)
+        given = {name: getattr(req, attr) for name, attr in _FIELD_ATTRS}
+        return request_fields(req.call_id, given, req.attrs, self.limits.max_field)
 
     def _vars(self, given: dict[str, str] | None) -> dict[str, str] | None:
         if not given:
@@ -220,7 +192,7 @@ class PolicyService:
                         req.from_tag, peer.node, self._vars(req.vars))
         if req.dry_run:
             return await self._dry_run(call, fields, ruleset, now)
-        plan = ruleset.evaluate(fields).plan
+        plan = ruleset.evaluate(fields, now=now).plan
         token = self.new_token()
         try:
             res = await self.store.reserve(call, plan, now, self.early_timeout, token)
@@ -272,7 +244,7 @@ class PolicyService:
         return body
 
     async def _dry_run(self, call: CallInfo, fields: dict[str, str], ruleset: Ruleset, now: float) -> dict[str, Any]:
-        ev = ruleset.evaluate(fields, explain=True)
+        ev = ruleset.evaluate(fields, explain=True, now=now)
         plan = ev.plan
         sizes = [await self.store.profile_size(e.profile, e.value, now) for e in plan]
         held = await self.store.get_call(call.uid, now)
@@ -315,7 +287,7 @@ class PolicyService:
         if rec is None and req.create:
             # accounting-only platforms: count a call we never checked, without enforcing caps
             fields = self.call_fields(req)
-            plan = self.ruleset.evaluate(fields).plan
+            plan = self.ruleset.evaluate(fields, now=now).plan
             call = CallInfo(req.call_id, fields.get("from", ""), fields.get("to", ""), fields.get("account", ""),
                             req.from_tag, peer.node, self._vars(req.vars))
             token = token or self.new_token()

@@ -27,20 +27,55 @@ EXPECTED = {
     "bad_code": "bad_code.toml: rule 'cap': key 'deny.code': must be a SIP final error code 400-699, not 200",
     "bad_on_store_error": "bad_on_store_error.toml: rule 'cap': key 'on_store_error': must be 'allow' or 'deny', not 'maybe'",
     "bad_regex": "bad_regex.toml: rule 'intl': key 'match.to_user.regex': bad regex '^(00': missing ), unterminated subpattern at position 1",
+    "bad_regex_overflow": "bad_regex_overflow.toml: rule 'r': key 'match.to_user.regex': bad regex 'a{99999999999}': the repetition number is too large",
+    "ceiling_without_max_from": "ceiling_without_max_from.toml: rule 'cap': key 'limit.ceiling': bounds max_from: give max_from too, or leave ceiling out",
     "classify_bad_regex": "classify_bad_regex.toml: classify 'type': key 'cases[0].regex': bad regex '^00[': unterminated character set at position 3",
+    "classify_never_holds": "classify_never_holds.toml: rule 'x': key 'match.type.prefix': can never hold: none of the values of 'type' (emergency, international, domestic, local) passes it",
+    "classify_reserved_attr": "classify_reserved_attr.toml: classify 'any': key 'attr': 'any' is reserved (a match combinator)",
+    "classify_value_not_in": "classify_value_not_in.toml: rule 'not-intl': key 'match.type.not_in': 'intl' is not a value of 'type' (emergency, international, domestic, local)",
+    "classify_value_typo": "classify_value_typo.toml: rule 'emergency': key 'match.type': 'emergancy' is not a value of 'type' (emergency, international, domestic, local)",
     "duplicate_rule": "duplicate_rule.toml: rule 'all': key 'name': duplicate rule name (first defined in duplicate_rule.toml)",
+    "empty_all": "empty_all.toml: rule 'r': key 'match.all': is empty: all needs at least one condition table",
+    "empty_any": "empty_any.toml: rule 'r': key 'match.any': is empty: any needs at least one condition table",
+    "empty_any_table": "empty_any_table.toml: rule 'r': key 'match.any[0]': is empty: a condition table needs at least one condition",
+    "empty_match": "empty_match.toml: rule 'r': key 'match': is empty: a condition table needs at least one condition (leave match out to match every call)",
+    "empty_not": "empty_not.toml: rule 'r': key 'match.not': is empty: a condition table needs at least one condition",
+    "empty_operators": "empty_operators.toml: rule 'r': key 'match.account': needs an operator (eq, ne, regex, prefix, in, not_in, cidr, present)",
+    "hour_not_a_value": "hour_not_a_value.toml: rule 'night': key 'match.hour': '8' is not a value of 'hour' (00 to 23)",
     "invalid_toml": "invalid_toml.toml: invalid TOML: Expected '=' after a key in a key/value pair (at line 1, column 6)",
+    "limit_schedule_without_max": "limit_schedule_without_max.toml: rule 'peak': key 'limit.schedule[1].max': is required (the cap inside this window)",
+    "max_from_unknown_field": "max_from_unknown_field.toml: rule 'cap': key 'limit.max_from': unknown field 'channels' (known: account, call_id, from, from_domain, from_user, hour, ruri, ruri_domain, ruri_user, src_ip, time, to, to_domain, to_user, weekday, attrs.NAME)",
+    "max_from_without_ceiling": "max_from_without_ceiling.toml: rule 'cap': key 'limit.ceiling': is required with max_from (the most a request may ask for)",
     "missing_value": "missing_value.toml: rule 'cap': key 'limit.value': profile 'account' is declared with value: a value is required",
     "override_not_int": "override_not_int.toml: key 'overrides.cap.acme': must be an integer, not a string",
     "override_unknown_rule": "override_unknown_rule.toml: key 'overrides.acount-cap': no rule named 'acount-cap'",
+    "overrides_file_and_inline": "data/good.csv:2: rule 'cap': value 'beta' is also in the rule's limit.overrides (overrides_file_and_inline.toml)",
+    "overrides_file_bad_line": "data/bad_line.csv:4: rule 'cap': max must be a whole number >= 0, not 'ten'",
+    "overrides_file_duplicate": "data/duplicate.csv:6: rule 'cap': value 'acme' is already on line 4",
+    "overrides_file_extension": "overrides_file_extension.toml: rule 'cap': key 'limit.overrides_file': must name a .csv or a .toml file, not 'data/accounts.txt'",
+    "overrides_file_fields": "data/three_fields.csv:1: rule 'cap': expected 2 fields (value,max), not 3",
+    "overrides_file_missing": "overrides_file_missing.toml: rule 'cap': key 'limit.overrides_file': cannot read data/no-such-file.csv: no such regular file",
+    "overrides_file_no_value": "overrides_file_no_value.toml: rule 'intl': key 'limit.overrides_file': profile 'intl' has no values to override",
+    "overrides_file_toml_bad": "data/bad.toml: rule 'cap': key 'beta': max must be a whole number >= 0, not '4'",
     "rule_does_nothing": "rule_does_nothing.toml: rule 'idle': does nothing: give it a join, a limit or final = true",
+    "schedule_bad_day": "schedule_bad_day.toml: rule 'office': key 'schedule.days': 'fry' is not a day (mon, tue, wed, thu, fri, sat, sun; ranges like 'mon-fri')",
+    "schedule_bad_hours": "schedule_bad_hours.toml: rule 'office': key 'schedule.hours': '8:00-18:00' is not a range of hours like '08:00-18:00'",
+    "schedule_empty": "schedule_empty.toml: rule 'night': key 'schedule': is empty: give at least one window (days and/or hours)",
+    "schedule_empty_range": "schedule_empty_range.toml: rule 'never': key 'schedule.hours': '08:00-08:00' is empty (for the whole day leave hours out, or write '00:00-24:00')",
+    "schedule_hour_out_of_range": "schedule_hour_out_of_range.toml: rule 'night': key 'schedule.hours': '22:00-24:30': 24:30 is not a time of day (00:00 to 24:00)",
+    "schedule_no_days_or_hours": "schedule_no_days_or_hours.toml: rule 'night': key 'schedule': needs days or hours (or both)",
+    "schedule_unknown_key": "schedule_unknown_key.toml: rule 'night': key 'schedule.max': unknown key (expected one of: days, hours, tz)",
+    "schedule_unknown_tz": "schedule_unknown_tz.toml: rule 'night': key 'schedule.tz': unknown time zone 'Europe/Berln' (an IANA name such as 'Europe/Berlin')",
     "shadow_without_limit": "shadow_without_limit.toml: rule 'all': key 'shadow': needs a limit (only limits can be shadowed)",
+    "time_unknown_tz": "time_unknown_tz.toml: key 'time.tz': unknown time zone 'Mars/Olympus_Mons' (an IANA name such as 'Europe/Berlin')",
+    "too_deep": "too_deep.toml: rule 'deep': key 'match.not.not.not.not.not.not.not.not.not.not.not.not.not.not.not.not': nested too deep (more than 16 levels of all/any/not)",
     "undefined_profile": "undefined_profile.toml: rule 'cap': key 'limit.profile': undefined profile 'acount'",
-    "unknown_key": "unknown_key.toml: rule 'cap': key 'limit.maxx': unknown key (expected one of: max, overrides, profile, value)",
-    "unknown_match_field": "unknown_match_field.toml: rule 'all': key 'match.to_usr': unknown field 'to_usr' (known: account, call_id, from, from_domain, from_user, ruri, ruri_domain, ruri_user, src_ip, to, to_domain, to_user, attrs.NAME)",
-    "unknown_template_field": "unknown_template_field.toml: rule 'cap': key 'limit.value': template '{acount}' uses unknown field 'acount' (known: account, call_id, from, from_domain, from_user, ruri, ruri_domain, ruri_user, src_ip, to, to_domain, to_user, attrs.NAME)",
-    "unknown_top_level": "unknown_top_level.toml: key 'rules': unknown key (expected one of: classify, overrides, profiles, rule)",
+    "unknown_key": "unknown_key.toml: rule 'cap': key 'limit.maxx': unknown key (expected one of: ceiling, max, max_from, overrides, overrides_file, profile, schedule, value)",
+    "unknown_match_field": "unknown_match_field.toml: rule 'all': key 'match.to_usr': unknown field 'to_usr' (known: account, call_id, from, from_domain, from_user, hour, ruri, ruri_domain, ruri_user, src_ip, time, to, to_domain, to_user, weekday, attrs.NAME)",
+    "unknown_template_field": "unknown_template_field.toml: rule 'cap': key 'limit.value': template '{acount}' uses unknown field 'acount' (known: account, call_id, from, from_domain, from_user, hour, ruri, ruri_domain, ruri_user, src_ip, time, to, to_domain, to_user, weekday, attrs.NAME)",
+    "unknown_top_level": "unknown_top_level.toml: key 'rules': unknown key (expected one of: classify, overrides, profiles, rule, time)",
     "value_on_no_value": "value_on_no_value.toml: rule 'all': key 'join[0].value': profile 'total' is declared without value: it takes no value",
+    "weekday_not_a_value": "weekday_not_a_value.toml: rule 'weekend': key 'match.weekday.in': 'sunday' is not a value of 'weekday' (mon, tue, wed, thu, fri, sat, sun)",
     "wrong_type": "wrong_type.toml: rule 'cap': key 'limit.max': must be an integer, not a string",
 }
 
@@ -61,8 +96,9 @@ def test_every_bad_file_has_an_expected_message() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_bad_rule_file_message(name: str) -> None:
+def test_bad_rule_file_message(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A broken file is refused with the exact message naming file, rule and key."""
+    monkeypatch.chdir(BAD)  # overrides files are relative to the rule file: rules_bad/data/
     path = BAD / f"{name}.toml"
     with pytest.raises(RuleError) as info:
         compile_sources([(path.name, path.read_text())])
@@ -329,7 +365,7 @@ limit = { profile = "user", value = "{from_user}@{from_domain}:{attrs.x}", max =
 shadow = true
 [[rule]]
 name = "never"
-match = { any = [] }
+match = { not = { any = [{ to_user = { regex = "" } }] } }
 join = [{ profile = "local" }]
 '''
 RICH_RS = compile_sources([("rich.toml", RICH)])
@@ -349,3 +385,69 @@ def test_generated_evaluator_matches_the_interpreter(req: dict[str, str]) -> Non
         fast = rs.evaluate(dict(req))
         ref = rs.interpret(dict(req))
         assert (fast.plan, fast.attrs) == (ref.plan, ref.attrs)
+
+
+# -- rules that cannot lie (issue 10) -----------------------------------------------------------
+
+CLASSIFY = '''
+[[classify]]
+attr = "type"
+field = "to_user"
+default = "local"
+cases = [{ value = "emergency", regex = '^(112|911)$' }, { value = "international", regex = '^00' }]
+[[classify]]
+attr = "vip"
+field = "account"
+cases = [{ value = "yes", regex = "^vip-" }]
+'''
+
+
+@pytest.mark.parametrize("cond", [
+    '{ type = "emergency" }',
+    '{ type = { ne = "local" } }',
+    '{ type = { in = ["emergency", "international"], not_in = ["local"] } }',
+    '{ type = { regex = "^inter" } }',
+    '{ type = { prefix = ["e", "zz"] } }',
+    '{ vip = { present = false } }',
+    '{ vip = { regex = "^$" } }',
+])
+def test_conditions_on_classify_values_that_exist_load(cond: str) -> None:
+    """Values a classifier produces (and absence, when it has no default) are accepted."""
+    rules(CLASSIFY + f'[[rule]]\nname = "r"\nmatch = {cond}\njoin = [{{ profile = "total" }}]\n')
+
+
+@pytest.mark.parametrize(("cond", "key", "message"), [
+    ('{ type = { eq = "emergancy" } }', "match.type.eq", "'emergancy' is not a value of 'type' (emergency, international, local)"),
+    ('{ type = { ne = "intl" } }', "match.type.ne", "'intl' is not a value of 'type'"),
+    ('{ type = { in = ["local", "lokal"] } }', "match.type.in", "'lokal' is not a value of 'type'"),
+    ('{ any = [{ account = "a" }, { vip = "no" }] }', "match.any[1].vip", "'no' is not a value of 'vip' (yes)"),
+    ('{ type = { present = false } }', "match.type.present", "can never hold: none of the values of 'type' (emergency, international, local) passes it"),
+    ('{ vip = { regex = "^n" } }', "match.vip.regex", "can never hold: none of the values of 'vip' (yes, or absent) passes it"),
+    ('{ type = { cidr = "10.0.0.0/8" } }', "match.type.cidr", "can never hold"),
+])
+def test_conditions_on_classify_values_that_never_come_are_errors(cond: str, key: str, message: str) -> None:
+    """A value no case or default produces, or a test none of them passes, is a load error."""
+    with pytest.raises(RuleError) as info:
+        rules(CLASSIFY + f'[[rule]]\nname = "r"\nmatch = {cond}\njoin = [{{ profile = "total" }}]\n')
+    assert info.value.key == key
+    assert message in info.value.message
+
+
+@pytest.mark.parametrize("match", ['{ not = {} }', '{ any = [{}] }', '{ all = [] }', '{ any = [] }',
+                                   '{ all = [{ account = "a" }, {}] }', '{ not = { any = [{ not = {} }] } }'])
+def test_empty_condition_tables_are_errors(match: str) -> None:
+    """Empty all/any/not and empty condition tables are load errors, never silently true/false."""
+    with pytest.raises(RuleError, match=r"key 'match\..*': is empty"):
+        rules(f'[[rule]]\nname = "r"\nmatch = {match}\njoin = [{{ profile = "total" }}]\n')
+
+
+@pytest.mark.parametrize("text", [
+    "a = " + "[" * 3000 + "]" * 3000,
+    "[[rule]]\nname = 'r'\nmatch = " + "{ not = " * 500 + "{ account = 'a' }" + " }" * 500 + "\n",
+    '[[rule]]\nname = "r"\nmatch = { to_user = { regex = "(?P<a>x)(?P=b)" } }\n',
+    "x = '\udcff'",
+])
+def test_pathological_files_are_rule_errors(text: str) -> None:
+    """Deep nesting, odd regexes and unencodable text are load errors, not crashes."""
+    with pytest.raises(RuleError):
+        compile_sources([("p.toml", text)])
