@@ -272,9 +272,14 @@ def test_cli_reads_its_token_from_the_config(tmp_path: Path) -> None:
         r = _cli("--config", str(bare), "stats", "--server", srv, env={"CALLPOLICY_TOKEN": "x" * 20})
         assert r.returncode == 2 and "refused the token: auth_failed: unknown token" in r.stderr
         assert "x" * 20 not in r.stderr
-        # the Unix socket: this uid is admin without any token
+        # the Unix socket: this uid is admin without any token; without --server/--unix the CLI
+        # prefers the configured socket (nothing listens on the configured TCP port here)
         r = _cli("--config", str(bare), "stats", "--unix", svc.unix)
         assert r.returncode == 0, r.stderr
+        local = tmp_path / "local.toml"
+        local.write_text(f'[listen]\ntcp = "127.0.0.1:1"\nunix = "{svc.unix}"\n')
+        r = _cli("--config", str(local), "stats")
+        assert r.returncode == 0 and "dialog:active_dialogs = 0" in r.stdout, r.stderr
     events = svc.log_events()
     [listening] = [e for e in events if e["event"] == "listening"]
     assert listening["auth"]["tcp"] == "tokens: ops (admin), k1 (proxy)"

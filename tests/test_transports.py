@@ -267,7 +267,8 @@ def _server_side(srv: Served, host: str) -> StreamProtocol:
 async def test_pipelining_without_reading_is_bounded(tmp_path: Path) -> None:
     """A client sends 1,000 profile_list (50 calls held, ~25 KB each) and reads nothing: the server
     stops reading it (never more than max_pending unwritten replies, a write buffer near the
-    high-water mark), another client's ping stays fast, and every reply still arrives in order."""
+    high-water mark, a bounded read buffer), another client's ping stays fast, and every reply
+    still arrives in order."""
     cap = 32
     async with serving(tmp_path, max_pending=cap) as srv:
         c = await srv.tcp()
@@ -283,7 +284,9 @@ async def test_pipelining_without_reading_is_bounded(tmp_path: Path) -> None:
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", srv.port))
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-        writer.write(b"".join(jline({"op": "profile_list", "profile": "total", "id": i}) for i in range(1000)))
+        pad = "p" * 4000  # 4 MB of requests in all: more than the server may buffer
+        writer.write(b"".join(jline({"op": "profile_list", "profile": "total", "id": i, "pad": pad})
+                              for i in range(1000)))
         await asyncio.sleep(0.5)
         worst = 0.0
         for _ in range(5):
@@ -292,19 +295,49 @@ async def test_pipelining_without_reading_is_bounded(tmp_path: Path) -> None:
             worst = max(worst, time.monotonic() - t)
             await asyncio.sleep(0.05)
         assert worst < 1.0, worst
+        print(f"ping while another client pipelines without reading: worst {worst * 1000:.1f} ms")
         st = srv.server.conn_stats
         proto = _server_side(srv, "127.0.0.2")
-        assert proto.flow is not None and proto.flow.read_paused
         assert st.peak_pending <= cap
         assert proto.transport is not None
         bound = HIGH_WATER + cap * reply_size
         assert proto.transport.get_write_buffer_size() <= bound
         assert st.peak_write_buffer <= bound
+        assert proto.decoder.buffered <= 1 << 20  # not reading: the rest waits in the kernel and the client
+        assert proto.flow is not None and proto.flow.read_paused
         ids = []
         for _ in range(1000):
             line = await asyncio.wait_for(reader.readline(), 10)
             ids.append(orjson.loads(line)["id"])
         assert ids == list(range(1000))
+        writer.close()
+        await c.close()
+
+
+async def test_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
+    """A client that pipelines and never reads its replies holds its connection for idle_timeout at
+    most: then it is aborted (close() would wait forever for the unread replies)."""
+    async with serving(tmp_path, idle_timeout=0.5, max_pending=8) as srv:
+        c = await srv.tcp()
+        for i in range(20):
+            await c.call("check", **chk(f"h{i}" + "c" * 200, user=f"u{i}" + "u" * 200, account=f"a{i}"))
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind(("127.0.0.2", 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"".join(jline({"op": "profile_list", "profile": "total", "id": i}) for i in range(2000)))
+        st = srv.server.conn_stats
+        deadline = time.monotonic() + 5
+        while st.idle_closed == 0 and time.monotonic() < deadline:
+            assert (await c.call("ping"))["pong"] is True  # this one stays active
+            await asyncio.sleep(0.05)
+        assert st.idle_closed == 1
+        await asyncio.sleep(0.05)
+        assert not [p for p in st.connections if p.host == "127.0.0.2"]
+        assert (await c.call("ping"))["pong"] is True
         writer.close()
         await c.close()
 
