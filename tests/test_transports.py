@@ -327,8 +327,9 @@ async def test_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
         sock.bind(("127.0.0.2", 0))
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", srv.port))
-        _reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(b"".join(jline({"op": "profile_list", "profile": "total", "id": i}) for i in range(2000)))
+        # a bare socket: nothing on this side reads a byte
+        sending = asyncio.create_task(loop.sock_sendall(sock, b"".join(
+            jline({"op": "profile_list", "profile": "total", "id": i}) for i in range(2000))))
         st = srv.server.conn_stats
         deadline = time.monotonic() + 5
         while st.idle_closed == 0 and time.monotonic() < deadline:
@@ -338,7 +339,8 @@ async def test_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         assert not [p for p in st.connections if p.host == "127.0.0.2"]
         assert (await c.call("ping"))["pong"] is True
-        writer.close()
+        sending.cancel()
+        sock.close()
         await c.close()
 
 
