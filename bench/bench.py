@@ -76,6 +76,12 @@ def pair_messages(n: int, tag: str, accounts: int = 1000) -> Iterator[bytes]:
         yield orjson.dumps({"op": "end", "call_id": cid}) + b"\n"
 
 
+def pad_datagram(msg: bytes, size: int) -> bytes:
+    """A JSON object grown to `size` bytes with an ignored `pad` field (room for its answer over UDP)."""
+    room = size - len(msg) - len(b',"pad":""')
+    return msg[:-1] + b',"pad":"' + b"x" * room + b'"}' if room > 0 else msg
+
+
 def _nodelay(transport: asyncio.BaseTransport) -> Any:
     """TCP_NODELAY on a TCP transport (not on a Unix socket); returns the transport."""
     sock = transport.get_extra_info("socket")
@@ -255,7 +261,8 @@ async def run_all(port: int, unix: str, pairs: int, conns: int, window: int, rat
     lat_u: list[float] = []
     futs = []
     t0 = time.perf_counter()
-    udp_msgs = [m.rstrip(b"\n") for m in pair_messages(pairs // 2, "udp")]
+    # padded: a UDP answer is never larger than its request (docs/security.md)
+    udp_msgs = [pad_datagram(m.rstrip(b"\n"), 128) for m in pair_messages(pairs // 2, "udp")]
     per = len(udp_msgs) // conns // 2 * 2
     for i in range(conns):
         fut: asyncio.Future[None] = loop.create_future()

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from policy.errors import PolicyError, RuleError, SettingsError
-from policy.settings import Settings, load_settings
+from policy.settings import TOKEN_ENV, Settings, load_settings, load_tokens
 
 
 def _default_config() -> str | None:
@@ -75,18 +75,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def client_token(s: Settings) -> str | None:
+    """The token the CLI presents: $CALLPOLICY_TOKEN, else the first admin token of the config it can
+    read ([auth] tokens, tokens_file); None without one (a Unix socket peer may be admin by its uid).
+    Never a command-line argument: it would show in `ps` and the shell's history."""
+    env = os.environ.get(TOKEN_ENV)
+    if env:
+        return env
+    try:
+        tokens, _warnings = load_tokens(s)
+    except SettingsError:
+        return None  # e.g. a tokens file this user may not read: try without
+    tok = tokens.first("admin")
+    return tok.secret if tok is not None else None
+
+
 def _client(args: argparse.Namespace) -> Any:
     from policy.client import Client
 
     unix = args.unix_client
     server = args.server
+    s = load_settings(args.config) if args.config else Settings()
     if not unix and not server:
-        s = load_settings(args.config) if args.config else Settings()
-        if s.tcp:
+        # the Unix socket first: it keeps a reserve of connections for the admin CLI
+        sock = s.path(s.unix) if s.unix else None
+        if sock is not None and sock.exists():
+            unix = str(sock)
+        elif s.tcp:
             server = s.tcp
-        elif s.unix:
-            unix = str(s.path(s.unix))
-    return Client(server=server, unix=unix, timeout=args.timeout)
+        elif sock is not None:
+            unix = str(sock)
+    return Client(server=server, unix=unix, timeout=args.timeout, token=client_token(s))
 
 
 def _print(reply: dict[str, Any], as_json: bool) -> int:
@@ -98,6 +117,10 @@ def _print(reply: dict[str, Any], as_json: bool) -> int:
 def _fail(reply: dict[str, Any]) -> int:
     err = reply.get("error", {})
     print(f"error: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+    if err.get("code") in ("unauthenticated", "forbidden"):
+        print(f"hint: admin commands need an admin token: set {TOKEN_ENV}, or make an admin token in "
+              "[auth] tokens / tokens_file readable, or use the Unix socket as an allowed uid "
+              "(docs/security.md)", file=sys.stderr)
     return 1
 
 
@@ -147,9 +170,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_end(args: argparse.Namespace) -> int:
-    """Force the release of a call (`dlg.terminate_dlg`, for counters)."""
+    """Force the release of a call (`dlg.terminate_dlg`, for counters): the admin `release` op."""
     with _client(args) as c:
-        r = c.request("end", call_id=args.call_id, reason="admin")
+        r = c.request("release", call_id=args.call_id)
     if not r.get("ok"):
         return _fail(r)
     if args.json:

@@ -1,4 +1,8 @@
-"""A small blocking client for the admin commands (line-framed JSON over TCP or Unix)."""
+"""A small blocking client for the admin commands (line-framed JSON over TCP or Unix).
+
+With a `token`, the first request on the connection is `auth`; a refused token raises
+`ClientError` (whose message never contains the token).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ class ClientError(PolicyError):
 class Client:
     """Sends requests and reads their replies, one line each."""
 
-    def __init__(self, server: str | None = None, unix: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, server: str | None = None, unix: str | None = None, timeout: float = 5.0,
+                 token: str | None = None) -> None:
         self._ids = itertools.count(1)
         self._buf = b""
         try:
@@ -35,6 +40,15 @@ class Client:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             raise ClientError(f"cannot connect to callpolicy at {unix or server}: {exc}") from None
+        self.role: str | None = None
+        if token:
+            reply = self.request("auth", token=token)
+            if not reply.get("ok"):
+                err = reply.get("error") or {}
+                self.close()
+                raise ClientError(f"callpolicy at {self.where} refused the token: {err.get('code')}: "
+                                  f"{err.get('message')}")
+            self.role = reply.get("role")
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply."""

@@ -38,6 +38,13 @@ class ServiceCollector(Collector):
                 kind = GaugeMetricFamily if name in ("active_dialogs", "early_dialogs") else CounterMetricFamily
                 yield kind(f"callpolicy_dialog_{name}", f"Kamailio-style dialog statistic {name} "
                            "(as of the last sweep)", value=value)
+        tasks = s.info_providers.get("tasks")
+        if tasks is not None:
+            restarts = CounterMetricFamily("callpolicy_task_restarts", "Background task failures (each restarted)",
+                                           labels=["task"])
+            for name, n in tasks().items():
+                restarts.add_metric([name], n)
+            yield restarts
         conns = s.info_providers.get("connections")
         if conns is not None:
             yield GaugeMetricFamily("callpolicy_connections_open", "Open stream connections",

@@ -7,16 +7,21 @@ import contextlib
 import gc
 import os
 import signal
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from policy import supervise
+from policy.auth import Allowlist, ListenerRefused, Tokens, UnixAccess, auth_summary, check_listeners, stream_role
 from policy.clock import Clock, SystemClock
-from policy.service import PolicyService
-from policy.settings import Settings, split_hostport
+from policy.errors import SettingsError
+from policy.ratelimit_log import RateLimitedLog
+from policy.service import Limits, PolicyService
+from policy.settings import Settings, load_tokens, split_hostport, unix_uids
 from policy.store.factory import make_store
-from policy.transports.stream import ConnectionStats, serve_tcp, serve_unix
+from policy.transports.stream import ConnectionStats, StreamLimits, serve_tcp, serve_unix
 from policy.transports.udp import serve_udp
 
 log = structlog.get_logger("policy.server")
@@ -33,57 +38,99 @@ class Server:
         self.servers: list[asyncio.AbstractServer] = []
         self.closers: list[Callable[[], Any]] = []
         self.tasks: list[asyncio.Task[Any]] = []
-        self.conn_stats = ConnectionStats(settings.max_connections)
+        self.warn = RateLimitedLog(log, settings.warn_interval)
+        self.conn_stats = ConnectionStats(settings.max_connections, settings.max_per_peer, settings.unix_reserve,
+                                          warn=self.warn)
+        self.task_restarts: Counter[str] = Counter()
         self.listening: dict[str, Any] = {}
+
+    def security(self) -> tuple[Tokens, Allowlist, list[str]]:
+        """Tokens, the UDP allowlist and warnings to log; refuses (SettingsError) a listener that would
+        be reachable beyond loopback without authentication."""
+        s = self.settings
+        tokens, warnings = load_tokens(s)
+        allow = Allowlist(s.udp_allow)
+        try:
+            warnings += check_listeners(split_hostport(s.tcp)[0] if s.tcp else None,
+                                        split_hostport(s.udp)[0] if s.udp else None, tokens, allow, s.insecure)
+        except ListenerRefused as exc:
+            raise SettingsError(s.source, exc.key, exc.message) from None
+        return tokens, allow, warnings
 
     async def start(self) -> PolicyService:
         """Load rules, open the store and the listeners; log where it listens."""
         s = self.settings
         rules_path = s.path(s.rules)
         assert rules_path is not None
+        tokens, allow, warnings = self.security()
+        admin_uids, proxy_uids = unix_uids(s)
+        for w in warnings:
+            log.warning("security", warning=w)
         store = make_store(s, self.clock)
         service = PolicyService(rules_path, store, clock=self.clock,
-                                early_timeout=s.early_timeout, default_timeout=s.default_timeout)
+                                early_timeout=s.early_timeout, default_timeout=s.default_timeout,
+                                limits=Limits(max_field=s.max_field, max_vars=s.max_vars,
+                                              max_timeout=s.dialog_max_timeout),
+                                tokens=tokens)
+        service.warnings.interval = s.warn_interval
         await store.start()
         self.service = service
-        service.info_providers["connections"] = lambda: {
-            "open": self.conn_stats.open, "accepted": self.conn_stats.accepted,
-            "refused": self.conn_stats.refused, "protocol_errors": self.conn_stats.protocol_errors}
+        service.info_providers["connections"] = self.conn_stats.info
+        service.info_providers["tasks"] = lambda: dict(self.task_restarts)
+        limits = StreamLimits(max_message=s.max_message, partial_timeout=s.partial_timeout,
+                              idle_timeout=s.idle_timeout, max_pending=s.max_pending)
+        auth: dict[str, str] = {}
         if s.tcp:
             host, port = split_hostport(s.tcp)
-            srv = await serve_tcp(service, host, port, self.conn_stats, reuse_port=s.reuse_port,
-                                  max_message=s.max_message, partial_timeout=s.partial_timeout)
+            srv = await serve_tcp(service, host, port, self.conn_stats, limits=limits, role=stream_role(tokens),
+                                  reuse_port=s.reuse_port)
             self.servers.append(srv)
             sock = srv.sockets[0].getsockname()
             self.listening["tcp"] = f"{sock[0]}:{sock[1]}"
+            auth["tcp"] = auth_summary(tokens, host, s.insecure)
         if s.udp:
             host, port = split_hostport(s.udp)
             if s.tcp and port == 0 and "tcp" in self.listening:
                 port = int(self.listening["tcp"].rsplit(":", 1)[1])
-            transport, _proto = await serve_udp(service, host, port, s.max_message, s.reuse_port)
+            transport, proto = await serve_udp(service, host, port, s.max_message, s.reuse_port, allow=allow,
+                                               warn=self.warn)
             self.closers.append(transport.close)
+            service.info_providers["udp"] = proto.info
             sock = transport.get_extra_info("sockname")
             self.listening["udp"] = f"{sock[0]}:{sock[1]}"
+            auth["udp"] = f"proxy ops from {allow}"
         if s.unix:
             path = s.path(s.unix)
             assert path is not None
             path.parent.mkdir(parents=True, exist_ok=True)
-            srv = await serve_unix(service, str(path), self.conn_stats, max_message=s.max_message,
-                                   partial_timeout=s.partial_timeout)
+            access = UnixAccess(admin_uids, proxy_uids)
+            try:
+                srv = await serve_unix(service, str(path), self.conn_stats, limits=limits, access=access,
+                                       mode=s.unix_mode, group=_gid(s))
+            except PermissionError as exc:
+                raise SettingsError(s.source, "listen.unix_group",
+                                    f"cannot give {path} to group {s.unix_group!r}: {exc.strerror}") from None
             self.servers.append(srv)
             self.listening["unix"] = str(path)
             self.closers.append(lambda: _unlink(path))
+            auth["unix"] = access.describe() + (", others by token" if tokens else "")
         await self._start_extras(service)
         if s.watch:
-            self.tasks.append(asyncio.create_task(service.watch(s.watch_interval)))
-        self.tasks.append(asyncio.create_task(service.sweep_loop(s.sweep_interval)))
+            self.supervise("watcher", lambda: service.watch(s.watch_interval))
+        self.supervise("sweeper", lambda: service.sweep_loop(s.sweep_interval))
         # Everything loaded so far lives as long as the process: keep the cyclic GC from
         # walking it again and again (its pauses showed up as p99.9 spikes in the bench).
         gc.collect()
         gc.freeze()
-        log.info("listening", **self.listening, store=store.name, rules=len(service.ruleset.rules),
+        log.info("listening", **self.listening, auth=auth, store=store.name, rules=len(service.ruleset.rules),
                  rules_version=service.ruleset.version, rules_dir=str(rules_path), pid=os.getpid())
         return service
+
+    def supervise(self, name: str, factory: Callable[[], Any]) -> asyncio.Task[None]:
+        """Run a background loop that logs its failures and restarts (counted in stats `tasks`)."""
+        task = supervise.start(name, factory, self.task_restarts)
+        self.tasks.append(task)
+        return task
 
     async def _start_extras(self, service: PolicyService) -> None:
         """Optional front ends: Prometheus metrics, Kamailio evapi, RADIUS."""
@@ -134,6 +181,8 @@ class Server:
                 await task
         if self.service is not None:
             await self.service.store.close()
+            self.service.warnings.flush()
+        self.warn.flush()
         log.info("stopped")
 
     async def run(self) -> None:
@@ -143,6 +192,18 @@ class Server:
         await self.stop_event.wait()
         log.info("stopping")
         await self.stop()
+
+
+def _gid(s: Settings) -> int | None:
+    """The Unix socket's group as a gid (None: the process's own)."""
+    if s.unix_group is None or isinstance(s.unix_group, int):
+        return s.unix_group
+    import grp
+
+    try:
+        return grp.getgrnam(s.unix_group).gr_gid
+    except KeyError:
+        raise SettingsError(s.source, "listen.unix_group", f"no such group {s.unix_group!r}") from None
 
 
 def _unlink(path: Any) -> None:
@@ -165,7 +226,7 @@ def raise_fd_limit(wanted: int) -> None:
 
 def run(settings: Settings) -> None:
     """Run the service until SIGTERM/SIGINT, on uvloop where available."""
-    raise_fd_limit(settings.max_connections + 256)
+    raise_fd_limit(settings.max_connections + settings.unix_reserve + 256)
     try:
         import uvloop
 

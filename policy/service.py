@@ -28,6 +28,7 @@ from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
 from policy.notices import Notice, NoticeQueue
 from policy.plan import PlanEntry
+from policy.ratelimit_log import RateLimitedLog
 from policy.rules import REQUEST_FIELDS, Ruleset, load_rules, request_fields, rule_files
 from policy.store.base import MAX_PAGE, CallInfo, CallRecord, CounterStore, DialogStats, ReserveResult, call_uid
 
@@ -79,6 +80,7 @@ class PolicyService:
         self.info_providers: dict[str, Callable[[], Any]] = {}
         self.log_decision = logs.hot_event("policy.service", "decision")
         self.log_end = logs.hot_event("policy.service", "call_end", "debug")
+        self.warnings = RateLimitedLog(log)  # what clients can cause: one line per interval, with a count
         self.last_dialogs: DialogStats | None = None  # refreshed by the sweep loop, for /metrics
         self.notices = NoticeQueue(store, self.clock.now, max_age=max(default_timeout, self.limits.max_timeout))
         self.reconciler: Any = None  # policy.reconcile.Reconciler, when proxies can be asked
@@ -112,7 +114,7 @@ class PolicyService:
             req = P.decode(payload)
         except RequestError as exc:
             echoed = P.echo_of(payload)
-            log.warning("bad_request", op=echoed.get("op"), code=exc.code, error=exc.message,
+            self.warnings.warning("bad_request", op=echoed.get("op"), code=exc.code, error=exc.message,
                         transport=peer.transport, peer=peer.address)
             self.totals["bad_requests"] += 1
             return P.error(exc.code, exc.message, echoed)
@@ -136,7 +138,7 @@ class PolicyService:
                                                 f"(this connection has {peer.role})")
             body = await self._ops[type(req)](req, peer)
         except RequestError as exc:
-            log.warning("bad_request", op=req.op, code=exc.code, error=exc.message,
+            self.warnings.warning("bad_request", op=req.op, code=exc.code, error=exc.message,
                         transport=peer.transport, peer=peer.address)
             self.totals["bad_requests"] += 1
             return P.error(exc.code, exc.message, reply)
@@ -467,9 +469,12 @@ class PolicyService:
 
     async def op_auth(self, req: P.Auth, peer: Peer) -> dict[str, Any]:
         """Present a token: the connection takes its role."""
+        if peer.transport == "udp":
+            raise RequestError("forbidden", "UDP cannot authenticate (every datagram stands alone): use TCP or "
+                                            "the Unix socket")
         tok = self.tokens.check(req.token)
         if tok is None:
-            log.warning("auth_failed", transport=peer.transport, peer=peer.address)
+            self.warnings.warning("auth_failed", transport=peer.transport, peer=peer.address)
             raise RequestError("auth_failed", "unknown token")
         peer.role = tok.role
         peer.name = tok.name

@@ -5,14 +5,20 @@ Relative paths in the file are relative to the file's directory.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policy.auth import MIN_SECRET, ROLES, Token, Tokens
 from policy.errors import SettingsError
 
 DEFAULT_PORT = 5099
+#: The environment variable the CLI reads its token from (never the command line).
+TOKEN_ENV = "CALLPOLICY_TOKEN"
 
 
 @dataclass
@@ -34,6 +40,15 @@ class Settings:
     udp: str | None = f"127.0.0.1:{DEFAULT_PORT}"
     unix: str | None = "run/callpolicy.sock"
     reuse_port: bool = False
+    insecure: bool = False  # allow an unauthenticated listener beyond loopback (logged as a warning)
+    udp_allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    unix_mode: int = 0o660
+    unix_group: str | int | None = None
+    # auth (docs/security.md)
+    tokens: list[Token] = field(default_factory=list)  # inline [auth] tokens
+    tokens_file: str | None = None
+    unix_admin_uids: list[int | str] | None = None  # None: the service's own uid and root
+    unix_proxy_uids: list[int | str] = field(default_factory=list)
     # rules
     rules: str = "rules"
     watch: bool = True
@@ -51,13 +66,21 @@ class Settings:
     # dialogs
     early_timeout: float = 300.0
     default_timeout: float = 43200.0
+    max_timeout: float | None = None  # cap on a client's `timeout`; None: default_timeout
     # protocol
     max_message: int = 64 * 1024
     partial_timeout: float = 10.0
     max_connections: int = 4096
+    max_field: int = 1024
+    max_vars: int = 32
+    idle_timeout: float = 600.0  # 0: never close an idle connection
+    max_per_peer: int = 256
+    unix_reserve: int = 16
+    max_pending: int = 256
     # logging
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
+    warn_interval: float = 10.0  # repeated warnings: one line per interval, with a count
     # metrics (Prometheus); None = off
     metrics: str | None = None
     # evapi: Kamailio nodes to connect to ("host:port")
@@ -72,6 +95,7 @@ class Settings:
     # where the file was
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "<defaults>"
+    file_warnings: list[str] = field(default_factory=list)  # logged at start (loose file modes)
 
     def path(self, p: str | None) -> Path | None:
         """A settings path resolved against the settings file's directory."""
@@ -80,6 +104,11 @@ class Settings:
         q = Path(p)
         return q if q.is_absolute() else self.base_dir / q
 
+    @property
+    def dialog_max_timeout(self) -> float:
+        """The cap on client-supplied timeouts."""
+        return self.max_timeout if self.max_timeout is not None else self.default_timeout
+
 
 _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "listen": {
@@ -87,6 +116,16 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "udp": ("udp", (str, bool)),
         "unix": ("unix", (str, bool)),
         "reuse_port": ("reuse_port", bool),
+        "insecure": ("insecure", bool),
+        "udp_allow": ("udp_allow", list),
+        "unix_mode": ("unix_mode", (int, str)),
+        "unix_group": ("unix_group", (str, int)),
+    },
+    "auth": {
+        "tokens": ("tokens", list),
+        "tokens_file": ("tokens_file", str),
+        "unix_admin_uids": ("unix_admin_uids", list),
+        "unix_proxy_uids": ("unix_proxy_uids", list),
     },
     "rules": {
         "dir": ("rules", str),
@@ -107,13 +146,21 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "dialogs": {
         "early_timeout": ("early_timeout", (int, float)),
         "default_timeout": ("default_timeout", (int, float)),
+        "max_timeout": ("max_timeout", (int, float)),
     },
     "protocol": {
         "max_message": ("max_message", int),
         "partial_timeout": ("partial_timeout", (int, float)),
         "max_connections": ("max_connections", int),
+        "max_field": ("max_field", int),
+        "max_vars": ("max_vars", int),
+        "idle_timeout": ("idle_timeout", (int, float)),
+        "max_per_peer": ("max_per_peer", int),
+        "unix_reserve": ("unix_reserve", int),
+        "max_pending": ("max_pending", int),
     },
-    "log": {"level": ("log_level", str), "format": ("log_format", str)},
+    "log": {"level": ("log_level", str), "format": ("log_format", str),
+            "warn_interval": ("warn_interval", (int, float))},
     "metrics": {"listen": ("metrics", (str, bool))},
     "evapi": {"nodes": ("evapi_nodes", list), "reconnect_max": ("evapi_reconnect_max", (int, float))},
     "radius": {
@@ -155,15 +202,139 @@ def load_settings(path: str | Path | None) -> Settings:
             attr, kind = spec
             if not isinstance(value, kind) or (kind in (int, (int, float)) and isinstance(value, bool)):
                 raise SettingsError(str(p), name, f"has the wrong type ({type(value).__name__})")
-            if value is False:
+            if attr in _BOOLS:
+                pass
+            elif value is False:
                 value = None  # `tcp = false` switches a listener off
-            elif value is True and attr not in ("reuse_port", "watch"):
+            elif value is True:
                 raise SettingsError(str(p), name, "true is not a value here (give an address or false)")
             if attr == "radius_clients":
                 value = [_radius_client(str(p), i, c) for i, c in enumerate(value)]
+            elif attr == "tokens":
+                value = parse_tokens(str(p), "auth.tokens", value)
+                if value and _loose_mode(p):
+                    s.file_warnings.append(f"{p} holds [auth] tokens and is readable by group or others "
+                                           f"(mode {_mode(p):04o}): chmod 600 it, or move them to tokens_file")
+            elif attr == "unix_mode":
+                value = _file_mode(str(p), name, value)
+            elif attr in ("unix_admin_uids", "unix_proxy_uids"):
+                for v in value:
+                    if not isinstance(v, (int, str)) or isinstance(v, bool):
+                        raise SettingsError(str(p), name, "must list uids (integers) or user names")
             setattr(s, attr, value)
     validate(s)
     return s
+
+
+_BOOLS = frozenset({"reuse_port", "watch", "insecure"})
+
+
+def _file_mode(file: str, key: str, value: Any) -> int:
+    if value is None or isinstance(value, bool):
+        raise SettingsError(file, key, "must be an octal mode like 0o660")
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise SettingsError(file, key, f"must be an octal mode like 0o660 or \"0660\", not {value!r}") from None
+    if not 0 <= value <= 0o777:
+        raise SettingsError(file, key, "must be a file mode between 0 and 0o777")
+    if value & 0o007:
+        raise SettingsError(file, key, f"{value:04o} lets every local user connect: use 0600 or 0660 "
+                                       "(and unix_group)")
+    return int(value)
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def _loose_mode(p: Path) -> bool:
+    try:
+        return bool(_mode(p) & 0o077)
+    except OSError:
+        return False
+
+
+def parse_tokens(file: str, key: str, raw: Any) -> list[Token]:
+    """`[{ name, role, secret }, ...]` as Tokens; raises SettingsError naming the bad entry (never
+    showing a secret)."""
+    if not isinstance(raw, list):
+        raise SettingsError(file, key, "must be a list of { name, role, secret } tables")
+    out: list[Token] = []
+    for i, t in enumerate(raw):
+        where = f"{key}[{i}]"
+        if not isinstance(t, dict):
+            raise SettingsError(file, where, "must be a table { name, role, secret }")
+        unknown = set(t) - {"name", "role", "secret"}
+        if unknown:
+            raise SettingsError(file, f"{where}.{sorted(unknown)[0]}", "unknown key (expected name, role, secret)")
+        for req in ("name", "role", "secret"):
+            if not isinstance(t.get(req), str) or not t[req]:
+                raise SettingsError(file, f"{where}.{req}", "is required (a string)")
+        if t["role"] not in ROLES:
+            raise SettingsError(file, f"{where}.role", f"must be one of {', '.join(ROLES)}, not {t['role']!r}")
+        if len(t["secret"]) < MIN_SECRET:
+            raise SettingsError(file, f"{where}.secret", f"is shorter than {MIN_SECRET} characters "
+                                                         "(use e.g. `openssl rand -hex 24`)")
+        out.append(Token(t["name"], t["secret"], t["role"]))
+    return out
+
+
+def load_tokens(s: Settings) -> tuple[Tokens, list[str]]:
+    """Every configured token ([auth] tokens, then tokens_file) and warnings about loose file modes.
+
+    Raises SettingsError naming the file and key. The secrets are never part of a message.
+    """
+    tokens = list(s.tokens)
+    warnings = list(s.file_warnings)
+    path = s.path(s.tokens_file)
+    if path is not None:
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(s.source, "auth.tokens_file", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(str(path), None, f"invalid TOML: {exc}") from None
+        unknown = set(doc) - {"tokens"}
+        if unknown:
+            raise SettingsError(str(path), sorted(unknown)[0], "unknown key (expected tokens = [...])")
+        tokens += parse_tokens(str(path), "tokens", doc.get("tokens", []))
+        if _loose_mode(path):
+            warnings.append(f"{path} is readable by group or others (mode {_mode(path):04o}): chmod 600 it")
+    names: set[str] = set()
+    secrets: set[str] = set()
+    for t in tokens:
+        if t.name in names:
+            raise SettingsError(s.source, "auth.tokens", f"two tokens are named {t.name!r}")
+        if t.secret in secrets:
+            raise SettingsError(s.source, "auth.tokens", f"token {t.name!r} has the same secret as another token")
+        names.add(t.name)
+        secrets.add(t.secret)
+    return Tokens(tokens), warnings
+
+
+def resolve_uids(values: list[int | str], key: str, source: str) -> list[int]:
+    """uids from uids or user names."""
+    import pwd
+
+    out = []
+    for v in values:
+        if isinstance(v, int):
+            out.append(v)
+            continue
+        try:
+            out.append(pwd.getpwnam(v).pw_uid)
+        except KeyError:
+            raise SettingsError(source, key, f"no such user {v!r}") from None
+    return out
+
+
+def unix_uids(s: Settings) -> tuple[list[int], list[int]]:
+    """(admin uids, proxy uids) for Unix socket peers; admins default to this process's uid and root."""
+    admin = [os.getuid(), 0] if s.unix_admin_uids is None else resolve_uids(s.unix_admin_uids,
+                                                                              "auth.unix_admin_uids", s.source)
+    return admin, resolve_uids(s.unix_proxy_uids, "auth.unix_proxy_uids", s.source)
 
 
 def _radius_client(file: str, i: int, raw: Any) -> RadiusClient:
@@ -192,11 +363,28 @@ def validate(s: Settings) -> None:
                 split_hostport(val)
             except ValueError as exc:
                 raise SettingsError(src, attr, str(exc)) from None
-    for attr in ("early_timeout", "default_timeout", "store_timeout", "watch_interval", "sweep_interval"):
+    for attr in ("early_timeout", "default_timeout", "store_timeout", "watch_interval", "sweep_interval",
+                 "warn_interval", "partial_timeout"):
         if getattr(s, attr) <= 0:
             raise SettingsError(src, attr, "must be > 0")
+    if s.max_timeout is not None and s.max_timeout <= 0:
+        raise SettingsError(src, "dialogs.max_timeout", "must be > 0")
     if s.max_message < 64:
         raise SettingsError(src, "protocol.max_message", "must be >= 64")
+    for key, attr, low in (("max_field", "max_field", 16), ("max_vars", "max_vars", 0),
+                           ("max_connections", "max_connections", 1), ("max_per_peer", "max_per_peer", 1),
+                           ("unix_reserve", "unix_reserve", 0), ("max_pending", "max_pending", 1)):
+        if getattr(s, attr) < low:
+            raise SettingsError(src, f"protocol.{key}", f"must be >= {low}")
+    if s.idle_timeout < 0:
+        raise SettingsError(src, "protocol.idle_timeout", "must be >= 0 (0: no idle timeout)")
+    for i, net in enumerate(s.udp_allow):
+        try:
+            if not isinstance(net, str):
+                raise TypeError
+            ipaddress.ip_network(net, strict=False)
+        except (ValueError, TypeError):
+            raise SettingsError(src, f"listen.udp_allow[{i}]", f"not an address or network: {net!r}") from None
     if s.log_format not in ("auto", "json", "console"):
         raise SettingsError(src, "log.format", "must be auto, json or console")
     if not (s.store == "embedded" or s.store == "redis" or s.store.startswith(("redis://", "rediss://",

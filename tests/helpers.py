@@ -133,7 +133,9 @@ class ServiceProcess:
             try:
                 c = LineClient(port=self.port, timeout=1.0)
                 try:
-                    if c.call("ping").get("ok"):
+                    r = c.call("ping")
+                    # with [auth] tokens configured, an unauthenticated ping is refused: still up
+                    if r.get("ok") or r.get("error", {}).get("code") == "unauthenticated":
                         return self
                 finally:
                     c.close()

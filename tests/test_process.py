@@ -225,3 +225,4 @@ def test_prometheus_metrics(tmp_path: Path) -> None:
     assert 'callpolicy_decisions_total{outcome="allow"} 3.0' in body
     assert 'callpolicy_rule_decisions_total{outcome="deny",rule="account-cap"} 1.0' in body
     assert "callpolicy_dialog_early_dialogs 3.0" in body
+    assert 'callpolicy_task_restarts_total{task="sweeper"} 0.0' in body
