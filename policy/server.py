@@ -12,7 +12,9 @@ from typing import Any
 
 import structlog
 
+from policy import sdnotify
 from policy.clock import Clock, SystemClock
+from policy.records import CallRecords
 from policy.service import PolicyService
 from policy.settings import Settings, split_hostport
 from policy.store.factory import make_store
@@ -35,17 +37,30 @@ class Server:
         self.tasks: list[asyncio.Task[Any]] = []
         self.conn_stats = ConnectionStats(settings.max_connections)
         self.listening: dict[str, Any] = {}
+        self.records: CallRecords | None = None
 
     async def start(self) -> PolicyService:
         """Load rules, open the store and the listeners; log where it listens."""
         s = self.settings
         rules_path = s.path(s.rules)
         assert rules_path is not None
+        if s.source == "<defaults>":
+            log.warning("no_config", message="no service.toml (--config, $CALLPOLICY_CONFIG or ./service.toml): "
+                        "built-in defaults; `callpolicy init DIR` writes a commented one with example rules",
+                        tcp=s.tcp, udp=s.udp, unix=str(s.path(s.unix)) if s.unix else None, rules=str(rules_path),
+                        store=s.store, snapshot=str(s.path(s.snapshot)) if s.snapshot else None,
+                        metrics=s.metrics)
         store = make_store(s, self.clock)
         service = PolicyService(rules_path, store, clock=self.clock,
                                 early_timeout=s.early_timeout, default_timeout=s.default_timeout)
         await store.start()
         self.service = service
+        records = CallRecords.from_settings(s, self.clock.now)
+        if records is not None:
+            await records.start()
+            self.records = records
+            service.on_call_end.append(records)
+            service.info_providers["records"] = records.info
         service.info_providers["connections"] = lambda: {
             "open": self.conn_stats.open, "accepted": self.conn_stats.accepted,
             "refused": self.conn_stats.refused, "protocol_errors": self.conn_stats.protocol_errors}
@@ -92,7 +107,10 @@ class Server:
             from policy.metrics import start_metrics
 
             host, port = split_hostport(s.metrics, 9099)
-            self.listening["metrics"] = start_metrics(service, host, port)
+            state, http = start_metrics(service, host, port, s)
+            self.closers.append(http.close)
+            self.closers.append(state.stop)
+            self.listening["metrics"] = http.where
         if s.evapi_nodes:
             from policy.transports.evapi import start_evapi
 
@@ -115,8 +133,17 @@ class Server:
     def _sighup(self) -> None:
         log.info("sighup_reload")
         if self.service is not None:
+            sdnotify.reloading()
             with contextlib.suppress(Exception):
                 self.service.reload()
+            sdnotify.ready(self.status())
+
+    def status(self) -> str:
+        """One line for `systemctl status`."""
+        svc = self.service
+        where = ", ".join(f"{k} {v}" for k, v in self.listening.items() if isinstance(v, str))
+        rules = f"rules {svc.ruleset.version}" if svc is not None else "no rules"
+        return f"{rules}; {where}"
 
     async def stop(self) -> None:
         """Close listeners, stop tasks, close the store (the embedded store writes its snapshot)."""
@@ -134,14 +161,21 @@ class Server:
                 await task
         if self.service is not None:
             await self.service.store.close()
+        if self.records is not None:
+            await self.records.close(self.settings.records_stop_timeout)
         log.info("stopped")
 
     async def run(self) -> None:
         """Start, wait for a stop signal, stop."""
         await self.start()
         self.install_signals()
+        sdnotify.ready(self.status())
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            self.tasks.append(asyncio.create_task(sdnotify.watchdog(interval)))
         await self.stop_event.wait()
         log.info("stopping")
+        sdnotify.stopping()
         await self.stop()
 
 
