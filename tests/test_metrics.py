@@ -443,3 +443,16 @@ def test_dashboard_uses_only_exported_metric_names(scraped: Scraped) -> None:
         assert needed in names, needed
     # a name the service does not export would be caught
     assert "callpolicy_no_such_metric" not in exported
+
+
+@pytest.mark.parametrize(("body", "key"), [("refresh = 0", "metrics.refresh"), ("top_n = -1", "metrics.top_n"),
+                                           ("near_limit = 1.5", "metrics.near_limit"),
+                                           ("max_values = -3", "metrics.max_values")])
+def test_bad_metrics_settings_are_refused(tmp_path: Path, body: str, key: str) -> None:
+    from policy.errors import SettingsError
+    from policy.settings import load_settings
+
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f"[metrics]\n{body}\n")
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
+        load_settings(cfg)
