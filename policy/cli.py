@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from policy import logs, server
 
     s = _settings(args)
-    logs.configure(s.log_level, s.log_format)
+    logs.configure(s.log_level, s.log_format, timestamps=s.log_timestamps)
     try:
         server.run(s)
     except RuleError as exc:
@@ -203,8 +203,12 @@ def cmd_check_rules(args: argparse.Namespace) -> int:
     """Validate rule files offline, with the same messages as a reload."""
     from policy.rules import load_rules
 
+    path = args.path
+    if path is None:  # the rules the settings name (./rules without a config)
+        s = load_settings(args.config)
+        path = str(s.path(s.rules))
     try:
-        rs = load_rules(args.path)
+        rs = load_rules(path)
     except RuleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -252,6 +256,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented service.toml and the example rules into DIR."""
+    from policy.init import InitError, write_examples
+
+    target = Path(args.dir)
+    try:
+        written = write_examples(target, force=args.force)
+    except InitError as exc:
+        print(f"callpolicy: {exc}", file=sys.stderr)
+        return 1
+    for f in written:
+        print(f"wrote {f}")
+    cfg = target / "service.toml"
+    print(f"next: callpolicy --config {cfg} check-rules\n      callpolicy --config {cfg} serve")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="callpolicy", description=__doc__)
@@ -271,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--evapi", action="append", help="Kamailio evapi HOST:PORT to connect to (repeat)")
     sp.add_argument("--early-timeout", type=float, dest="early_timeout")
     sp.add_argument("--default-timeout", type=float, dest="default_timeout")
-    sp.add_argument("--log-format", choices=("auto", "json", "console"))
+    sp.add_argument("--log-format", choices=("auto", "json", "console", "journald"))
     sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     sp.set_defaults(func=cmd_serve)
 
@@ -306,8 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_ping)
 
     sp = sub.add_parser("check-rules", help="validate rule files offline")
-    sp.add_argument("path", nargs="?", default="rules")
+    sp.add_argument("path", nargs="?", help="rules directory or file (default: the one service.toml names)")
     sp.set_defaults(func=cmd_check_rules)
+
+    sp = sub.add_parser("init", help="write a commented service.toml and example rules into DIR")
+    sp.add_argument("dir", help="where to write them (created if missing), e.g. /etc/callpolicy")
+    sp.add_argument("--force", action="store_true", help="overwrite files that exist")
+    sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("check", help="send a check and print the decision")
     sp.add_argument("--from", dest="from_", help="From URI")

@@ -13,11 +13,12 @@ from typing import Any
 
 import structlog
 
-from policy import supervise
+from policy import sdnotify, supervise
 from policy.auth import Allowlist, ListenerRefused, Tokens, UnixAccess, auth_summary, check_listeners, stream_role
 from policy.clock import Clock, SystemClock
 from policy.errors import SettingsError
 from policy.ratelimit_log import RateLimitedLog
+from policy.records import CallRecords
 from policy.service import Limits, PolicyService
 from policy.settings import Settings, load_tokens, split_hostport, unix_uids
 from policy.store.factory import make_store
@@ -43,6 +44,7 @@ class Server:
                                           warn=self.warn)
         self.task_restarts: Counter[str] = Counter()
         self.listening: dict[str, Any] = {}
+        self.records: CallRecords | None = None
 
     def security(self) -> tuple[Tokens, Allowlist, list[str]]:
         """Tokens, the UDP allowlist and warnings to log; refuses (SettingsError) a listener that would
@@ -66,6 +68,12 @@ class Server:
         admin_uids, proxy_uids = unix_uids(s)
         for w in warnings:
             log.warning("security", warning=w)
+        if s.source == "<defaults>":
+            log.warning("no_config", message="no service.toml (--config, $CALLPOLICY_CONFIG or ./service.toml): "
+                        "built-in defaults; `callpolicy init DIR` writes a commented one with example rules",
+                        tcp=s.tcp, udp=s.udp, unix=str(s.path(s.unix)) if s.unix else None, rules=str(rules_path),
+                        store=s.store, snapshot=str(s.path(s.snapshot)) if s.snapshot else None,
+                        metrics=s.metrics)
         store = make_store(s, self.clock)
         service = PolicyService(rules_path, store, clock=self.clock,
                                 early_timeout=s.early_timeout, default_timeout=s.default_timeout,
@@ -80,6 +88,12 @@ class Server:
         limits = StreamLimits(max_message=s.max_message, partial_timeout=s.partial_timeout,
                               idle_timeout=s.idle_timeout, max_pending=s.max_pending)
         auth: dict[str, str] = {}
+        records = CallRecords.from_settings(s, self.clock.now)
+        if records is not None:
+            await records.start()
+            self.records = records
+            service.on_call_end.append(records)
+            service.info_providers["records"] = records.info
         if s.tcp:
             host, port = split_hostport(s.tcp)
             srv = await serve_tcp(service, host, port, self.conn_stats, limits=limits, role=stream_role(tokens),
@@ -139,7 +153,10 @@ class Server:
             from policy.metrics import start_metrics
 
             host, port = split_hostport(s.metrics, 9099)
-            self.listening["metrics"] = start_metrics(service, host, port)
+            state, http = start_metrics(service, host, port, s)
+            self.closers.append(http.close)
+            self.closers.append(state.stop)
+            self.listening["metrics"] = http.where
         if s.evapi_nodes:
             from policy.transports.evapi import start_evapi
 
@@ -162,8 +179,17 @@ class Server:
     def _sighup(self) -> None:
         log.info("sighup_reload")
         if self.service is not None:
+            sdnotify.reloading()
             with contextlib.suppress(Exception):
                 self.service.reload()
+            sdnotify.ready(self.status())
+
+    def status(self) -> str:
+        """One line for `systemctl status`."""
+        svc = self.service
+        where = ", ".join(f"{k} {v}" for k, v in self.listening.items() if isinstance(v, str))
+        rules = f"rules {svc.ruleset.version}" if svc is not None else "no rules"
+        return f"{rules}; {where}"
 
     async def stop(self) -> None:
         """Close listeners, stop tasks, close the store (the embedded store writes its snapshot)."""
@@ -183,14 +209,21 @@ class Server:
             await self.service.store.close()
             self.service.warnings.flush()
         self.warn.flush()
+        if self.records is not None:
+            await self.records.close(self.settings.records_stop_timeout)
         log.info("stopped")
 
     async def run(self) -> None:
         """Start, wait for a stop signal, stop."""
         await self.start()
         self.install_signals()
+        sdnotify.ready(self.status())
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            self.tasks.append(asyncio.create_task(sdnotify.watchdog(interval)))
         await self.stop_event.wait()
         log.info("stopping")
+        sdnotify.stopping()
         await self.stop()
 
 

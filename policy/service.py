@@ -26,6 +26,7 @@ from policy import protocol as P
 from policy.auth import LOCAL, Peer, Tokens
 from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
+from policy.latency import LatencyHistogram
 from policy.notices import Notice, NoticeQueue
 from policy.plan import PlanEntry
 from policy.ratelimit_log import RateLimitedLog
@@ -37,6 +38,8 @@ log = structlog.get_logger("policy.service")
 #: (rule field name, attribute of the protocol's CallFields struct): `from` is a keyword
 _FIELD_ATTRS = tuple((name, "from_" if name == "from" else name) for name in REQUEST_FIELDS)
 Handler = Callable[[Any, Peer], Awaitable[dict[str, Any]]]
+#: Ends the proxy reports (BYE, CANCEL, a failure); any other reason is a release we decided.
+PROXY_END_REASONS = frozenset({"bye", "cancel", "failed"})
 
 
 class Limits:
@@ -82,6 +85,7 @@ class PolicyService:
         self.log_end = logs.hot_event("policy.service", "call_end", "debug")
         self.warnings = RateLimitedLog(log)  # what clients can cause: one line per interval, with a count
         self.last_dialogs: DialogStats | None = None  # refreshed by the sweep loop, for /metrics
+        self.check_latency = LatencyHistogram()  # every check's service time (dry runs aside), for /metrics
         self.notices = NoticeQueue(store, self.clock.now, max_age=max(default_timeout, self.limits.max_timeout))
         self.reconciler: Any = None  # policy.reconcile.Reconciler, when proxies can be asked
         self.on_call_end: list[Callable[[CallRecord, str, float], None]] = []
@@ -215,6 +219,8 @@ class PolicyService:
         if shadow:
             log.info("shadow_would_deny", call_id=call.call_id, from_tag=call.from_tag,
                      rules=[s["rule"] for s in shadow])
+        elapsed = time.perf_counter() - t0
+        self.check_latency.observe(elapsed)
         self.log_decision(
             call_id=call.call_id,
             from_tag=call.from_tag or None,
@@ -229,7 +235,7 @@ class PolicyService:
             limit=decision.limiting(res, plan),
             duplicate=res.duplicate or None,
             shadow=[s["rule"] for s in shadow] or None,
-            latency_ms=round((time.perf_counter() - t0) * 1000, 3),
+            latency_ms=round(elapsed * 1000, 3),
         )
         return body
 
@@ -239,10 +245,13 @@ class PolicyService:
         self.totals["store_" + body["decision"]] += 1
         for t in tallies:
             self.decisions[t] += 1
+        elapsed = time.perf_counter() - t0
+        self.check_latency.observe(elapsed)
         log.warning("decision", call_id=call.call_id, from_tag=call.from_tag or None,
-                    account=call.account or None, src_ip=fields.get("src_ip"), decision=body["decision"],
-                    code=body.get("code"), rule=body.get("rule"), store_error=str(exc),
-                    latency_ms=round((time.perf_counter() - t0) * 1000, 3))
+                    account=call.account or None, from_user=fields.get("from_user"),
+                    to_user=fields.get("to_user"), src_ip=fields.get("src_ip"), node=call.node or None,
+                    decision=body["decision"], code=body.get("code"), rule=body.get("rule"),
+                    store_error=str(exc), latency_ms=round(elapsed * 1000, 3))
         return body
 
     async def _dry_run(self, call: CallInfo, fields: dict[str, str], ruleset: Ruleset, now: float) -> dict[str, Any]:
@@ -339,9 +348,17 @@ class PolicyService:
         return {"released": True, "state": rec.state,
                 "profiles": [{"profile": p, "value": v} for p, v in rec.profiles]}
 
-    def ended(self, rec: CallRecord, reason: str, now: float) -> None:
-        """A call left the store (end, expiry, reconciliation): log it and tell the listeners."""
+    def ended(self, rec: CallRecord, reason: str, now: float, by: str | None = None) -> None:
+        """A call left the store (end, expiry, reconciliation): log it and tell the listeners.
+
+        Every end is a `call_end` line at debug; a release the proxy did not ask for (expiry,
+        an operator, reconciliation) is also a `call_released` line at info with the reason.
+        """
         self.log_end(call_id=rec.call_id, from_tag=rec.from_tag or None, reason=reason, state=rec.state)
+        if reason not in PROXY_END_REASONS:
+            log.info("call_released", call_id=rec.call_id, from_tag=rec.from_tag or None,
+                     account=rec.account or None, node=rec.node or None, state=rec.state, reason=reason,
+                     by=by)
         for listener in self.on_call_end:
             try:
                 listener(rec, reason, now)
@@ -402,8 +419,7 @@ class PolicyService:
         if req.call_id is not None:
             rec = await self.store.end(self._uid(req.call_id, req.from_tag), now, "admin")
             if rec is not None:
-                self.ended(rec, "admin", now)
-                log.info("call_released", call_id=rec.call_id, from_tag=rec.from_tag or None, by=peer.name)
+                self.ended(rec, "admin", now, by=peer.name)
             return {"released": 1 if rec is not None else 0}
         if req.profile is None:
             raise RequestError("missing_field", "'call_id' or 'profile' is required")
@@ -417,7 +433,7 @@ class PolicyService:
                 gone = await self.store.end(rec.uid, self.clock.now(), "admin")
                 if gone is not None:
                     released += 1
-                    self.ended(gone, "admin", now)
+                    self.ended(gone, "admin", now, by=peer.name)
             await asyncio.sleep(0)
         log.info("profile_released", profile=req.profile, value=req.value, calls=released, by=peer.name)
         return {"released": released}

@@ -79,10 +79,28 @@ class Settings:
     max_pending: int = 256
     # logging
     log_level: str = "info"
-    log_format: str = "auto"  # auto | json | console
+    log_format: str = "auto"  # auto | json | console | journald
     warn_interval: float = 10.0  # repeated warnings: one line per interval, with a count
+    log_timestamps: str = "iso"  # iso | epoch
     # metrics (Prometheus); None = off
     metrics: str | None = None
+    metrics_refresh: float = 10.0  # seconds between profile-size samples
+    metrics_top_n: int = 10  # per with-value profile: the N biggest values get a series
+    metrics_near_limit: float = 0.8  # values at >= this share of their limit get a series
+    metrics_max_values: int = 1000  # at most this many per-value series per profile
+    # call records (see policy/records.py); both sinks off by default
+    records_file: str | None = None
+    records_rotate_bytes: int = 0  # 0: no size rotation
+    records_rotate_seconds: float = 0.0  # 0: no time rotation
+    records_webhook: str | None = None
+    records_headers: dict[str, str] = field(default_factory=dict)
+    records_batch: int = 100
+    records_queue_max: int = 100_000
+    records_retry_max: float = 30.0  # the longest wait between two tries of a batch
+    records_timeout: float = 5.0  # one POST, connect to status line
+    records_spool: str = "run/records-spool.jsonl"
+    records_stop_timeout: float = 5.0  # at SIGTERM: time to deliver the queue before spooling it
+    records_type_profile: str = "type"  # the profile whose value is the record's `type`
     # evapi: Kamailio nodes to connect to ("host:port")
     evapi_nodes: list[str] = field(default_factory=list)
     evapi_reconnect_max: float = 5.0
@@ -159,9 +177,29 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "unix_reserve": ("unix_reserve", int),
         "max_pending": ("max_pending", int),
     },
-    "log": {"level": ("log_level", str), "format": ("log_format", str),
+    "log": {"level": ("log_level", str), "format": ("log_format", str), "timestamps": ("log_timestamps", str),
             "warn_interval": ("warn_interval", (int, float))},
-    "metrics": {"listen": ("metrics", (str, bool))},
+    "metrics": {
+        "listen": ("metrics", (str, bool)),
+        "refresh": ("metrics_refresh", (int, float)),
+        "top_n": ("metrics_top_n", int),
+        "near_limit": ("metrics_near_limit", (int, float)),
+        "max_values": ("metrics_max_values", int),
+    },
+    "records": {
+        "file": ("records_file", (str, bool)),
+        "rotate_bytes": ("records_rotate_bytes", int),
+        "rotate_seconds": ("records_rotate_seconds", (int, float)),
+        "webhook": ("records_webhook", (str, bool)),
+        "headers": ("records_headers", dict),
+        "batch": ("records_batch", int),
+        "queue_max": ("records_queue_max", int),
+        "retry_max": ("records_retry_max", (int, float)),
+        "timeout": ("records_timeout", (int, float)),
+        "spool": ("records_spool", str),
+        "stop_timeout": ("records_stop_timeout", (int, float)),
+        "type_profile": ("records_type_profile", str),
+    },
     "evapi": {"nodes": ("evapi_nodes", list), "reconnect_max": ("evapi_reconnect_max", (int, float))},
     "radius": {
         "auth": ("radius_auth", (str, bool)),
@@ -385,11 +423,52 @@ def validate(s: Settings) -> None:
             ipaddress.ip_network(net, strict=False)
         except (ValueError, TypeError):
             raise SettingsError(src, f"listen.udp_allow[{i}]", f"not an address or network: {net!r}") from None
-    if s.log_format not in ("auto", "json", "console"):
-        raise SettingsError(src, "log.format", "must be auto, json or console")
+    if s.log_format not in ("auto", "json", "console", "journald"):
+        raise SettingsError(src, "log.format", "must be auto, json, console or journald")
+    if s.log_timestamps not in ("iso", "epoch"):
+        raise SettingsError(src, "log.timestamps", "must be iso or epoch")
+    _validate_metrics(s)
+    _validate_records(s)
     if not (s.store == "embedded" or s.store == "redis" or s.store.startswith(("redis://", "rediss://",
                                                                               "unix://", "redis+sentinel://"))):
         raise SettingsError(src, "store.backend", f"must be 'embedded', 'redis' or a redis URL, not {s.store!r}")
+
+
+def _validate_metrics(s: Settings) -> None:
+    src = s.source
+    if s.metrics_refresh <= 0:
+        raise SettingsError(src, "metrics.refresh", "must be > 0")
+    if s.metrics_top_n < 0:
+        raise SettingsError(src, "metrics.top_n", "must be >= 0")
+    if not 0 < s.metrics_near_limit <= 1:
+        raise SettingsError(src, "metrics.near_limit", "must be > 0 and <= 1 (a share of the limit)")
+    if s.metrics_max_values < 0:
+        raise SettingsError(src, "metrics.max_values", "must be >= 0")
+
+
+def _validate_records(s: Settings) -> None:
+    src = s.source
+    if s.records_webhook is not None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(s.records_webhook)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise SettingsError(src, "records.webhook",
+                                f"must be an http:// or https:// URL, not {s.records_webhook!r}")
+    for name, value in s.records_headers.items():
+        if not isinstance(value, str) or any(c in name + value for c in "\r\n") or ":" in name:
+            raise SettingsError(src, f"records.headers.{name}", "must be a one-line string header")
+    for attr, key in (("records_rotate_bytes", "rotate_bytes"), ("records_rotate_seconds", "rotate_seconds")):
+        if getattr(s, attr) < 0:
+            raise SettingsError(src, f"records.{key}", "must be >= 0 (0 switches it off)")
+    if s.records_batch < 1:
+        raise SettingsError(src, "records.batch", "must be >= 1")
+    if s.records_queue_max < s.records_batch:
+        raise SettingsError(src, "records.queue_max", "must be >= records.batch")
+    for attr, key in (("records_retry_max", "retry_max"), ("records_timeout", "timeout"),
+                      ("records_stop_timeout", "stop_timeout")):
+        if getattr(s, attr) <= 0:
+            raise SettingsError(src, f"records.{key}", "must be > 0")
 
 
 def split_hostport(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
