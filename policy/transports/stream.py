@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from typing import Any, cast
 
 import structlog
@@ -169,14 +170,35 @@ async def serve_tcp(service: PolicyService, host: str, port: int, stats: Connect
 
 async def serve_unix(service: PolicyService, path: str, stats: ConnectionStats, *,
                      max_message: int, partial_timeout: float) -> asyncio.Server:
-    """Listen on a Unix stream socket (an old socket file is replaced)."""
+    """Listen on a Unix stream socket (a stale socket file is replaced, a live one is refused)."""
     import os
 
     loop = asyncio.get_running_loop()
     if os.path.exists(path):
-        os.unlink(path)
+        claim_unix_path(path)
     return await loop.create_unix_server(
         lambda: StreamProtocol(service, stats, max_message=max_message, partial_timeout=partial_timeout,
                                name="unix"),
         path,
     )
+
+
+def claim_unix_path(path: str) -> None:
+    """Remove a stale socket file at `path`; OSError if a running process still accepts on it."""
+    import os
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # nobody listens: a stale file left by a killed process
+    except OSError as exc:  # a full backlog (timeout), no permission...: not ours to remove
+        raise OSError(f"unix socket {path} is in use by a running service ({exc})") from None
+    else:
+        raise OSError(f"unix socket {path} is in use by a running service (it accepts connections)")
+    finally:
+        probe.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
