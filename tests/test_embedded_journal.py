@@ -460,3 +460,47 @@ async def test_full_disk_journal_keeps_its_lines_until_it_can_write(small_disk: 
     await r.start()
     assert sorted(r._calls) == copy_calls and len(copy_calls) == 60
     await r.close()
+
+
+async def test_sigterm_saves_what_the_journal_could_not_write(tmp_path: Path) -> None:
+    """The journal's device is full (its fd now points at /dev/full) but the snapshot's is not: the final
+    snapshot, written from memory, holds every change the journal had to keep buffered."""
+    path = tmp_path / "snap.json"
+    s = make(path)
+    await s.start()
+    await s.reserve(call("a"), [TOTAL], T0, 300, "k")
+    assert s.flush_journal()
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, s._journal._fd)  # type: ignore[union-attr]
+    os.close(full)
+    with capture_logs() as logs:
+        await s.answer("a", T0 + 1, 3600)
+        await s.reserve(call("b"), [TOTAL], T0 + 1, 300, "k")
+        assert not s.flush_journal()
+    [e] = [x for x in logs if x["event"] == "journal_write_failed"]
+    assert "No space left" in e["error"] and e["unwritten_bytes"] > 0
+    assert s.info()["journal_unwritten_bytes"] > 0
+    await s.close()
+    r = make(path, Clock(T0 + 2))
+    await r.start()
+    assert sorted(r._calls) == ["a", "b"] and r._calls["a"].state == "active"
+    await r.close()
+
+
+async def test_close_waits_for_a_running_compaction(tmp_path: Path) -> None:
+    """SIGTERM during a compaction: the child finishes first, then the final snapshot; no .tmp, nothing lost."""
+    path = tmp_path / "snap.json"
+    s = make(path)
+    await s.start()
+    for i in range(2000):
+        await s.reserve(call(f"c{i}"), [TOTAL], T0, 300, "k")
+    task = asyncio.create_task(s.compact())
+    await asyncio.sleep(0.01)
+    assert s._compacting is not None  # the child is running
+    await s.reserve(call("late"), [TOTAL], T0, 300, "k")
+    task.cancel()  # as Server.stop cancels the store's tasks
+    await s.close()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not snapshot.tmp_path(path).exists() and segments(path) == []
+    assert len(orjson.loads(path.read_bytes())["calls"]) == 2001

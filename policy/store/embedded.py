@@ -594,7 +594,7 @@ class EmbeddedStore(CounterStore):
             self._active += 1
         self._lease(rec, now, timeout)
         if self._journal is not None:
-            self._journal.answer(rec)
+            self._journal.answer(uid, rec)
         return rec
 
     async def refresh(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
@@ -605,7 +605,7 @@ class EmbeddedStore(CounterStore):
             return rec
         self._lease(rec, now, timeout)
         if self._journal is not None:
-            self._journal.refresh(rec)
+            self._journal.refresh(uid, rec)
         return rec
 
     async def end(self, uid: str, now: float, reason: str, token: str | None = None) -> CallRecord | None:

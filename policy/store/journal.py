@@ -275,13 +275,13 @@ class Journal:
         """A repeated check took the admission over."""
         self.append(_dumps(("t", uid, token), option=_NL))
 
-    def answer(self, rec: CallRecord) -> None:
+    def answer(self, uid: str, rec: CallRecord) -> None:
         """The call is answered, with its new lease."""
-        self.append(_dumps(("a", rec.uid, rec.start_ts, rec.timeout, rec.expires), option=_NL))
+        self.append(_dumps(("a", uid, rec.start_ts, rec.timeout, rec.expires), option=_NL))
 
-    def refresh(self, rec: CallRecord) -> None:
+    def refresh(self, uid: str, rec: CallRecord) -> None:
         """The call's lease was extended."""
-        self.append(_dumps(("f", rec.uid, rec.timeout, rec.expires), option=_NL))
+        self.append(_dumps(("f", uid, rec.timeout, rec.expires), option=_NL))
 
     def end(self, uid: str, reason: str) -> None:
         """The call was released."""
