@@ -495,12 +495,34 @@ async def test_close_waits_for_a_running_compaction(tmp_path: Path) -> None:
     for i in range(2000):
         await s.reserve(call(f"c{i}"), [TOTAL], T0, 300, "k")
     task = asyncio.create_task(s.compact())
-    await asyncio.sleep(0.01)
-    assert s._compacting is not None  # the child is running
+    for _ in range(500):
+        await asyncio.sleep(0.002)
+        if s._child is not None:
+            break
+    child = s._child
+    assert child is not None and child.poll() is None  # the child is running
     await s.reserve(call("late"), [TOTAL], T0, 300, "k")
     task.cancel()  # as Server.stop cancels the store's tasks
     await s.close()
+    assert child.returncode == 0  # it finished (and was reaped) before close() wrote the final snapshot
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not snapshot.tmp_path(path).exists() and segments(path) == []
     assert len(orjson.loads(path.read_bytes())["calls"]) == 2001
+
+
+def test_fsync_interval_setting(tmp_path: Path) -> None:
+    """`[store] fsync_interval` reaches the store; 0 or less is refused naming the key."""
+    from policy.clock import SystemClock
+    from policy.errors import SettingsError
+    from policy.settings import load_settings
+    from policy.store.factory import make_store
+
+    cfg = tmp_path / "service.toml"
+    cfg.write_text("[store]\nfsync_interval = 0.25\nsnapshot = \"snap.json\"\n")
+    store = make_store(load_settings(cfg), SystemClock())
+    assert isinstance(store, EmbeddedStore) and store._fsync_interval == 0.25
+    assert store._snapshot_path == tmp_path / "snap.json"
+    cfg.write_text("[store]\nfsync_interval = 0\n")
+    with pytest.raises(SettingsError, match="fsync_interval"):
+        load_settings(cfg)

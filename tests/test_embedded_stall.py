@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from policy import looplag
 from policy.looplag import LoopLagProbe
 from policy.store.base import CallInfo, PlanEntry
 from policy.store.embedded import EmbeddedStore
@@ -100,7 +101,8 @@ async def test_compaction_of_100k_calls_does_not_stall_the_loop(tmp_path: Path) 
 
 async def test_probe_sees_a_stall_of_our_own_making() -> None:
     """The probe is not blind: 60 ms of work on the loop shows in both the wall stall and the busy time."""
-    probe = LoopLagProbe(interval=0.002).start()
+    probe = LoopLagProbe(interval=0.002).start(register=True)
+    assert looplag.current() is probe
     await asyncio.sleep(0.02)
     probe.reset()
     end = time.thread_time() + 0.06
@@ -110,4 +112,4 @@ async def test_probe_sees_a_stall_of_our_own_making() -> None:
     figures = probe.read()
     probe.stop()
     assert figures["max_ms"] >= 50.0 and figures["busy_max_ms"] >= 50.0, figures
-    assert figures["samples"] >= 2 and not probe.running
+    assert figures["samples"] >= 2 and not probe.running and looplag.current() is None
