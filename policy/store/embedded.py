@@ -6,10 +6,10 @@ drops the leases that ended) plus a periodic sweep, so counts are right without 
 
 Durability (with a snapshot path; see `journal.py` and `snapshot.py` for the files):
 
-- every state change appends one line to the journal, written with one `write()` per loop
-  iteration: a SIGKILL loses only the changes of the iteration it interrupts (their replies
-  may have left, at most a fraction of a millisecond of work); a thread fsyncs every
-  `fsync_interval`, so a power loss loses at most that long;
+- every state change appends one line to the journal, written with one `write()` at the
+  start of the next loop iteration: a SIGKILL loses only the changes of the iteration it
+  interrupts (one read per ready connection; their replies may have left already); a thread
+  fsyncs every `fsync_interval`, so a power loss loses at most that long;
 - every `snapshot_interval`, if anything changed, the journal is rotated (O(1) on the loop)
   and a child process folds the last snapshot and the closed segments into a new snapshot:
   the loop never serializes the held calls;
