@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from policy.errors import PolicyError, RuleError, SettingsError
+from policy.errors import PolicyError, RuleError, SettingsError, SnapshotError
 from policy.settings import TOKEN_ENV, Settings, load_settings, load_tokens
 
 
@@ -69,6 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except RuleError as exc:
         print(f"callpolicy: rules not loaded: {exc}", file=sys.stderr)
         return 2
+    except SnapshotError as exc:  # raised by the store's close() at the stop, not at start
+        print(f"callpolicy: stopped with an error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"callpolicy: cannot start: {exc}", file=sys.stderr)
         return 1

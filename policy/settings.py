@@ -57,6 +57,7 @@ class Settings:
     store: str = "embedded"  # "embedded" or a redis URL / "redis"
     snapshot: str | None = "run/snapshot.json"
     snapshot_interval: float = 10.0
+    fsync_interval: float = 1.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "callpolicy"
     store_timeout: float = 0.05
@@ -154,6 +155,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "backend": ("store", str),
         "snapshot": ("snapshot", (str, bool)),
         "snapshot_interval": ("snapshot_interval", (int, float)),
+        "fsync_interval": ("fsync_interval", (int, float)),
         "url": ("redis_url", str),
         "prefix": ("redis_prefix", str),
         "timeout": ("store_timeout", (int, float)),
@@ -402,7 +404,7 @@ def validate(s: Settings) -> None:
             except ValueError as exc:
                 raise SettingsError(src, attr, str(exc)) from None
     for attr in ("early_timeout", "default_timeout", "store_timeout", "watch_interval", "sweep_interval",
-                 "warn_interval", "partial_timeout"):
+                 "warn_interval", "partial_timeout", "fsync_interval"):
         if getattr(s, attr) <= 0:
             raise SettingsError(src, attr, "must be > 0")
     if s.max_timeout is not None and s.max_timeout <= 0:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -48,7 +51,9 @@ def test_sigterm_snapshot_restores_every_call(tmp_path: Path) -> None:
     c.close()
     assert svc.stop(signal.SIGTERM) == 0
     snap = orjson.loads((tmp_path / "snapshot.json").read_bytes())
-    assert sorted(x["call_id"] for x in snap["calls"]) == ["a0", "a1", "a2"]
+    assert snap["version"] == 2  # calls are rows (field order: policy.store.snapshot.ROW_FIELDS)
+    assert sorted(x[0] for x in snap["calls"]) == ["a0", "a1", "a2"]
+    assert not list(tmp_path.glob("snapshot.json.journal.*"))  # folded into the final snapshot
     svc2 = ServiceProcess(workdir=tmp_path, config=write_config(tmp_path), port=svc.port).start()
     c = svc2.client()
     assert c.call("profile_size", profile="account", value="acme")["size"] == 3
@@ -63,26 +68,143 @@ def test_sigterm_snapshot_restores_every_call(tmp_path: Path) -> None:
     assert any(e["event"] == "snapshot_restored" and e["calls"] == 3 for e in svc2.log_events())
 
 
-def test_sigkill_loses_at_most_the_last_interval(tmp_path: Path) -> None:
-    """With periodic snapshots, a SIGKILL keeps every call admitted before the last snapshot."""
-    cfg = write_config(tmp_path, snapshot_interval=0.2)
+def test_sigkill_loses_no_end_or_answer_since_the_last_snapshot(tmp_path: Path) -> None:
+    """Ends, answers and checks after the last snapshot survive a SIGKILL: the journal holds them.
+
+    Before the journal, the ended a1 came back (holding a slot) and a0 came back unanswered.
+    """
+    cfg = write_config(tmp_path, snapshot_interval=3600)  # no compaction: only the journal can save them
     svc = ServiceProcess(workdir=tmp_path, config=cfg).start()
     c = svc.client()
-    for i in range(2):
-        assert check(c, f"k{i}", user=f"u{i}") == "allow"
+    for i in range(3):
+        assert check(c, f"a{i}", user=f"u{i}") == "allow"  # acme is full (cap 3)
     c.close()
-    deadline = time.monotonic() + 5
-    snap = tmp_path / "snapshot.json"
-    while time.monotonic() < deadline:
-        if snap.exists() and len(orjson.loads(snap.read_bytes())["calls"]) == 2:
-            break
-        time.sleep(0.05)
+    assert svc.stop(signal.SIGTERM) == 0  # the last snapshot: a0..a2, all early
+
+    svc = ServiceProcess(workdir=tmp_path, config=cfg, port=svc.port).start()
+    c = svc.client()
+    assert c.call("answer", call_id="a0")["ok"]
+    assert c.call("end", call_id="a1")["released"] is True
+    assert check(c, "a3", user="u3") == "allow"
+    assert c.call("ping")["ok"]  # answered after the last change: its journal line has been written
+    c.close()
+    [seg] = tmp_path.glob("snapshot.json.journal.*")
+    assert seg.stat().st_size > 0
     svc.stop(signal.SIGKILL)
-    svc2 = ServiceProcess(workdir=tmp_path, config=cfg, port=svc.port).start()
-    c = svc2.client()
-    assert c.call("profile_size", profile="account", value="acme")["size"] == 2
+
+    svc = ServiceProcess(workdir=tmp_path, config=cfg, port=svc.port).start()
+    c = svc.client()
+    calls = {x["call_id"]: x["state"] for x in c.call("profile_list", profile="account", value="acme")["calls"]}
+    assert calls == {"a0": "active", "a2": "early", "a3": "early"}
+    assert check(c, "a4", user="u4") == "deny"
+    stats = c.call("stats")["dialogs"]
+    assert (stats["processed_dialogs"], stats["active_dialogs"], stats["early_dialogs"]) == (4, 1, 2)
     c.close()
-    svc2.stop()
+    svc.stop()
+    restored = [e for e in svc.log_events() if e["event"] == "snapshot_restored"][-1]  # the log is appended to
+    assert restored["journal_lines"] == 3 and restored["calls"] == 3
+    for name in ("snapshot.json", "snapshot.json.lock"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+
+
+def test_second_instance_on_the_same_snapshot_is_refused(tmp_path: Path) -> None:
+    """Two processes never share one state: the second exits non-zero naming the snapshot and the holder."""
+    cfg = write_config(tmp_path)
+    svc = ServiceProcess(workdir=tmp_path, config=cfg).start()
+    assert svc.proc is not None
+    r = cli("--config", str(cfg), "serve", "--rules", str(ROOT / "rules"), "--listen", "127.0.0.1:0",
+            "--unix", "none", "--snapshot", svc.snapshot, "--metrics", "none", "--log-format", "json")
+    assert r.returncode == 1
+    assert (f"callpolicy: cannot start: snapshot {svc.snapshot} is in use by a running service "
+            f"(pid {svc.proc.pid} holds {svc.snapshot}.lock)") in r.stderr
+    c = svc.client()
+    assert c.call("ping")["ok"]
+    c.close()
+    assert svc.stop() == 0
+
+
+def test_live_unix_socket_is_never_taken_over_and_a_stale_one_is_replaced(tmp_path: Path) -> None:
+    """A second service refuses a Unix socket a live one answers on; a killed one's stale file is replaced."""
+    cfg = write_config(tmp_path)
+    svc = ServiceProcess(workdir=tmp_path, config=cfg).start()
+    r = cli("--config", str(cfg), "serve", "--rules", str(ROOT / "rules"), "--listen", "127.0.0.1:0",
+            "--unix", svc.unix, "--snapshot", "none", "--metrics", "none", "--log-format", "json")
+    assert r.returncode == 1
+    assert f"callpolicy: cannot start: unix socket {svc.unix} is in use by a running service" in r.stderr
+    c = LineClient(unix=svc.unix)
+    assert c.call("ping")["ok"]  # still the first one's socket
+    c.close()
+    svc.stop(signal.SIGKILL)
+    assert os.path.exists(svc.unix)  # stale: nobody accepts on it
+    svc2 = ServiceProcess(workdir=tmp_path, config=cfg).start()
+    c = LineClient(unix=svc2.unix)
+    assert c.call("ping")["ok"]
+    c.close()
+    assert svc2.stop() == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a real full disk (mounting needs root; skipped otherwise)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write a file until the file system says ENOSPC."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 1024)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_at_shutdown_exits_non_zero_and_loses_nothing(tmp_path: Path, small_disk: Path) -> None:
+    """ENOSPC on the final snapshot: exit 1 with a clear line (not "cannot start"), no .tmp, and the
+    next start restores every call from the previous snapshot and the journal."""
+    cfg = write_config(tmp_path)
+    svc = ServiceProcess(workdir=tmp_path, config=cfg)
+    svc.snapshot = str(small_disk / "snapshot.json")
+    svc.start()
+    c = svc.client()
+    for i in range(3):
+        assert check(c, f"d{i}", user=f"u{i}") == "allow"
+    c.call("answer", call_id="d0")
+    c.call("end", call_id="d1")
+    assert c.call("ping")["ok"]
+    c.close()
+    filler = fill_disk(small_disk)
+    assert svc.stop(signal.SIGTERM) == 1
+    out = svc.log()
+    assert (f"callpolicy: stopped with an error: final snapshot {svc.snapshot} not written: [Errno 28] "
+            "No space left on device; the journal is kept and the next start replays it: nothing is lost") in out
+    assert "cannot start" not in out
+    [failed] = [e for e in svc.log_events() if e["event"] == "snapshot_write_failed"]
+    assert failed["path"] == svc.snapshot and "No space left" in failed["error"] and failed["final"] is True
+    assert not [p.name for p in small_disk.iterdir() if p.name.endswith(".tmp")]
+    filler.unlink()
+
+    svc = ServiceProcess(workdir=tmp_path, config=cfg, port=svc.port)
+    svc.snapshot = str(small_disk / "snapshot.json")
+    svc.start()
+    c = svc.client()
+    calls = {x["call_id"]: x["state"] for x in c.call("profile_list", profile="account", value="acme")["calls"]}
+    assert calls == {"d0": "active", "d2": "early"}
+    c.close()
+    assert svc.stop() == 0
 
 
 def test_corrupt_snapshot_is_set_aside(tmp_path: Path) -> None:

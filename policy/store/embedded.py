@@ -1,17 +1,36 @@
-"""The embedded (in-process) counter store, with snapshots for restarts.
+"""The embedded (in-process) counter store, durable through a journal and snapshots.
 
 Everything runs on the event loop thread and no method awaits before it has finished its
 work, so each operation is atomic by construction. Expiry is lazy (every operation first
 drops the leases that ended) plus a periodic sweep, so counts are right without timers.
+
+Durability (with a snapshot path; see `journal.py` and `snapshot.py` for the files):
+
+- every state change appends one line to the journal, written with one `write()` at the
+  start of the next loop iteration: a SIGKILL loses only the changes of the iteration it
+  interrupts (one read per ready connection; their replies may have left already); a thread
+  fsyncs every `fsync_interval`, so a power loss loses at most that long;
+- every `snapshot_interval`, if anything changed, the journal is rotated (O(1) on the loop)
+  and a child process folds the last snapshot and the closed segments into a new snapshot:
+  the loop never serializes the held calls;
+- on `close` (SIGTERM) a final snapshot is written from memory; if that fails the journal is
+  kept, so the next start loses nothing, and `close` raises SnapshotError;
+- at start: snapshot, then the journal segments in order (a torn last line is tolerated),
+  leases that ended are dropped, and a fresh snapshot replaces the replayed segments;
+- one process per state: an exclusive flock on `S.lock` for the process's life.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import os
-from collections.abc import Callable, Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +38,8 @@ import orjson
 import structlog
 
 from policy.errors import SnapshotError, StoreError
+from policy.store import journal as journal_mod
+from policy.store import snapshot as snapshot_mod
 from policy.store.base import (
     FAILED_REASONS,
     MAX_PAGE,
@@ -30,11 +51,14 @@ from policy.store.base import (
     PlanEntry,
     ReserveResult,
 )
+from policy.store.journal import Journal
+from policy.store.snapshot import SNAPSHOT_VERSION, StateInUseError, StateLock
 
 log = structlog.get_logger("policy.store.embedded")
 
 ProfileKey = tuple[str, str | None]
-SNAPSHOT_VERSION = 1
+
+__all__ = ["SNAPSHOT_VERSION", "EmbeddedStore", "StateInUseError"]
 
 
 class EmbeddedStore(CounterStore):
@@ -48,7 +72,10 @@ class EmbeddedStore(CounterStore):
         *,
         snapshot_path: str | os.PathLike[str] | None = None,
         snapshot_interval: float = 10.0,
+        fsync_interval: float = 1.0,
         clock: Callable[[], float] | None = None,
+        compaction_timeout: float = 300.0,
+        close_wait: float = 30.0,
     ) -> None:
         self._calls: dict[str, CallRecord] = {}  # uid -> record
         # indexes, each member -> the sequence number it was indexed under (see _page):
@@ -65,39 +92,373 @@ class EmbeddedStore(CounterStore):
         self._failed = 0
         self._snapshot_path = Path(snapshot_path) if snapshot_path else None
         self._snapshot_interval = snapshot_interval
+        self._fsync_interval = fsync_interval
+        self._compaction_timeout = compaction_timeout
+        self._close_wait = close_wait
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
-        self._dirty = False
+        self._journal: Journal | None = None
+        self._lock: StateLock | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._compacting: asyncio.Future[dict[str, Any]] | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._closed_segments: dict[int, int] = {}  # closed, not yet folded: segment -> bytes
+        self._closed = False
+        # figures for info()
+        self._restarts: dict[str, int] = {}
+        self._snap: dict[str, Any] = {
+            "last_snapshot_ts": None, "last_snapshot_s": None, "last_snapshot_calls": None,
+            "last_snapshot_bytes": None, "last_compaction_s": None, "compactions": 0,
+            "snapshot_failures": 0, "last_snapshot_error": "", "fsync_failures": 0,
+        }
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restore the snapshot (if any) and start the periodic snapshot task."""
-        if self._snapshot_path is not None:
-            now = self._clock() if self._clock else _time()
-            self.restore(self._snapshot_path, now)
-            if self._snapshot_interval > 0:
-                self._task = asyncio.get_running_loop().create_task(self._snapshot_loop())
+        """Lock the state, restore it (snapshot + journal), start the fsync and compaction loops."""
+        path = self._snapshot_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = StateLock(path)
+        lock.acquire()  # StateInUseError (an OSError) names the path: `serve` cannot start
+        self._lock = lock
+        try:
+            self._restore(path, self._clock() if self._clock else time.time())
+        except BaseException:
+            lock.release()
+            raise
+        if self._fsync_interval > 0:
+            self._spawn("journal_fsync", self._fsync_loop)
+        if self._snapshot_interval > 0:
+            self._spawn("compactor", self._compaction_loop)
 
     async def close(self) -> None:
-        """Stop the snapshot task and write a final snapshot."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._snapshot_path is not None:
-            self.write_snapshot(self._snapshot_path)
+        """Stop the loops, write a final snapshot from memory, release the state.
 
-    async def _snapshot_loop(self) -> None:
-        assert self._snapshot_path is not None
+        Raises SnapshotError when the final snapshot cannot be written; the journal is then
+        kept (written and fsync'ed), so the next start replays it and loses nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self._wait_compaction()
+        try:
+            if self._journal is not None and self._snapshot_path is not None:
+                self._final_snapshot(self._snapshot_path, self._journal)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _final_snapshot(self, path: Path, j: Journal) -> None:
+        t0 = time.perf_counter()
+        j.flush()
+        try:
+            data = self._encode(j.seq)
+            snapshot_mod.write_atomic(path, data)
+        except OSError as exc:
+            journal_ok = True
+            try:
+                journal_ok = j.close()
+            except OSError as jexc:
+                journal_ok = False
+                log.error("journal_fsync_failed", path=str(path), error=str(jexc))
+            segments = [str(p) for _, p in journal_mod.list_segments(path)]
+            self._snap["snapshot_failures"] += 1
+            self._snap["last_snapshot_error"] = str(exc)
+            log.error("snapshot_write_failed", path=str(path), error=str(exc), final=True,
+                      journal_kept=segments, journal_unwritten_bytes=j.unwritten_bytes)
+            if journal_ok:
+                lost = "the journal is kept and the next start replays it: nothing is lost"
+            else:
+                lost = (f"the journal could not be written either ({j.unwritten_bytes} bytes, "
+                        f"{j.last_write_error}): the changes since its last write are lost")
+            raise SnapshotError(f"final snapshot {path} not written: {exc}; {lost}") from exc
+        with contextlib.suppress(OSError):  # the snapshot is durable: the journal is spare
+            j.close()
+        for _seq, seg in journal_mod.list_segments(path):
+            if _seq <= j.seq:
+                with contextlib.suppress(OSError):
+                    os.unlink(seg)
+        with contextlib.suppress(OSError):
+            snapshot_mod.fsync_dir(path.parent)
+        self._journal = None
+        log.info("snapshot_written", path=str(path), calls=len(self._calls), bytes=len(data), final=True,
+                 duration_s=round(time.perf_counter() - t0, 6))
+
+    def _spawn(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        self._restarts.setdefault(name, 0)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(name, body),
+                                                                  name=f"embedded-{name}"))
+
+    async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop; if it fails, log the traceback and restart it with backoff."""
+        delay = 0.1
+        while True:
+            started = time.monotonic()
+            try:
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._restarts[name] += 1
+                if time.monotonic() - started > 60.0:
+                    delay = 0.1  # it ran fine for a while: a fresh failure, not a crash loop
+                log.error("background_task_failed", task=name, restarts=self._restarts[name],
+                          retry_in_s=delay, exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2.0, 30.0)
+
+    async def _fsync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._fsync_interval)
+            j = self._journal
+            if j is not None and j.unsynced:
+                try:
+                    await asyncio.to_thread(j.sync)
+                except OSError as exc:
+                    self._snap["fsync_failures"] += 1
+                    log.error("journal_fsync_failed", path=str(self._snapshot_path), error=str(exc))
+
+    async def _compaction_loop(self) -> None:
         while True:
             await asyncio.sleep(self._snapshot_interval)
-            if self._dirty:
+            j = self._journal
+            if j is not None and (j.segment_bytes or j.unwritten_bytes or self._closed_segments):
+                await self.compact()
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    async def compact(self) -> bool:
+        """Rotate the journal and fold it into a new snapshot in a child process; True if written.
+
+        The loop only flushes the journal and opens the next segment; the fold, the write and
+        the fsyncs happen in the child, which reads files, never this process's memory.
+        """
+        j, path = self._journal, self._snapshot_path
+        if j is None or path is None or self._compacting is not None:
+            return False
+        size = j.segment_bytes + j.unwritten_bytes
+        through = j.rotate()
+        if through is None:
+            log.warning("compaction_skipped", path=str(path), reason=j.last_write_error)
+            return False
+        self._closed_segments[through] = size
+        t0 = time.perf_counter()
+        fut = asyncio.get_running_loop().run_in_executor(None, self._fold, path, j, through)
+        fut.add_done_callback(_consume)
+        self._compacting = fut
+        try:
+            summary = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            raise  # close() waits for the child itself
+        except (OSError, SnapshotError) as exc:
+            self._compacting = None
+            self._snap["snapshot_failures"] += 1
+            self._snap["last_snapshot_error"] = str(exc)
+            log.error("snapshot_write_failed", path=str(path), error=str(exc), final=False,
+                      journal_kept=sorted(self._closed_segments))
+            return False
+        self._compacting = None
+        for seq in [s for s in self._closed_segments if s <= int(summary["through"])]:
+            del self._closed_segments[seq]
+        self._snap.update(
+            last_snapshot_ts=time.time(), last_snapshot_s=summary["duration_s"],
+            last_snapshot_calls=summary["calls"], last_snapshot_bytes=summary["bytes"],
+            last_compaction_s=round(time.perf_counter() - t0, 6),
+            compactions=self._snap["compactions"] + 1, last_snapshot_error="")
+        log.debug("snapshot_written", path=str(path), final=False, **summary)
+        return True
+
+    def _fold(self, path: Path, j: Journal, through: int) -> dict[str, Any]:
+        """(In a thread.) Make the closed segments durable, then run the compaction child."""
+        j.sync()
+        root = str(Path(__file__).resolve().parent.parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cmd = [sys.executable, "-P", "-m", "policy.store.snapshot", "compact", str(path), str(through),
+               str(os.getpid())]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, close_fds=True)
+        self._child = proc
+        try:
+            try:
+                out, err = proc.communicate(timeout=self._compaction_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise SnapshotError(f"compaction took over {self._compaction_timeout} s and was killed") from None
+        finally:
+            self._child = None
+            if proc.returncode != 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(snapshot_mod.tmp_path(path))
+        try:
+            summary: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+        except (IndexError, orjson.JSONDecodeError):
+            raise SnapshotError(f"compaction exited {proc.returncode}: "
+                                f"{err.decode(errors='replace').strip()[-500:]}") from None
+        if proc.returncode != 0 or not summary.get("ok"):
+            raise SnapshotError(str(summary.get("error") or f"compaction exited {proc.returncode}"))
+        return summary
+
+    async def _wait_compaction(self) -> None:
+        """Let a running compaction finish (bounded), so no child writes after us."""
+        fut = self._compacting
+        if fut is None:
+            return
+        if not fut.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self._close_wait)
+            except TimeoutError:
+                child = self._child
+                if child is not None:
+                    with contextlib.suppress(OSError):
+                        child.kill()
+                await asyncio.wait([fut])
+            except Exception:  # its failure was logged by compact()
+                pass
+        self._compacting = None
+
+    def _encode(self, through: int) -> bytes:
+        """A snapshot of memory, covering the journal up to segment `through`."""
+        rows = [snapshot_mod.record_to_row(r) for r in self._calls.values()]
+        return snapshot_mod.encode(rows, self._processed, self._expired, self._failed, through)
+
+    def _restore(self, path: Path, now: float) -> None:
+        """Load the snapshot, replay the journal, drop ended leases, write a fresh snapshot, open the journal."""
+        tmp = snapshot_mod.tmp_path(path)
+        if tmp.exists():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            log.warning("snapshot_tmp_removed", path=str(tmp))
+        gc_was = gc.isenabled()
+        gc.disable()  # hundreds of thousands of small containers: the collector would triple the time
+        try:
+            state = self._read_snapshot(path, now)
+            replayed: list[int] = []
+            lines = 0
+            for seq, seg in journal_mod.list_segments(path):
+                if seq <= state.through:  # folded already; its deletion did not finish
+                    with contextlib.suppress(OSError):
+                        os.unlink(seg)
+                    continue
                 try:
-                    self.write_snapshot(self._snapshot_path)
+                    report = journal_mod.replay(seg, state)
                 except OSError as exc:
-                    log.error("snapshot_write_failed", path=str(self._snapshot_path), error=str(exc))
+                    log.error("journal_unreadable", path=str(seg), error=str(exc))
+                    continue
+                replayed.append(seq)
+                lines += report.lines
+                if report.torn_bytes:
+                    log.warning("journal_tail_torn", path=str(seg), bytes=report.torn_bytes)
+                if report.bad_lines:
+                    log.error("journal_lines_skipped", path=str(seg), count=report.bad_lines,
+                              first=report.first_bad)
+            dropped = self._load_state(state, now)
+        finally:
+            if gc_was:
+                gc.enable()
+        through = max([state.through, *replayed])
+        unjournaled_drops: list[str] = []
+        if replayed or dropped or state.version != SNAPSHOT_VERSION:
+            t0 = time.perf_counter()
+            try:
+                data = self._encode(through)
+                snapshot_mod.write_atomic(path, data)
+            except OSError as exc:  # keep the segments: the first compaction folds them
+                self._snap["snapshot_failures"] += 1
+                self._snap["last_snapshot_error"] = str(exc)
+                log.error("snapshot_write_failed", path=str(path), error=str(exc), final=False, at_start=True)
+                unjournaled_drops = dropped
+                for seq in replayed:
+                    with contextlib.suppress(OSError):
+                        self._closed_segments[seq] = journal_mod.segment_path(path, seq).stat().st_size
+            else:
+                for seq in replayed:
+                    with contextlib.suppress(OSError):
+                        os.unlink(journal_mod.segment_path(path, seq))
+                self._snap.update(last_snapshot_ts=time.time(), last_snapshot_calls=len(self._calls),
+                                  last_snapshot_bytes=len(data),
+                                  last_snapshot_s=round(time.perf_counter() - t0, 6))
+        j = Journal(path, through + 1, on_write_error=self._journal_failed,
+                    on_write_recovered=self._journal_recovered)
+        j.open()
+        self._journal = j
+        for uid in unjournaled_drops:  # the drops must survive a restart that replays the old segments
+            j.expire(uid)
+        log.info("snapshot_restored", path=str(path), calls=len(self._calls), expired=len(dropped),
+                 journal_segments=len(replayed), journal_lines=lines)
+
+    def _read_snapshot(self, path: Path, now: float) -> snapshot_mod.State:
+        if not path.exists():
+            log.info("snapshot_absent", path=str(path))
+            return snapshot_mod.State()
+        try:
+            return snapshot_mod.read(path)
+        except (OSError, SnapshotError) as exc:
+            aside = path.with_name(f"{path.name}.corrupt-{int(now)}")
+            with contextlib.suppress(OSError):
+                os.replace(path, aside)
+            log.error("snapshot_unreadable", path=str(path), moved_to=str(aside), error=str(exc))
+            return snapshot_mod.State()
+
+    def _load_state(self, state: snapshot_mod.State, now: float) -> list[str]:
+        """Replace memory with `state`, dropping calls whose lease ended; the uids dropped."""
+        self._calls.clear()
+        self._keys.clear()
+        self._profiles.clear()
+        self._values.clear()
+        self._nodes.clear()
+        self._heap.clear()
+        self._active = 0
+        dropped: list[str] = []
+        bad = 0
+        for uid, row in state.calls.items():
+            try:
+                rec = snapshot_mod.row_to_record(row)
+            except ValueError as exc:
+                bad += 1
+                if bad == 1:
+                    log.error("snapshot_call_skipped", path=str(self._snapshot_path), error=str(exc))
+                continue
+            if rec.expires <= now:
+                dropped.append(uid)
+                continue
+            self._add(rec)
+        self._processed, self._expired, self._failed = state.processed, state.expired + len(dropped), state.failed
+        return dropped
+
+    def _journal_failed(self, exc: OSError, unwritten: int) -> None:
+        log.error("journal_write_failed", path=str(self._snapshot_path), error=str(exc), unwritten_bytes=unwritten)
+
+    def _journal_recovered(self, errors: int) -> None:
+        log.warning("journal_write_recovered", path=str(self._snapshot_path), errors=errors)
+
+    def flush_journal(self) -> bool:
+        """Write the buffered journal lines now (they are otherwise written at the end of this loop
+        iteration); True when nothing is left unwritten."""
+        return self._journal.flush() if self._journal is not None else True
+
+    def info(self) -> dict[str, Any]:
+        """Calls held, journal and snapshot figures, background-task restarts (cheap, no I/O)."""
+        out: dict[str, Any] = {"calls": len(self._calls)}
+        j = self._journal
+        if self._snapshot_path is not None:
+            out["snapshot_path"] = str(self._snapshot_path)
+            out.update(self._snap)
+        if j is not None:
+            out.update(j.info())
+            out["journal_segments"] = len(self._closed_segments) + 1
+            out["journal_bytes"] = sum(self._closed_segments.values()) + j.segment_bytes
+        out["task_restarts"] = dict(self._restarts)
+        return out
 
     # -- internals ---------------------------------------------------------------------
     #
@@ -141,7 +502,6 @@ class EmbeddedStore(CounterStore):
         self._unindex(self._nodes, rec.node, uid)
         if rec.state == "active":
             self._active -= 1
-        self._dirty = True
 
     def _size(self, key: ProfileKey) -> int:
         members = self._keys.get(key)
@@ -151,7 +511,6 @@ class EmbeddedStore(CounterStore):
         rec.timeout = timeout
         rec.expires = now + timeout
         heapq.heappush(self._heap, (rec.expires, rec.uid))
-        self._dirty = True
 
     def _add(self, rec: CallRecord) -> None:
         uid = rec.uid
@@ -173,7 +532,6 @@ class EmbeddedStore(CounterStore):
         if rec.state == "active":
             self._active += 1
         heapq.heappush(self._heap, (rec.expires, uid))
-        self._dirty = True
 
     def _token_ok(self, rec: CallRecord, token: str | None) -> bool:
         return not token or rec.token == token
@@ -193,8 +551,10 @@ class EmbeddedStore(CounterStore):
             current = [self._size(e.key) for e in plan]
             if not held.same_call(call):
                 return ReserveResult(False, False, None, current, held, True)
-            held.token = token  # a later attempt takes the admission over
-            self._dirty = True
+            if held.token != token:
+                held.token = token  # a later attempt takes the admission over
+                if self._journal is not None:
+                    self._journal.token(uid, token)
             return ReserveResult(True, True, None, current, held)
         index = self._keys
         sizes: list[int] = []
@@ -216,6 +576,8 @@ class EmbeddedStore(CounterStore):
                          dict(call.vars) if call.vars else {})
         self._add(rec)
         self._processed += 1
+        if self._journal is not None:
+            self._journal.reserve(rec)
         if len(keys) != len(plan):  # a key listed twice: count the call once
             return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec)
         return ReserveResult(True, False, None, [n + 1 for n in sizes], rec)
@@ -231,6 +593,8 @@ class EmbeddedStore(CounterStore):
             rec.start_ts = now
             self._active += 1
         self._lease(rec, now, timeout)
+        if self._journal is not None:
+            self._journal.answer(uid, rec)
         return rec
 
     async def refresh(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
@@ -240,6 +604,8 @@ class EmbeddedStore(CounterStore):
         if rec is None or not self._token_ok(rec, token):
             return rec
         self._lease(rec, now, timeout)
+        if self._journal is not None:
+            self._journal.refresh(uid, rec)
         return rec
 
     async def end(self, uid: str, now: float, reason: str, token: str | None = None) -> CallRecord | None:
@@ -249,6 +615,8 @@ class EmbeddedStore(CounterStore):
         if rec is None or not self._token_ok(rec, token):
             return rec
         self._remove(rec)
+        if self._journal is not None:
+            self._journal.end(uid, reason)
         if reason in FAILED_REASONS:
             self._failed += 1
         elif reason == "timeout":
@@ -265,7 +633,8 @@ class EmbeddedStore(CounterStore):
             rec.vars.pop(name, None)
         else:
             rec.vars[name] = value
-        self._dirty = True
+        if self._journal is not None:
+            self._journal.set_var(uid, name, value)
         return rec
 
     async def get_call(self, uid: str, now: float) -> CallRecord | None:
@@ -342,80 +711,9 @@ class EmbeddedStore(CounterStore):
         expired, self._expired_pending = self._expired_pending, []
         return expired
 
-    # -- snapshots -----------------------------------------------------------------------
-
-    def dump(self) -> dict[str, Any]:
-        """Everything needed to restore the held calls and counters."""
-        return {
-            "version": SNAPSHOT_VERSION,
-            "stats": {
-                "processed_dialogs": self._processed,
-                "expired_dialogs": self._expired,
-                "failed_dialogs": self._failed,
-            },
-            "calls": [r.to_json() for r in self._calls.values()],
-        }
-
-    def load(self, data: Any, now: float) -> tuple[int, int]:
-        """Replace the state with a dump; drop calls whose lease ended. Returns (kept, dropped)."""
-        if not isinstance(data, dict) or data.get("version") != SNAPSHOT_VERSION:
-            raise SnapshotError(f"unsupported snapshot (version {data.get('version')!r})"
-                                if isinstance(data, dict) else "snapshot is not a JSON object")
-        try:
-            records = [CallRecord.from_json(c) for c in data["calls"]]
-            stats = data["stats"]
-            processed = int(stats["processed_dialogs"])
-            expired = int(stats["expired_dialogs"])
-            failed = int(stats["failed_dialogs"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SnapshotError(f"malformed snapshot: {exc!r}") from exc
-        self._calls.clear()
-        self._keys.clear()
-        self._profiles.clear()
-        self._values.clear()
-        self._nodes.clear()
-        self._heap.clear()
-        self._active = 0
-        kept = dropped = 0
-        for rec in records:
-            if rec.expires <= now:
-                dropped += 1
-                continue
-            self._add(rec)
-            kept += 1
-        self._processed, self._expired, self._failed = processed, expired + dropped, failed
-        return kept, dropped
-
-    def write_snapshot(self, path: Path) -> None:
-        """Write the state atomically (temp file, fsync, rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(orjson.dumps(self.dump()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        self._dirty = False
-        log.debug("snapshot_written", path=str(path), calls=len(self._calls))
-
-    def restore(self, path: Path, now: float) -> None:
-        """Load a snapshot if there is one; set a bad one aside and start empty."""
-        if not path.exists():
-            log.info("snapshot_absent", path=str(path))
-            return
-        try:
-            data = orjson.loads(path.read_bytes())
-            kept, dropped = self.load(data, now)
-        except (OSError, orjson.JSONDecodeError, SnapshotError) as exc:
-            aside = path.with_name(f"{path.name}.corrupt-{int(now)}")
-            with contextlib.suppress(OSError):
-                os.replace(path, aside)
-            log.error("snapshot_unreadable", path=str(path), moved_to=str(aside), error=str(exc))
-            return
-        log.info("snapshot_restored", path=str(path), calls=kept, expired=dropped)
 
 
-def _time() -> float:
-    import time
-
-    return time.time()
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's outcome, so a failure nobody awaited is not reported twice."""
+    if not fut.cancelled():
+        fut.exception()

@@ -14,6 +14,7 @@ def make_store(settings: Settings, clock: Clock) -> CounterStore:
         return EmbeddedStore(
             snapshot_path=settings.path(settings.snapshot),
             snapshot_interval=settings.snapshot_interval,
+            fsync_interval=settings.fsync_interval,
             clock=clock.now,
         )
     from policy.store.redis import RedisStore

@@ -424,12 +424,31 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None) -> socket.
 
 async def serve_unix(service: PolicyService, path: str, stats: ConnectionStats, *, limits: StreamLimits,
                      access: UnixAccess, mode: int = 0o660, group: int | None = None) -> asyncio.Server:
-    """Listen on a Unix stream socket (an old socket file is replaced), created with `mode`/`group`."""
+    """Listen on a Unix stream socket created with `mode`/`group` (a stale socket file is
+    replaced, a live one is refused)."""
     loop = asyncio.get_running_loop()
     if os.path.exists(path):
-        os.unlink(path)
+        claim_unix_path(path)
     sock = bind_unix(path, mode, group)
     identify = _unix_identify(access)
     return await loop.create_unix_server(
         lambda: StreamProtocol(service, stats, limits, identify, name="unix"), sock=sock,
     )
+
+
+def claim_unix_path(path: str) -> None:
+    """Remove a stale socket file at `path`; OSError if a running process still accepts on it."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # nobody listens: a stale file left by a killed process
+    except OSError as exc:  # a full backlog (timeout), no permission...: not ours to remove
+        raise OSError(f"unix socket {path} is in use by a running service ({exc})") from None
+    else:
+        raise OSError(f"unix socket {path} is in use by a running service (it accepts connections)")
+    finally:
+        probe.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
