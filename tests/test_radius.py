@@ -15,10 +15,16 @@ import pytest
 from pyrad import packet as rp
 from pyrad.dictionary import Dictionary
 
+from policy.auth import LOCAL, Peer
+from policy.clock import ManualClock
 from policy.errors import SettingsError
 from policy.radius import DICTIONARY
+from policy.radius.adapter import Mapping
+from policy.radius.clients import ClientTable
+from policy.radius.packet import check as check_packet
+from policy.radius.packet import parse as parse_packet
 from policy.settings import RadiusClient
-from policy.transports.radius import ClientTable, Mapping, check_packet, parse_packet
+from policy.store.embedded import EmbeddedStore
 from tests.helpers import RULES, ServiceProcess, free_port
 
 SECRET = "testing123"
@@ -330,6 +336,7 @@ def _auth_bytes(r: Radius, call_id: str = "mal") -> bytes:
     pkt = rp.AuthPacket(secret=SECRET.encode(), dict=r.dict)
     pkt["User-Name"] = "acme"
     pkt["Acct-Session-Id"] = call_id
+    pkt.add_message_authenticator()
     return bytes(pkt.RequestPacket())
 
 
@@ -404,12 +411,11 @@ def test_mapping_defaults_and_overrides() -> None:
     pkt["NAS-IP-Address"] = "192.0.2.7"
     pkt["Sip-URI-User"] = "alice"
     attrs = parse_packet(pkt.RequestPacket())
-    assert not isinstance(attrs, str)
-    assert Mapping(d, {}).fields(attrs.attrs) == {"call_id": "c1", "account": "acme", "from": "sip:a@x",
-                                         "to": "sip:b@y", "src_ip": "192.0.2.7"}
+    assert Mapping(d, {}).fields(attrs.attrs) == {"call_id": "c1", "account": "acme", "from_": "sip:a@x",
+                                                  "to": "sip:b@y", "src_ip": "192.0.2.7"}
     m = Mapping(d, {"Sip-URI-User": "account", "User-Name": "attrs.user", "NAS-IP-Address": ""})
-    assert m.fields(attrs.attrs) == {"call_id": "c1", "account": "alice", "from": "sip:a@x", "to": "sip:b@y",
-                             "attrs": {"user": "acme"}}
+    assert m.fields(attrs.attrs) == {"call_id": "c1", "account": "alice", "from_": "sip:a@x", "to": "sip:b@y",
+                                     "attrs": {"user": "acme"}}
 
 
 def test_client_table_most_specific_wins() -> None:
@@ -432,15 +438,22 @@ def test_mapping_rejects_unknown_attribute_and_field() -> None:
 
 
 class _FakeService:
+    """Answers every check with a deny; records what it was asked and by whom."""
+
     def __init__(self) -> None:
         self.info_providers: dict[str, Any] = {}
-        self.seen: list[dict[str, Any]] = []
+        self.seen: list[tuple[Any, Peer]] = []
+        self.clock = ManualClock()
+        self.store = EmbeddedStore()
 
-    async def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.seen.append(msg)
-        if msg["op"] == "check":
+    async def handle(self, req: Any, peer: Peer = LOCAL) -> dict[str, Any]:
+        self.seen.append((req, peer))
+        if req.op == "check":
             return {"ok": True, "decision": "deny", "code": 403, "reason": "Nope", "rule": "r"}
         return {"ok": True}
+
+    def ended(self, rec: Any, reason: str, now: float) -> None:
+        pass
 
 
 async def test_one_socket_for_auth_and_acct_in_process() -> None:
@@ -463,6 +476,7 @@ async def test_one_socket_for_auth_and_acct_in_process() -> None:
         auth["User-Name"] = "acme"
         auth["Acct-Session-Id"] = "ip-1"
         auth["Proxy-State"] = b"hop-1"
+        auth.add_message_authenticator()
         acct = rp.AcctPacket(secret=SECRET.encode(), dict=d)
         acct["Acct-Session-Id"] = "ip-1"
         acct["Acct-Status-Type"] = 2
@@ -478,8 +492,10 @@ async def test_one_socket_for_auth_and_acct_in_process() -> None:
                 if code == rp.AccessReject:
                     assert reply["Reply-Message"] == ["Nope"]
                     assert reply[33] == [b"hop-1"]  # Proxy-State copied
-        assert [m["op"] for m in svc.seen] == ["check", "end"]
-        assert svc.seen[0]["account"] == "acme" and svc.seen[1]["reason"] == "bye"
+        assert [m.op for m, _peer in svc.seen] == ["check", "end"]
+        check, peer = svc.seen[0]
+        assert check.account == "acme" and svc.seen[1][0].reason == "bye"
+        assert (peer.transport, peer.role, peer.name, peer.node) == ("radius", "proxy", "lo", "radius:lo")
         assert svc.info_providers["radius"]()["answered"] == 2
     finally:
         await close()
