@@ -35,23 +35,30 @@ needs_radclient = pytest.mark.skipif(RADCLIENT is None, reason="radclient not in
 RADCLIENT_DICT = """\
 ATTRIBUTE	Sip-Response-Code	102	integer
 ATTRIBUTE	SIP-AVP			225	string
+ATTRIBUTE	Sip-From-Tag		105	string
 VALUE	Acct-Status-Type	Failed	15
 """
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"'
 
 
 class Radius:
     """A service with a [radius] table, and the ways to talk to it."""
 
-    def __init__(self, tmp: Path, clients: list[dict[str, str]], extra: str = "") -> None:
+    def __init__(self, tmp: Path, clients: list[dict[str, Any]], extra: str = "", radius_extra: str = "") -> None:
         self.tmp = tmp
         self.auth = free_port()
         self.acct = free_port()
-        lines = ", ".join("{" + ", ".join(f'{k} = "{v}"' for k, v in c.items()) + "}" for c in clients)
+        lines = ", ".join("{" + ", ".join(f"{k} = {_toml(v)}" for k, v in c.items()) + "}" for c in clients)
         cfg = tmp / "service.toml"
         cfg.write_text(
             f'[rules]\ndir = "{RULES}"\nwatch = false\n\n{extra}\n'
             f'[radius]\nauth = "127.0.0.1:{self.auth}"\nacct = "127.0.0.1:{self.acct}"\n'
-            f"clients = [{lines}]\n")
+            f"clients = [{lines}]\n{radius_extra}")
         (tmp / "raddb").mkdir()
         (tmp / "raddb" / "dictionary").write_text(RADCLIENT_DICT)
         self.svc = ServiceProcess(config=cfg, workdir=tmp)
