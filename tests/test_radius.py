@@ -434,6 +434,13 @@ def test_client_table_most_specific_wins() -> None:
     assert c is not None and c.name == "net"
     assert t.match("192.0.2.1") is None
     assert t.match("::ffff:127.0.0.1") is not None
+    # the calls a client admits belong to its node: the entry's name, plus the source for a network
+    host = t.match("127.0.0.1")
+    net = t.match("127.0.0.9")
+    assert host is not None and net is not None
+    assert host.peer("127.0.0.1").node == "radius:host" and host.peer("127.0.0.1").role == "proxy"
+    assert net.peer("127.0.0.9").node == "radius:net@127.0.0.9" and net.peer("127.0.0.9").name == "net"
+    assert host.require_message_authenticator  # the default
 
 
 def test_mapping_rejects_unknown_attribute_and_field() -> None:
@@ -506,3 +513,21 @@ async def test_one_socket_for_auth_and_acct_in_process() -> None:
         assert svc.info_providers["radius"]()["answered"] == 2
     finally:
         await close()
+
+
+def test_radius_settings(tmp_path: Path) -> None:
+    from policy.settings import load_settings
+
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[radius]\nauth = "127.0.0.1:1812"\nreplay_window = 60\nreplay_entries = 5000\n'
+                   'clients = [{ address = "10.0.0.1", secret = "x" },\n'
+                   '           { address = "10.0.0.2", secret = "y", require_message_authenticator = false }]\n')
+    s = load_settings(cfg)
+    assert [c.require_message_authenticator for c in s.radius_clients] == [True, False]
+    assert (s.radius_replay_window, s.radius_replay_entries) == (60, 5000)
+    for bad, key in (('clients = [{ address = "10.0.0.1", secret = "x", require_message_authenticator = "no" }]',
+                      "require_message_authenticator"),
+                     ("replay_window = 0", "replay_window"), ("replay_entries = 10", "replay_entries")):
+        cfg.write_text(f"[radius]\n{bad}\n")
+        with pytest.raises(SettingsError, match=key):
+            load_settings(cfg)

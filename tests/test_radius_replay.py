@@ -18,7 +18,7 @@ from policy.radius.adapter import CACHE_TTL, SeenSet
 from policy.service import PolicyService
 from policy.settings import RadiusClient, Settings
 from policy.store.embedded import EmbeddedStore
-from policy.transports.radius import start_radius
+from policy.transports.radius import RateLimited, start_radius
 from tests.helpers import RULES, free_port
 from tests.test_radius import RADCLIENT, RADCLIENT_DICT, SECRET, needs_radclient
 
@@ -221,6 +221,55 @@ async def test_radclient_start_replayed_after_30_seconds(live: Live, tmp_path: A
     assert "Accounting-Response" in await radclient(base + ", Acct-Status-Type = Start")
     assert await live.size() == 0
     assert live.stats()["replays"] - before["replays"] == 1
+
+
+async def test_new_admission_after_failed_is_answered_by_its_start(live: Live) -> None:
+    """The INVITE resent after a 407 keeps its Call-ID and From-tag: check, Failed, check again,
+    Start. The second admission becomes active (the Start answers it) - not ignored, not doubled."""
+    def check() -> bytes:
+        return pk.request(pk.ACCESS_REQUEST, 3, [(1, b"acme"), (44, b"auth-407"), (105, b"ft")], SECRET.encode(),
+                          message_authenticator=True)
+
+    reply = await live.send(check(), live.auth)
+    assert reply is not None and reply[0] == pk.ACCESS_ACCEPT
+    failed = [(40, struct.pack("!I", 15)), (1, b"acme"), (44, b"auth-407"), (105, b"ft"),
+              (102, struct.pack("!I", 407)), (55, struct.pack("!I", int(live.clock.now())))]
+    assert await live.send(pk.request(pk.ACCOUNTING_REQUEST, 4, failed, SECRET.encode())) is not None
+    assert await live.size() == 0
+    live.clock.advance(1)
+    reply = await live.send(check(), live.auth)
+    assert reply is not None and reply[0] == pk.ACCESS_ACCEPT
+    start = [(40, struct.pack("!I", 1)), (1, b"acme"), (44, b"auth-407"), (105, b"ft"),
+             (55, struct.pack("!I", int(live.clock.now())))]
+    before = live.stats()
+    assert await live.send(pk.request(pk.ACCOUNTING_REQUEST, 5, start, SECRET.encode())) is not None
+    rec = await live.service.store.get_call("auth-407 ft", live.clock.now())
+    assert rec is not None and rec.state == "active" and rec.node == "radius:lo"
+    assert await live.size() == 1
+    assert live.stats()["acct_start_after_end"] - before.get("acct_start_after_end", 0) == 1
+
+
+def test_drop_warnings_are_rate_limited() -> None:
+    class Capture:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def info(self, event: str, **kw: Any) -> None:
+            self.lines.append(event)
+
+        def warning(self, event: str, **kw: Any) -> None:
+            self.lines.append(event)
+
+    now = [100.0]
+    target = Capture()
+    limited = RateLimited(target, burst=20, clock=lambda: now[0])
+    for _ in range(50):
+        limited.warning("radius_dropped")
+    assert len(target.lines) == 20
+    limited.info("radius_nas_accounting_on")  # infos always pass
+    now[0] += 1
+    limited.warning("radius_dropped")
+    assert len(target.lines) == 22
 
 
 # -- the bounded memory, pure ------------------------------------------------------------------------

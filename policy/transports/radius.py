@@ -50,9 +50,10 @@ class _Settings(Protocol):
 class RateLimited:
     """An EventLog that lets at most `burst` warnings a second through (infos always)."""
 
-    def __init__(self, target: EventLog, burst: int = LOG_BURST) -> None:
+    def __init__(self, target: EventLog, burst: int = LOG_BURST, clock: Callable[[], float] = time.monotonic) -> None:
         self.target = target
         self.burst = burst
+        self.clock = clock
         self.second = 0
         self.count = 0
 
@@ -62,7 +63,7 @@ class RateLimited:
 
     def warning(self, event: str, **kw: Any) -> None:
         """Logged unless `burst` warnings were logged this second already."""
-        now = int(time.monotonic())
+        now = int(self.clock())
         if now != self.second:
             self.second, self.count = now, 0
         self.count += 1
