@@ -29,6 +29,7 @@ class RadiusClient:
     secret: str
     style: str = "reject"  # "reject" or "avp"
     name: str = ""
+    require_message_authenticator: bool = True  # drop Access-Requests without one (BlastRADIUS)
 
 
 @dataclass
@@ -111,6 +112,8 @@ class Settings:
     radius_clients: list[RadiusClient] = field(default_factory=list)
     radius_dictionary: str | None = None
     radius_mapping: dict[str, str] = field(default_factory=dict)
+    radius_replay_window: float = 300.0  # seconds: Event-Timestamp skew allowed; records kept 2x as long
+    radius_replay_entries: int = 1_000_000  # most records the replay filter remembers
     # where the file was
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "<defaults>"
@@ -209,6 +212,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "dictionary": ("radius_dictionary", str),
         "clients": ("radius_clients", list),
         "mapping": ("radius_mapping", dict),
+        "replay_window": ("radius_replay_window", (int, float)),
+        "replay_entries": ("radius_replay_entries", int),
     },
 }
 
@@ -381,7 +386,7 @@ def _radius_client(file: str, i: int, raw: Any) -> RadiusClient:
     key = f"radius.clients[{i}]"
     if not isinstance(raw, dict):
         raise SettingsError(file, key, "must be a table")
-    unknown = set(raw) - {"address", "secret", "style", "name"}
+    unknown = set(raw) - {"address", "secret", "style", "name", "require_message_authenticator"}
     if unknown:
         raise SettingsError(file, f"{key}.{sorted(unknown)[0]}", "unknown key")
     for req in ("address", "secret"):
@@ -390,7 +395,10 @@ def _radius_client(file: str, i: int, raw: Any) -> RadiusClient:
     style = raw.get("style", "reject")
     if style not in ("reject", "avp"):
         raise SettingsError(file, f"{key}.style", "must be 'reject' or 'avp'")
-    return RadiusClient(raw["address"], raw["secret"], style, str(raw.get("name", "")))
+    require = raw.get("require_message_authenticator", True)
+    if not isinstance(require, bool):
+        raise SettingsError(file, f"{key}.require_message_authenticator", "must be true or false")
+    return RadiusClient(raw["address"], raw["secret"], style, str(raw.get("name", "")), require)
 
 
 def validate(s: Settings) -> None:
@@ -409,6 +417,10 @@ def validate(s: Settings) -> None:
             raise SettingsError(src, attr, "must be > 0")
     if s.max_timeout is not None and s.max_timeout <= 0:
         raise SettingsError(src, "dialogs.max_timeout", "must be > 0")
+    if s.radius_replay_window <= 0:
+        raise SettingsError(src, "radius.replay_window", "must be > 0")
+    if s.radius_replay_entries < 1000:
+        raise SettingsError(src, "radius.replay_entries", "must be >= 1000")
     if s.max_message < 64:
         raise SettingsError(src, "protocol.max_message", "must be >= 64")
     for key, attr, low in (("max_field", "max_field", 16), ("max_vars", "max_vars", 0),

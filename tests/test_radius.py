@@ -15,10 +15,16 @@ import pytest
 from pyrad import packet as rp
 from pyrad.dictionary import Dictionary
 
+from policy.auth import LOCAL, Peer
+from policy.clock import ManualClock
 from policy.errors import SettingsError
 from policy.radius import DICTIONARY
+from policy.radius.adapter import Mapping
+from policy.radius.clients import ClientTable
+from policy.radius.packet import check as check_packet
+from policy.radius.packet import parse as parse_packet
 from policy.settings import RadiusClient
-from policy.transports.radius import ClientTable, Mapping, check_packet, parse_packet
+from policy.store.embedded import EmbeddedStore
 from tests.helpers import RULES, ServiceProcess, free_port
 
 SECRET = "testing123"
@@ -29,23 +35,30 @@ needs_radclient = pytest.mark.skipif(RADCLIENT is None, reason="radclient not in
 RADCLIENT_DICT = """\
 ATTRIBUTE	Sip-Response-Code	102	integer
 ATTRIBUTE	SIP-AVP			225	string
+ATTRIBUTE	Sip-From-Tag		105	string
 VALUE	Acct-Status-Type	Failed	15
 """
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"'
 
 
 class Radius:
     """A service with a [radius] table, and the ways to talk to it."""
 
-    def __init__(self, tmp: Path, clients: list[dict[str, str]], extra: str = "") -> None:
+    def __init__(self, tmp: Path, clients: list[dict[str, Any]], extra: str = "", radius_extra: str = "") -> None:
         self.tmp = tmp
         self.auth = free_port()
         self.acct = free_port()
-        lines = ", ".join("{" + ", ".join(f'{k} = "{v}"' for k, v in c.items()) + "}" for c in clients)
+        lines = ", ".join("{" + ", ".join(f"{k} = {_toml(v)}" for k, v in c.items()) + "}" for c in clients)
         cfg = tmp / "service.toml"
         cfg.write_text(
             f'[rules]\ndir = "{RULES}"\nwatch = false\n\n{extra}\n'
             f'[radius]\nauth = "127.0.0.1:{self.auth}"\nacct = "127.0.0.1:{self.acct}"\n'
-            f"clients = [{lines}]\n")
+            f"clients = [{lines}]\n{radius_extra}")
         (tmp / "raddb").mkdir()
         (tmp / "raddb" / "dictionary").write_text(RADCLIENT_DICT)
         self.svc = ServiceProcess(config=cfg, workdir=tmp)
@@ -330,6 +343,7 @@ def _auth_bytes(r: Radius, call_id: str = "mal") -> bytes:
     pkt = rp.AuthPacket(secret=SECRET.encode(), dict=r.dict)
     pkt["User-Name"] = "acme"
     pkt["Acct-Session-Id"] = call_id
+    pkt.add_message_authenticator()
     return bytes(pkt.RequestPacket())
 
 
@@ -404,12 +418,11 @@ def test_mapping_defaults_and_overrides() -> None:
     pkt["NAS-IP-Address"] = "192.0.2.7"
     pkt["Sip-URI-User"] = "alice"
     attrs = parse_packet(pkt.RequestPacket())
-    assert not isinstance(attrs, str)
-    assert Mapping(d, {}).fields(attrs.attrs) == {"call_id": "c1", "account": "acme", "from": "sip:a@x",
-                                         "to": "sip:b@y", "src_ip": "192.0.2.7"}
+    assert Mapping(d, {}).fields(attrs.attrs) == {"call_id": "c1", "account": "acme", "from_": "sip:a@x",
+                                                  "to": "sip:b@y", "src_ip": "192.0.2.7"}
     m = Mapping(d, {"Sip-URI-User": "account", "User-Name": "attrs.user", "NAS-IP-Address": ""})
-    assert m.fields(attrs.attrs) == {"call_id": "c1", "account": "alice", "from": "sip:a@x", "to": "sip:b@y",
-                             "attrs": {"user": "acme"}}
+    assert m.fields(attrs.attrs) == {"call_id": "c1", "account": "alice", "from_": "sip:a@x", "to": "sip:b@y",
+                                     "attrs": {"user": "acme"}}
 
 
 def test_client_table_most_specific_wins() -> None:
@@ -421,6 +434,13 @@ def test_client_table_most_specific_wins() -> None:
     assert c is not None and c.name == "net"
     assert t.match("192.0.2.1") is None
     assert t.match("::ffff:127.0.0.1") is not None
+    # the calls a client admits belong to its node: the entry's name, plus the source for a network
+    host = t.match("127.0.0.1")
+    net = t.match("127.0.0.9")
+    assert host is not None and net is not None
+    assert host.peer("127.0.0.1").node == "radius:host" and host.peer("127.0.0.1").role == "proxy"
+    assert net.peer("127.0.0.9").node == "radius:net@127.0.0.9" and net.peer("127.0.0.9").name == "net"
+    assert host.require_message_authenticator  # the default
 
 
 def test_mapping_rejects_unknown_attribute_and_field() -> None:
@@ -432,15 +452,22 @@ def test_mapping_rejects_unknown_attribute_and_field() -> None:
 
 
 class _FakeService:
+    """Answers every check with a deny; records what it was asked and by whom."""
+
     def __init__(self) -> None:
         self.info_providers: dict[str, Any] = {}
-        self.seen: list[dict[str, Any]] = []
+        self.seen: list[tuple[Any, Peer]] = []
+        self.clock = ManualClock()
+        self.store = EmbeddedStore()
 
-    async def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.seen.append(msg)
-        if msg["op"] == "check":
+    async def handle(self, req: Any, peer: Peer = LOCAL) -> dict[str, Any]:
+        self.seen.append((req, peer))
+        if req.op == "check":
             return {"ok": True, "decision": "deny", "code": 403, "reason": "Nope", "rule": "r"}
         return {"ok": True}
+
+    def ended(self, rec: Any, reason: str, now: float) -> None:
+        pass
 
 
 async def test_one_socket_for_auth_and_acct_in_process() -> None:
@@ -463,6 +490,7 @@ async def test_one_socket_for_auth_and_acct_in_process() -> None:
         auth["User-Name"] = "acme"
         auth["Acct-Session-Id"] = "ip-1"
         auth["Proxy-State"] = b"hop-1"
+        auth.add_message_authenticator()
         acct = rp.AcctPacket(secret=SECRET.encode(), dict=d)
         acct["Acct-Session-Id"] = "ip-1"
         acct["Acct-Status-Type"] = 2
@@ -478,8 +506,28 @@ async def test_one_socket_for_auth_and_acct_in_process() -> None:
                 if code == rp.AccessReject:
                     assert reply["Reply-Message"] == ["Nope"]
                     assert reply[33] == [b"hop-1"]  # Proxy-State copied
-        assert [m["op"] for m in svc.seen] == ["check", "end"]
-        assert svc.seen[0]["account"] == "acme" and svc.seen[1]["reason"] == "bye"
+        assert [m.op for m, _peer in svc.seen] == ["check", "end"]
+        check, peer = svc.seen[0]
+        assert check.account == "acme" and svc.seen[1][0].reason == "bye"
+        assert (peer.transport, peer.role, peer.name, peer.node) == ("radius", "proxy", "lo", "radius:lo")
         assert svc.info_providers["radius"]()["answered"] == 2
     finally:
         await close()
+
+
+def test_radius_settings(tmp_path: Path) -> None:
+    from policy.settings import load_settings
+
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[radius]\nauth = "127.0.0.1:1812"\nreplay_window = 60\nreplay_entries = 5000\n'
+                   'clients = [{ address = "10.0.0.1", secret = "x" },\n'
+                   '           { address = "10.0.0.2", secret = "y", require_message_authenticator = false }]\n')
+    s = load_settings(cfg)
+    assert [c.require_message_authenticator for c in s.radius_clients] == [True, False]
+    assert (s.radius_replay_window, s.radius_replay_entries) == (60, 5000)
+    for bad, key in (('clients = [{ address = "10.0.0.1", secret = "x", require_message_authenticator = "no" }]',
+                      "require_message_authenticator"),
+                     ("replay_window = 0", "replay_window"), ("replay_entries = 10", "replay_entries")):
+        cfg.write_text(f"[radius]\n{bad}\n")
+        with pytest.raises(SettingsError, match=key):
+            load_settings(cfg)

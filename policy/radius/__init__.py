@@ -1,6 +1,8 @@
-"""RADIUS support files: the shipped dictionary (see docs/radius.md).
+"""The RADIUS front end's pure parts and the shipped dictionary (see docs/radius.md).
 
-The listener itself is `policy.transports.radius`.
+`packet` is the codec (bytes <-> packets, authenticators), `clients` the client table,
+`adapter` turns packets into the service's operations and their replies into packets. The
+sockets are `policy.transports.radius`.
 """
 
 from __future__ import annotations
