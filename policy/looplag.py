@@ -37,10 +37,13 @@ def current() -> LoopLagProbe | None:
 class LoopLagProbe:
     """Measure how late a periodic timer fires on the running loop."""
 
-    def __init__(self, interval: float = 0.01, window: int = 1000) -> None:
+    def __init__(self, interval: float = 0.01, window: int = 1000, stall: float = 0.010) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
         self.interval = interval
+        self.stall = stall  # a firing later than this counts as a stall
+        self.stalls = 0
+        self.last_lag = 0.0
         self.samples = 0  # timer firings measured since start (or the last reset)
         self.max_lag = 0.0  # seconds, since start (or the last reset)
         self.total_lag = 0.0
@@ -98,6 +101,9 @@ class LoopLagProbe:
         if lag < 0.0:  # timers may fire a hair early (millisecond clocks): not a stall
             lag = 0.0
         self.samples += 1
+        self.last_lag = lag
+        if lag > self.stall:
+            self.stalls += 1
         self.total_lag += lag
         if lag > self.max_lag:
             self.max_lag = lag
@@ -116,6 +122,11 @@ class LoopLagProbe:
             "recent_max_ms": round(recent[-1] * 1000.0, 3) if recent else 0.0,
             "p50_ms": round(_pct(recent, 0.50) * 1000.0, 3),
             "p99_ms": round(_pct(recent, 0.99) * 1000.0, 3),
+            # for metrics, in base units
+            "lag_seconds": round(self.last_lag, 6),
+            "lag_max_seconds": round(recent[-1], 6) if recent else 0.0,
+            "stalls": self.stalls,
+            "stall_threshold_seconds": self.stall,
         }
 
 

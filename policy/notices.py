@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import structlog
 
 from policy.errors import StoreError
-from policy.store.base import CounterStore
+from policy.store.base import CallRecord, CounterStore
 
 log = structlog.get_logger("policy.notices")
 
@@ -48,8 +48,9 @@ class NoticeQueue:
     """Bounded FIFO of notices the store refused, applied again in order."""
 
     def __init__(self, store: CounterStore, now: Callable[[], float], *, max_items: int = 100_000,
-                 max_age: float = 43200.0) -> None:
+                 max_age: float = 43200.0, on_end: Callable[[CallRecord, str, float], None] | None = None) -> None:
         self.store = store
+        self.on_end = on_end  # told of every call a late `end` released (call records, logs)
         self.now = now
         self.max_items = max_items
         self.max_age = max_age
@@ -85,7 +86,10 @@ class NoticeQueue:
         """Apply one notice now (raises StoreError)."""
         store = self.store
         if n.kind == "end":
-            await store.end(n.uid, self.now(), n.reason, n.token)
+            now = self.now()
+            rec = await store.end(n.uid, now, n.reason, n.token)
+            if rec is not None and (not n.token or rec.token == n.token) and self.on_end is not None:
+                self.on_end(rec, n.reason, now)
         elif n.kind == "answer":
             await store.answer(n.uid, n.received, n.timeout, n.token)
         else:

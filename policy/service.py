@@ -86,7 +86,8 @@ class PolicyService:
         self.warnings = RateLimitedLog(log)  # what clients can cause: one line per interval, with a count
         self.last_dialogs: DialogStats | None = None  # refreshed by the sweep loop, for /metrics
         self.check_latency = LatencyHistogram()  # every check's service time (dry runs aside), for /metrics
-        self.notices = NoticeQueue(store, self.clock.now, max_age=max(default_timeout, self.limits.max_timeout))
+        self.notices = NoticeQueue(store, self.clock.now, max_age=max(default_timeout, self.limits.max_timeout),
+                                   on_end=self.ended)
         self.reconciler: Any = None  # policy.reconcile.Reconciler, when proxies can be asked
         self.on_call_end: list[Callable[[CallRecord, str, float], None]] = []
         self._watch_sig: tuple[tuple[str, int, int], ...] | None = None
