@@ -535,7 +535,9 @@ class ServiceCollector(Collector):
         if _num(lp.get("stalls")):
             yield _counter("callpolicy_loop_stalls", "Probes that found the loop late by more than the "
                            "stall threshold", lp["stalls"])
-        yield from _generic("callpolicy_loop", lp, {"lag_seconds", "lag_max_seconds", "stalls"})
+        if _num(lp.get("busy_max_ms")):  # the probe's figures for people are in ms; metrics in seconds
+            yield GaugeMetricFamily("callpolicy_loop_busy_max_seconds", "Most CPU the loop's thread spent "
+                                    "between two probes, since start", value=lp["busy_max_ms"] / 1000.0)
 
     def _profiles(self, p: ProfileSample) -> Iterator[Any]:
         size = GaugeMetricFamily("callpolicy_profile_size", "Calls in a profile (all its values)",
