@@ -345,7 +345,7 @@ async def test_provider_contracts(tmp_path: Path) -> None:
         svc = server.service
         assert svc is not None
         svc.info_providers["loop"] = lambda: {"lag_seconds": 0.002, "lag_max_seconds": 0.04, "stalls": 3,
-                                              "probes": 100}
+                                                 "busy_max_ms": 12.5, "p99_ms": 3.0}
         svc.info_providers["radius"] = lambda: {"received": 10, "answered": 9, "dropped": 1, "duplicates": 0,
                                                 "access_accept": 7, "access_reject": 2,
                                                 "drop_reasons": {"bad_authenticator": 1}}
@@ -361,7 +361,8 @@ async def test_provider_contracts(tmp_path: Path) -> None:
         assert value(smp, "callpolicy_loop_lag_seconds") == 0.002
         assert value(smp, "callpolicy_loop_lag_max_seconds") == 0.04
         assert value(smp, "callpolicy_loop_stalls_total") == 3
-        assert value(smp, "callpolicy_loop_probes") == 100
+        assert value(smp, "callpolicy_loop_busy_max_seconds") == 0.0125
+        assert "callpolicy_loop_p99_ms" not in smp  # figures for people stay out of the metrics
         assert value(smp, "callpolicy_radius_received_total") == 10
         assert value(smp, "callpolicy_radius_requests_total", outcome="access_accept") == 7
         assert value(smp, "callpolicy_radius_requests_total", outcome="answered") == 9
