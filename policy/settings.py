@@ -60,9 +60,14 @@ class Settings:
     log_format: str = "auto"  # auto | json | console
     # metrics (Prometheus); None = off
     metrics: str | None = None
-    # evapi: Kamailio nodes to connect to ("host:port")
+    # evapi: Kamailio nodes to connect to ("host:port"), the shared secret, reconciliation
     evapi_nodes: list[str] = field(default_factory=list)
     evapi_reconnect_max: float = 5.0
+    evapi_token: str | None = None
+    evapi_token_file: str | None = None
+    evapi_reconcile_interval: float = 60.0
+    evapi_reconcile_grace: float = 10.0
+    evapi_max_message: int = 64 * 1024 * 1024  # after authentication (dialog lists)
     # RADIUS
     radius_auth: str | None = None
     radius_acct: str | None = None
@@ -72,6 +77,23 @@ class Settings:
     # where the file was
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "<defaults>"
+
+    def evapi_secret(self) -> str:
+        """The evapi shared secret: `evapi.token`, or the first line of `evapi.token_file`."""
+        if self.evapi_token_file:
+            path = self.path(self.evapi_token_file)
+            assert path is not None
+            try:
+                secret = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(self.source, "evapi.token_file", f"cannot read {path}: {exc}") from None
+            if not secret:
+                raise SettingsError(self.source, "evapi.token_file", f"{path} is empty")
+            return secret
+        if not self.evapi_token:
+            raise SettingsError(self.source, "evapi.token", "is required when evapi.nodes is set "
+                                "(the secret Kamailio's EVAPI_TOKEN holds; or evapi.token_file)")
+        return self.evapi_token
 
     def path(self, p: str | None) -> Path | None:
         """A settings path resolved against the settings file's directory."""
@@ -115,7 +137,15 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     },
     "log": {"level": ("log_level", str), "format": ("log_format", str)},
     "metrics": {"listen": ("metrics", (str, bool))},
-    "evapi": {"nodes": ("evapi_nodes", list), "reconnect_max": ("evapi_reconnect_max", (int, float))},
+    "evapi": {
+        "nodes": ("evapi_nodes", list),
+        "reconnect_max": ("evapi_reconnect_max", (int, float)),
+        "token": ("evapi_token", str),
+        "token_file": ("evapi_token_file", str),
+        "reconcile_interval": ("evapi_reconcile_interval", (int, float)),
+        "reconcile_grace": ("evapi_reconcile_grace", (int, float)),
+        "max_message": ("evapi_max_message", int),
+    },
     "radius": {
         "auth": ("radius_auth", (str, bool)),
         "acct": ("radius_acct", (str, bool)),
@@ -195,6 +225,14 @@ def validate(s: Settings) -> None:
     for attr in ("early_timeout", "default_timeout", "store_timeout", "watch_interval", "sweep_interval"):
         if getattr(s, attr) <= 0:
             raise SettingsError(src, attr, "must be > 0")
+    for attr, key in (("evapi_reconcile_interval", "evapi.reconcile_interval"),
+                      ("evapi_reconcile_grace", "evapi.reconcile_grace")):
+        if getattr(s, attr) <= 0:
+            raise SettingsError(src, key, "must be > 0")
+    if s.evapi_max_message < s.max_message:
+        raise SettingsError(src, "evapi.max_message", "must be >= protocol.max_message")
+    if s.evapi_nodes:
+        s.evapi_secret()  # a missing or unreadable secret is an error at start, not a silent 503
     if s.max_message < 64:
         raise SettingsError(src, "protocol.max_message", "must be >= 64")
     if s.log_format not in ("auto", "json", "console"):

@@ -26,6 +26,8 @@ from tests.helpers import ROOT, LineClient, free_port
 CFG = ROOT / "integrations" / "kamailio" / "kamailio.cfg"
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 HOST = "127.0.0.1"
+#: The evapi shared secret of the test stacks (Kamailio's EVAPI_TOKEN, callpolicy's [evapi] token).
+TOKEN = "e2e-" + os.urandom(12).hex()
 
 
 def missing_tools() -> str | None:
@@ -55,7 +57,7 @@ class Kamailio:
     def __init__(self, upstream_port: int, *, fail_open: bool = False, timeout_ms: int = 500,
                  children: int = 4, sip_port: int | None = None, evapi_port: int | None = None,
                  debug: int = 2, cfg: Path = CFG, defines: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, token: str | None = TOKEN) -> None:
         self.upstream_port = upstream_port
         self.sip_port = sip_port or free_port()
         self.evapi_port = evapi_port or free_port()
@@ -69,6 +71,10 @@ class Kamailio:
         self.dir = Path(tempfile.mkdtemp(prefix="kamailio-"))
         self.log_path = self.dir / "kamailio.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.token = token
+        if token is not None:
+            # the documented way: a file the shipped config imports (found in Kamailio's cwd)
+            (self.dir / "callpolicy-evapi-token.cfg").write_text(f'#!define EVAPI_TOKEN "{token}"\n')
 
     @property
     def evapi(self) -> str:
@@ -103,7 +109,7 @@ class Kamailio:
         cmd = ["kamailio", "-c", "-f", str(self.cfg)]
         for d in self.defines():
             cmd += ["-A", d]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False, cwd=str(self.dir))
 
     def start(self, timeout: float = 15.0) -> Kamailio:
         """Start and wait until its ctl socket answers."""
@@ -367,6 +373,26 @@ def wait_profiles_zero(port: int, timeout: float = 5.0) -> dict[str, int]:
     return sizes
 
 
+def service_config(directory: Path, *, token: str | None = TOKEN, reconcile_interval: float = 60.0,
+                   grace: float = 10.0, snapshot_interval: float = 10.0, extra: str = "") -> Path:
+    """A service.toml for an e2e service: the shipped one plus an [evapi] section (secret in a file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = (ROOT / "service.toml").read_text()
+    text = text.replace("snapshot_interval = 10.0", f"snapshot_interval = {snapshot_interval}")
+    evapi = f"\n[evapi]\nreconcile_interval = {reconcile_interval}\nreconcile_grace = {grace}\n"
+    if token is not None:
+        (directory / "evapi.token").write_text(token + "\n")
+        evapi += 'token_file = "evapi.token"\n'
+    path = directory / "service.toml"
+    path.write_text(text + evapi + extra)
+    return path
+
+
+def log_events(svc: Any, event: str) -> list[dict[str, Any]]:
+    """The service's log lines of one event."""
+    return [e for e in svc.log_events() if e.get("event") == event]
+
+
 def evapi_info(port: int) -> dict[str, Any]:
     """The service's `stats` evapi section."""
     c = LineClient(port=port)
@@ -426,14 +452,61 @@ def sip_invite(port: int, *, from_user: str = "alice", to_user: str = "100", tim
             return code, elapsed
 
 
-class SilentEvapiClient:
-    """Connects to Kamailio's evapi like callpolicy would, then never answers."""
+class EvapiClient:
+    """A raw evapi client: authenticates like callpolicy (with `token`) or not at all (None),
+    then only reads; `frames()` are the netstrings Kamailio sent it, `send()` writes one."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str | None = TOKEN, timeout: float = 5.0) -> None:
         import socket
 
+        from policy.wire import StreamDecoder
+
         host, port = address.rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.decoder = StreamDecoder(1 << 24)
+        self.received: list[dict[str, Any]] = []
+        challenge = self.read_until(lambda m: m.get("method") == "callpolicy.challenge", timeout)
+        self.authenticated = False
+        if token is not None and challenge is not None:
+            from policy.transports.evapi import proof
+
+            nonce = challenge["params"]["nonce"]
+            self.send({"jsonrpc": "2.0", "method": "callpolicy.auth",
+                       "params": {"proof": proof(nonce, token), "nonce": "n" * 32}, "id": 1})
+            reply = self.read_until(lambda m: m.get("id") == 1, timeout)
+            self.authenticated = bool(reply and "result" in reply)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        from policy.wire import Framing, encode
+
+        self.sock.sendall(encode(msg, Framing.NETSTRING))
+
+    def read_until(self, pred: Any, timeout: float) -> dict[str, Any] | None:
+        """Read frames until one satisfies `pred` (returned) or `timeout` passes (None)."""
+        import orjson
+
+        deadline = time.monotonic() + timeout
+        seen = len(self.received)
+        while True:
+            for m in self.received[seen:]:
+                if pred(m):
+                    return m
+            seen = len(self.received)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except (TimeoutError, OSError):
+                return None
+            if not data:
+                return None
+            self.received.extend(orjson.loads(ev.payload) for ev in self.decoder.feed(data))
 
     def close(self) -> None:
         self.sock.close()
+
+
+class SilentEvapiClient(EvapiClient):
+    """Connects to Kamailio's evapi like callpolicy would (authenticated), then never answers."""
