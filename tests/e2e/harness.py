@@ -510,3 +510,152 @@ class EvapiClient:
 
 class SilentEvapiClient(EvapiClient):
     """Connects to Kamailio's evapi like callpolicy would (authenticated), then never answers."""
+
+
+def _header(msg: str, name: str) -> str:
+    """The first header `name` of a SIP message (value only, "" if absent)."""
+    for line in msg.split("\r\n")[1:]:
+        if not line:
+            break
+        k, _, v = line.partition(":")
+        if k.strip().lower() == name.lower():
+            return v.strip()
+    return ""
+
+
+def _headers(msg: str, name: str) -> list[str]:
+    out = []
+    for line in msg.split("\r\n")[1:]:
+        if not line:
+            break
+        k, _, v = line.partition(":")
+        if k.strip().lower() == name.lower():
+            out.append(v.strip())
+    return out
+
+
+class PyUas:
+    """A tiny UAS in a thread: 200 to every INVITE (copying Record-Route, its own To-tag per
+    INVITE), 200 to every BYE. Unlike sipp it keeps calls apart by Call-ID *and* From-tag, so
+    several calls may share a Call-ID."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.invites = 0
+        self.byes = 0
+        self._stop = False
+        import threading
+
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PyUas:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            msg = data.decode(errors="replace")
+            method = msg.split(" ", 1)[0]
+            if method not in ("INVITE", "BYE"):
+                continue
+            n += 1
+            to = _header(msg, "To")
+            if method == "INVITE":
+                self.invites += 1
+                to += f";tag=uas{n}"
+            else:
+                self.byes += 1
+            lines = ["SIP/2.0 200 OK", *[f"Via: {v}" for v in _headers(msg, "Via")], f"From: {_header(msg, 'From')}",
+                     f"To: {to}", f"Call-ID: {_header(msg, 'Call-ID')}", f"CSeq: {_header(msg, 'CSeq')}"]
+            if method == "INVITE":
+                lines += [f"Record-Route: {r}" for r in _headers(msg, "Record-Route")]
+                lines.append(f"Contact: <sip:uas@{HOST}:{self.port}>")
+            self.sock.sendto(("\r\n".join([*lines, "Content-Length: 0", "", ""])).encode(), addr)
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+class SipCall:
+    """One call from a UDP socket of its own: `invite()` (ACKs whatever final reply), `bye()`."""
+
+    def __init__(self, proxy_port: int, call_id: str, from_tag: str, *, from_user: str = "acme",
+                 to_user: str = "200") -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.lport = int(self.sock.getsockname()[1])
+        self.proxy = (HOST, proxy_port)
+        self.call_id, self.from_tag = call_id, from_tag
+        self.ruri = f"sip:{to_user}@{HOST}:{proxy_port}"
+        self.frm = f"<sip:{from_user}@{HOST}>;tag={from_tag}"
+        self.to = f"<{self.ruri}>"
+        self.routes: list[str] = []
+        self.target = self.ruri
+        self.cseq = 1
+
+    def _send(self, method: str, uri: str, branch: str, cseq: int, extra: str = "") -> None:
+        route = "".join(f"Route: {r}\r\n" for r in self.routes) if method != "INVITE" else ""
+        msg = (f"{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {HOST}:{self.lport};branch={branch}\r\n{route}"
+               f"From: {self.frm}\r\nTo: {self.to}\r\nCall-ID: {self.call_id}\r\nCSeq: {cseq} {method}\r\n"
+               f"Contact: <sip:caller@{HOST}:{self.lport}>\r\nMax-Forwards: 70\r\n{extra}Content-Length: 0\r\n\r\n")
+        self.sock.sendto(msg.encode(), self.proxy)
+
+    def _final(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ""
+            self.sock.settimeout(left)
+            try:
+                msg = self.sock.recv(65535).decode(errors="replace")
+            except TimeoutError:
+                return ""
+            if msg.startswith("SIP/2.0") and int(msg.split(" ", 2)[1]) >= 200:
+                return msg
+
+    def invite(self, timeout: float = 5.0) -> int:
+        """Send the INVITE, wait for the final reply, ACK it; the status code (0: none)."""
+        import uuid
+
+        branch = f"z9hG4bK{uuid.uuid4().hex[:16]}"
+        self._send("INVITE", self.ruri, branch, 1)
+        reply = self._final(timeout)
+        if not reply:
+            return 0
+        code = int(reply.split(" ", 2)[1])
+        self.to = _header(reply, "To")
+        if code >= 300:
+            self._send("ACK", self.ruri, branch, 1)
+            return code
+        self.routes = list(reversed(_headers(reply, "Record-Route")))
+        contact = _header(reply, "Contact")
+        self.target = contact[contact.find("<") + 1:contact.find(">")] if "<" in contact else contact
+        self._send("ACK", self.target, f"z9hG4bK{uuid.uuid4().hex[:16]}", 1)
+        return code
+
+    def bye(self, timeout: float = 5.0) -> int:
+        """Hang up; the BYE's status code (0: none)."""
+        import uuid
+
+        self.cseq += 1
+        self._send("BYE", self.target, f"z9hG4bK{uuid.uuid4().hex[:16]}", self.cseq)
+        reply = self._final(timeout)
+        return int(reply.split(" ", 2)[1]) if reply else 0
+
+    def close(self) -> None:
+        self.sock.close()

@@ -397,3 +397,39 @@ async def test_dialog_list_over_the_connection_large_and_interleaved() -> None:
     finally:
         await close()
         await kam.close()
+
+
+async def test_late_end_of_an_earlier_attempt_never_releases_the_later_one() -> None:
+    """The real service behind the connector: the 407-challenged attempt's `end` arrives after
+    the re-sent INVITE's check (same Call-ID and From-tag). It carries the first admission's
+    token, so it is ignored; the answered call is released by its own `end` only."""
+    from pathlib import Path
+
+    from policy.service import PolicyService
+    from policy.store.embedded import EmbeddedStore
+
+    service = PolicyService(Path(__file__).resolve().parents[2] / "rules", EmbeddedStore())
+    kam = await FakeEvapi().start()
+    close = await start_evapi(service, settings(kam.port))
+    call = {"call_id": "c407", "from_tag": "ft1", "from": "sip:acme@example.com", "to": "sip:200@example.com",
+            "account": "acme"}
+    try:
+        r, w = await kam.wait_conn(1)
+        w.write(ns({"op": "check", "tindex": 1, "tlabel": 1, **call}))
+        first = (await read_frames(r, 1))[0]
+        w.write(ns({"op": "check", "tindex": 2, "tlabel": 2, **call}))  # the re-sent INVITE
+        second = (await read_frames(r, 1))[0]
+        assert first["decision"] == second["decision"] == "allow" and first["token"] != second["token"]
+        w.write(ns({"op": "answer", "call_id": "c407", "from_tag": "ft1", "token": second["token"]})
+                + ns({"op": "end", "call_id": "c407", "from_tag": "ft1", "token": first["token"], "reason": "failed",
+                      "id": "late"}))
+        late = (await read_frames(r, 1))[0]
+        assert late["id"] == "late" and late["released"] is False and late["stale"] is True
+        assert await service.store.profile_size("account", "acme", service.clock.now()) == 1
+        w.write(ns({"op": "end", "call_id": "c407", "from_tag": "ft1", "token": second["token"], "reason": "bye",
+                    "id": "bye"}))
+        assert (await read_frames(r, 1))[0]["released"] is True
+        assert await service.store.profile_size("account", "acme", service.clock.now()) == 0
+    finally:
+        await close()
+        await kam.close()
