@@ -61,6 +61,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     from policy.settings import validate
 
     validate(s)
+    if s.evapi_nodes:
+        s.evapi_secret()  # a missing or unreadable evapi secret stops `serve` at once, naming the key
     return s
 
 

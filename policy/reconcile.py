@@ -203,7 +203,9 @@ class Reconciler:
         store = svc.store
         node = source.name
         fetched_at = svc.clock.now()
+        t0 = time.perf_counter()
         listed = await source.dialogs()
+        report["fetch_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         live: dict[str, LiveDialog] = {}
         for d in listed:
             if d.state != "ended":

@@ -79,7 +79,7 @@ class Settings:
     source: str = "<defaults>"
 
     def evapi_secret(self) -> str:
-        """The evapi shared secret: `evapi.token`, or the first line of `evapi.token_file`."""
+        """The evapi shared secret: `evapi.token`, or what `evapi.token_file` holds (white space stripped)."""
         if self.evapi_token_file:
             path = self.path(self.evapi_token_file)
             assert path is not None
@@ -231,8 +231,6 @@ def validate(s: Settings) -> None:
             raise SettingsError(src, key, "must be > 0")
     if s.evapi_max_message < s.max_message:
         raise SettingsError(src, "evapi.max_message", "must be >= protocol.max_message")
-    if s.evapi_nodes:
-        s.evapi_secret()  # a missing or unreadable secret is an error at start, not a silent 503
     if s.max_message < 64:
         raise SettingsError(src, "protocol.max_message", "must be >= 64")
     if s.log_format not in ("auto", "json", "console"):

@@ -353,3 +353,29 @@ async def test_rebuild_after_data_loss(service: PolicyService, store: PagingStor
     await rec.rebuild()
     assert await size(service, "account", "acme") == 4
     assert rec.info()["reconciled_added"] == 4
+
+
+async def test_loop_runs_connected_nodes_and_trigger_runs_one(service: PolicyService, clock: ManualClock) -> None:
+    import asyncio
+
+    up, down = FakeSource(N1), FakeSource("127.0.0.1:9448")
+    down.connected = False
+    rec = reconciler(service, up, down)
+    task = asyncio.ensure_future(rec.loop(0.02))
+    try:
+        for _ in range(100):
+            if rec.counters["runs"] >= 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert rec.counters["runs"] >= 3 and rec.counters["errors"] == 0  # the down node is skipped
+    assert rec.info()["nodes"]["127.0.0.1:9448"] is None
+    await check(service, "gone")
+    clock.advance(30)
+    rec.trigger(N1)
+    for _ in range(100):
+        if rec.counters["reconciled_released"]:
+            break
+        await asyncio.sleep(0.01)
+    assert rec.counters["reconciled_released"] == 1

@@ -125,3 +125,23 @@ def test_kamailio_without_a_token_refuses_everyone() -> None:
             client.close()
     finally:
         kam.stop()
+
+
+def test_each_check_goes_to_one_authenticated_client(make_stack: StackFactory) -> None:
+    """Two authenticated clients: each check (and the call's notices) goes to one of them, not both
+    (evapi_async_unicast to the "callpolicy" tag), so two services never count one call twice."""
+    st = make_stack(service=False, timeout_ms=300)
+    a, b = SilentEvapiClient(st.kam.evapi), SilentEvapiClient(st.kam.evapi)
+    try:
+        st.kam.wait_clients(2)
+        for _ in range(3):
+            code, _secs = sip_invite(st.kam.sip_port)
+            assert code == 503  # nobody answers
+        a.read_until(lambda m: False, 0.3)
+        b.read_until(lambda m: False, 0.3)
+        got_a = [m for m in a.received if m.get("op") == "check"]
+        got_b = [m for m in b.received if m.get("op") == "check"]
+        assert len(got_a) + len(got_b) == 3 and not (got_a and got_b), (len(got_a), len(got_b))
+    finally:
+        a.close()
+        b.close()

@@ -433,3 +433,32 @@ async def test_late_end_of_an_earlier_attempt_never_releases_the_later_one() -> 
     finally:
         await close()
         await kam.close()
+
+
+# -- settings and the command line ----------------------------------------------------------
+
+
+def test_evapi_command_line_adds_nodes_and_the_secret_is_required(tmp_path: Any) -> None:
+    from policy.cli import _settings, build_parser
+    from policy.errors import SettingsError
+
+    (tmp_path / "evapi.token").write_text("s3cret\n")
+    cfg = tmp_path / "service.toml"
+    cfg.write_text('[evapi]\nnodes = ["10.0.0.1:8448"]\ntoken_file = "evapi.token"\nreconcile_interval = 5\n')
+    p = build_parser()
+    s = _settings(p.parse_args(["--config", str(cfg), "serve", "--evapi", "10.0.0.2:8448", "--evapi", "10.0.0.2:8448"]))
+    assert s.evapi_nodes == ["10.0.0.1:8448", "10.0.0.2:8448"]  # added, not replaced; no duplicates
+    assert s.evapi_secret() == "s3cret" and s.evapi_reconcile_interval == 5
+    s = _settings(p.parse_args(["--config", str(cfg), "serve", "--evapi", "none", "--evapi", "10.0.0.3:8448"]))
+    assert s.evapi_nodes == ["10.0.0.3:8448"]  # "none" drops the configured ones first
+    cfg.write_text('[evapi]\nnodes = ["10.0.0.1:8448"]\n')
+    with pytest.raises(SettingsError, match=r"evapi\.token"):
+        _settings(p.parse_args(["--config", str(cfg), "serve"]))
+    s = _settings(p.parse_args(["--config", str(cfg), "serve", "--evapi-token-file", str(tmp_path / "evapi.token")]))
+    assert s.evapi_secret() == "s3cret"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match="empty"):
+        _settings(p.parse_args(["--config", str(cfg), "serve", "--evapi-token-file", str(tmp_path / "empty")]))
+    cfg.write_text("[evapi]\nreconcile_grace = 0\n")
+    with pytest.raises(SettingsError, match="reconcile_grace"):
+        _settings(p.parse_args(["--config", str(cfg), "serve"]))
