@@ -3,13 +3,16 @@ only a client that proves it knows EVAPI_TOKEN gets checks and can resume an INV
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import StackFactory
 from tests.e2e.harness import (
+    CFG,
     EvapiClient,
     Kamailio,
     SilentEvapiClient,
@@ -145,3 +148,19 @@ def test_each_check_goes_to_one_authenticated_client(make_stack: StackFactory) -
     finally:
         a.close()
         b.close()
+
+
+def test_token_file_next_to_the_config(tmp_path: Path) -> None:
+    """The documented set-up: `callpolicy-evapi-token.cfg` beside kamailio.cfg (Kamailio started
+    from elsewhere) defines EVAPI_TOKEN."""
+    cfg = tmp_path / "kamailio.cfg"
+    shutil.copy(CFG, cfg)
+    (tmp_path / "callpolicy-evapi-token.cfg").write_text('#!define EVAPI_TOKEN "beside-the-config"\n')
+    kam = Kamailio(5080, token=None, cfg=cfg)
+    assert not (kam.dir / "callpolicy-evapi-token.cfg").exists()
+    with kam:
+        good = EvapiClient(kam.evapi, token="beside-the-config")
+        try:
+            assert good.authenticated and kam.clients() == 1
+        finally:
+            good.close()
