@@ -159,16 +159,25 @@ class Reconciler:
 
     async def rebuild(self) -> None:
         """Reconcile every connected node now (the store lost data: `store.on_data_loss`)."""
-        log.warning("reconcile_rebuild", nodes=[n for n, s in self.sources.items() if s.connected])
-        await self.run()
+        connected = [s for s in self.sources.values() if s.connected]
+        log.warning("reconcile_rebuild", nodes=[s.name for s in connected])
+        await asyncio.gather(*(self.run_node(s) for s in connected))
 
     async def loop(self, interval: float) -> None:
-        """Reconcile every connected node every `interval` seconds (until cancelled)."""
+        """Reconcile every connected node every `interval` seconds (until cancelled); a node that
+        is being reconciled already (e.g. it just reconnected) is left to that run."""
         while True:
             await asyncio.sleep(interval)
-            for name, source in list(self.sources.items()):
-                if source.connected and not self._locks[name].locked():
-                    await self.run_node(source)
+            due = [s for name, s in list(self.sources.items())
+                   if s.connected and not self._locks[name].locked()]
+            await asyncio.gather(*(self.run_node(s) for s in due))
+
+    async def close(self) -> None:
+        """Cancel the runs started by `trigger`."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def run_node(self, source: DialogSource, dry_run: bool = False) -> dict[str, Any]:
         """One run against one node; never raises (an error is logged, counted and reported)."""

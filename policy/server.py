@@ -103,6 +103,7 @@ class Server:
             if hasattr(service.store, "on_data_loss"):  # the Redis store: rebuild from the proxies
                 setattr(service.store, "on_data_loss", reconciler.rebuild)  # noqa: B010
             self.closers.append(await start_evapi(service, s))
+            self.closers.append(reconciler.close)
             self.tasks.append(asyncio.create_task(reconciler.loop(s.evapi_reconcile_interval)))
             self.listening["evapi"] = list(dict.fromkeys(s.evapi_nodes))
         if s.radius_auth or s.radius_acct:

@@ -350,9 +350,12 @@ async def test_rebuild_after_data_loss(service: PolicyService, store: PagingStor
         up.put(f"c{i}", f"t{i}", account="acme", token=f"tok{i}")
     clock.advance(30)
     rec = reconciler(service, up, down)
-    await rec.rebuild()
+    with capture_logs() as logs:
+        await rec.rebuild()
     assert await size(service, "account", "acme") == 4
-    assert rec.info()["reconciled_added"] == 4
+    assert rec.info()["reconciled_added"] == 4 and rec.info()["errors"] == 0  # the down node is not asked
+    assert [e["nodes"] for e in logs if e["event"] == "reconcile_rebuild"] == [[N1]]
+    await rec.close()
 
 
 async def test_loop_runs_connected_nodes_and_trigger_runs_one(service: PolicyService, clock: ManualClock) -> None:
