@@ -462,3 +462,38 @@ def test_evapi_command_line_adds_nodes_and_the_secret_is_required(tmp_path: Any)
     cfg.write_text("[evapi]\nreconcile_grace = 0\n")
     with pytest.raises(SettingsError, match="reconcile_grace"):
         _settings(p.parse_args(["--config", str(cfg), "serve"]))
+
+
+async def test_notices_in_flight_survive_a_dropped_connection() -> None:
+    """An `end` still being handled (a slow store) when Kamailio's connection drops is applied
+    all the same: the connection's loss cancels nothing."""
+
+    class SlowNotices(FakeService):
+        def __init__(self) -> None:
+            super().__init__()
+            self.applied: list[str] = []
+
+        async def handle(self, req: P.Request, peer: Any) -> dict[str, Any]:
+            reply = await super().handle(req, peer)
+            if req.op == "end":
+                await asyncio.sleep(0.2)
+                self.applied.append(req.call_id)  # type: ignore[attr-defined]
+            return reply
+
+    svc = SlowNotices()
+    kam = await FakeEvapi().start()
+    close = await start_evapi(svc, settings(kam.port, reconnect_max=5.0))
+    try:
+        _r, w = await kam.wait_conn(1)
+        w.write(ns({"op": "end", "call_id": "c1", "from_tag": "f", "token": "t", "reason": "bye"}))
+        await w.drain()
+        for _ in range(100):
+            if svc.seen:
+                break
+            await asyncio.sleep(0.01)
+        w.close()  # Kamailio goes away while the end is being applied
+        await asyncio.sleep(0.4)
+        assert svc.applied == ["c1"]
+    finally:
+        await close()
+        await kam.close()

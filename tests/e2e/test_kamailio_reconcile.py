@@ -303,3 +303,36 @@ def test_one_call_id_with_new_from_tags_is_several_calls(make_stack: StackFactor
         assert uas.invites == 3 and uas.byes == 3
     finally:
         uas.stop()
+
+
+def test_call_answered_while_the_service_was_down_becomes_active(make_stack: StackFactory) -> None:
+    """The service stops while a checked call rings; the 200 passes while nobody listens (its
+    `answer` is lost). Back up, the call is still early in the restored store — it would be
+    released after early_timeout while up — until the reconciliation answers it."""
+    st = make_stack(uas="uas_slow.xml", reconcile_interval=INTERVAL, grace=GRACE)
+    svc = st.svc
+    assert svc is not None
+    with ThreadPoolExecutor(1) as pool:
+        bg = pool.submit(run_uac, st.kam.sip_port, calls=1, rate=10, hold_ms=6000, from_user="bob",
+                         service="200", timeout=30)
+        wait_size(st.port, "total", None, 1, 5)
+        svc.stop()  # SIGTERM: the snapshot holds the early call
+        wait_for(lambda: "ongoing: 1" in st.kam.rpc("dlg.stats_active"), 5, "the call to be answered")
+        svc.start()
+        st.kam.wait_clients(1)
+
+        def state() -> str:
+            c = LineClient(port=st.port)
+            try:
+                calls = c.call("profile_list", profile="total")["calls"]
+            finally:
+                c.close()
+            return str(calls[0]["state"]) if calls else ""
+
+        wait_for(lambda: state() == "active", INTERVAL + 3, "the call to be active")
+        r = bg.result()
+    assert r.first_recv(200) == 1, r.counts
+    answered = log_events(svc, "reconciled_answered")
+    assert len(answered) == 1, answered
+    sizes = wait_profiles_zero(st.port)
+    assert not any(sizes.values()), sizes
