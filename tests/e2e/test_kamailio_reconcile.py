@@ -263,8 +263,7 @@ def test_redis_restarted_empty_under_load(make_stack: StackFactory) -> None:  # 
             load = pool.submit(run_uac, st.kam.sip_port, calls=40, rate=10, hold_ms=500, from_user="acme",
                                service="300", timeout=40)
             wait_for(lambda: bool(log_events(svc, "reconcile_rebuild")), 10, "the store's rebuild")
-            wait_size(st.port, "account", "acme", 3, INTERVAL + 3)
-            repaired = time.monotonic()
+            wait_size(st.port, "account", "acme", 3, INTERVAL + 3)  # rebuilt from Kamailio's dialogs
             answered_after: list[int] = []
             while not load.done():
                 answered_after.append(profile_size(st.port, "account", "acme"))
@@ -273,7 +272,6 @@ def test_redis_restarted_empty_under_load(make_stack: StackFactory) -> None:  # 
             held.result()
         assert max(answered_after) <= 3, answered_after
         assert len(log_events(svc, "reconciled_added")) >= 3
-        assert time.monotonic() > repaired
     finally:
         redis.stop()
 
