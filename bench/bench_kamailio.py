@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.harness import HOST, SCENARIOS, Kamailio, Uas, missing_tools, run_uac  # noqa: E402
+from tests.e2e.harness import HOST, SCENARIOS, Kamailio, Uas, missing_tools, run_uac, service_config  # noqa: E402
 from tests.helpers import ServiceProcess  # noqa: E402
 
 
@@ -140,7 +140,9 @@ def run_mode(name: str, args: argparse.Namespace, scenario: str) -> dict[str, An
                        defines=[] if name == "with" else ["POLICY_OFF"]).start()
     try:
         if name == "with":
-            svc = ServiceProcess(extra=["--evapi", kam.evapi, "--log-level", "warning"]).start()
+            svc = ServiceProcess(extra=["--evapi", kam.evapi, "--log-level", "warning"])
+            svc.config = service_config(svc.workdir)  # the evapi secret of the harness's Kamailio
+            svc.start()
             kam.wait_clients(1)
         lat = latency(kam, args.latency_calls)
         print(f"  INVITE->200: median {lat['median_ms']} ms, p90 {lat['p90_ms']} ms, p99 {lat['p99_ms']} ms",

@@ -43,7 +43,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "metrics", None):
         s.metrics = None if args.metrics == "none" else args.metrics
     if getattr(args, "evapi", None):
-        s.evapi_nodes = list(args.evapi)
+        # each --evapi adds a node to [evapi] nodes; "--evapi none" drops the configured ones first
+        nodes = list(s.evapi_nodes)
+        for value in args.evapi:
+            nodes = [] if value == "none" else [*nodes, value]
+        s.evapi_nodes = list(dict.fromkeys(nodes))
+    if getattr(args, "evapi_token_file", None):
+        s.evapi_token_file = str(Path(args.evapi_token_file).resolve())
     if getattr(args, "log_format", None):
         s.log_format = args.log_format
     if getattr(args, "log_level", None):
@@ -55,6 +61,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     from policy.settings import validate
 
     validate(s)
+    if s.evapi_nodes:
+        s.evapi_secret()  # a missing or unreadable evapi secret stops `serve` at once, naming the key
     return s
 
 
@@ -145,7 +153,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if r.get("last_reload_error"):
         print(f"last_reload_error = {r['last_reload_error']}")
     print(f"store = {r['store']}")
-    for key in ("connections", "evapi", "radius"):
+    for key in ("connections", "evapi", "reconcile", "radius"):
         if key in r:
             print(f"{key} = {orjson.dumps(r[key]).decode()}")
     return 0
@@ -182,6 +190,32 @@ def cmd_end(args: argparse.Namespace) -> int:
         return _print(r, True)
     print("released" if r["released"] else "not held (nothing to release)")
     return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Compare the store with the proxies' dialog lists now and repair it (or, --dry-run, report)."""
+    fields: dict[str, Any] = {"dry_run": bool(args.dry_run)}
+    if args.node:
+        fields["node"] = args.node
+    with _client(args) as c:
+        r = c.request("reconcile", **fields)
+    if not r.get("ok"):
+        return _fail(r)
+    if args.json:
+        return _print(r, True)
+    verb = "would be" if args.dry_run else "were"
+    for name, rep in r["nodes"].items():
+        if "error" in rep:
+            print(f"{name}: error: {rep['error']}")
+            continue
+        print(f"{name}: {rep['dialogs']} dialogs on the node, {rep['held']} calls in the store; "
+              f"{rep['released']} {verb} released, {rep['added']} added, {rep['answered']} answered "
+              f"({rep['duration_ms']} ms)")
+        for kind in ("released", "added", "answered"):
+            for call in rep["calls"][kind]:
+                over = f"  over: {', '.join(call['over_limit'])}" if call.get("over_limit") else ""
+                print(f"  {kind:8} {call['call_id']} {call['from_tag']}  account={call['account']}{over}")
+    return 1 if r.get("errors") else 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -292,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--store", help="'embedded', or a redis:// / redis+sentinel:// URL")
     sp.add_argument("--snapshot", help="embedded store snapshot file ('none' to disable)")
     sp.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics ('none' to disable)")
-    sp.add_argument("--evapi", action="append", help="Kamailio evapi HOST:PORT to connect to (repeat)")
+    sp.add_argument("--evapi", action="append",
+                    help="Kamailio evapi HOST:PORT to connect to, added to [evapi] nodes (repeat for "
+                         "several; 'none' first drops the configured nodes)")
+    sp.add_argument("--evapi-token-file", dest="evapi_token_file",
+                    help="file holding the evapi shared secret (Kamailio's EVAPI_TOKEN)")
     sp.add_argument("--early-timeout", type=float, dest="early_timeout")
     sp.add_argument("--default-timeout", type=float, dest="default_timeout")
     sp.add_argument("--log-format", choices=("auto", "json", "console", "journald"))
@@ -320,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("call_id")
     client_args(sp)
     sp.set_defaults(func=cmd_end)
+
+    sp = sub.add_parser("reconcile", help="repair the counts from the proxies' own dialog lists now")
+    sp.add_argument("--node", help="one evapi node (HOST:PORT as in [evapi] nodes); default: all")
+    sp.add_argument("--dry-run", action="store_true", help="report what would be repaired, change nothing")
+    client_args(sp)
+    sp.set_defaults(func=cmd_reconcile)
 
     sp = sub.add_parser("reload", help="reload the rules of the running service")
     client_args(sp)

@@ -163,10 +163,18 @@ class Server:
             self.closers.append(state.stop)
             self.listening["metrics"] = http.where
         if s.evapi_nodes:
+            from policy.reconcile import Reconciler
             from policy.transports.evapi import start_evapi
 
+            reconciler = Reconciler(service, grace=s.evapi_reconcile_grace)
+            service.reconciler = reconciler
+            service.info_providers["reconcile"] = reconciler.info
+            if hasattr(service.store, "on_data_loss"):  # the Redis store: rebuild from the proxies
+                setattr(service.store, "on_data_loss", reconciler.rebuild)  # noqa: B010
             self.closers.append(await start_evapi(service, s))
-            self.listening["evapi"] = list(s.evapi_nodes)
+            self.closers.append(reconciler.close)
+            self.tasks.append(asyncio.create_task(reconciler.loop(s.evapi_reconcile_interval)))
+            self.listening["evapi"] = list(dict.fromkeys(s.evapi_nodes))
         if s.radius_auth or s.radius_acct:
             from policy.transports.radius import start_radius
 

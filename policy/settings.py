@@ -103,9 +103,14 @@ class Settings:
     records_spool: str = "run/records-spool.jsonl"
     records_stop_timeout: float = 5.0  # at SIGTERM: time to deliver the queue before spooling it
     records_type_profile: str = "type"  # the profile whose value is the record's `type`
-    # evapi: Kamailio nodes to connect to ("host:port")
+    # evapi: Kamailio nodes to connect to ("host:port"), the shared secret, reconciliation
     evapi_nodes: list[str] = field(default_factory=list)
     evapi_reconnect_max: float = 5.0
+    evapi_token: str | None = None
+    evapi_token_file: str | None = None
+    evapi_reconcile_interval: float = 60.0
+    evapi_reconcile_grace: float = 10.0
+    evapi_max_message: int = 64 * 1024 * 1024  # after authentication (dialog lists)
     # RADIUS
     radius_auth: str | None = None
     radius_acct: str | None = None
@@ -118,6 +123,23 @@ class Settings:
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "<defaults>"
     file_warnings: list[str] = field(default_factory=list)  # logged at start (loose file modes)
+
+    def evapi_secret(self) -> str:
+        """The evapi shared secret: `evapi.token`, or what `evapi.token_file` holds (white space stripped)."""
+        if self.evapi_token_file:
+            path = self.path(self.evapi_token_file)
+            assert path is not None
+            try:
+                secret = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(self.source, "evapi.token_file", f"cannot read {path}: {exc}") from None
+            if not secret:
+                raise SettingsError(self.source, "evapi.token_file", f"{path} is empty")
+            return secret
+        if not self.evapi_token:
+            raise SettingsError(self.source, "evapi.token", "is required when evapi.nodes is set "
+                                "(the secret Kamailio's EVAPI_TOKEN holds; or evapi.token_file)")
+        return self.evapi_token
 
     def path(self, p: str | None) -> Path | None:
         """A settings path resolved against the settings file's directory."""
@@ -205,7 +227,15 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "stop_timeout": ("records_stop_timeout", (int, float)),
         "type_profile": ("records_type_profile", str),
     },
-    "evapi": {"nodes": ("evapi_nodes", list), "reconnect_max": ("evapi_reconnect_max", (int, float))},
+    "evapi": {
+        "nodes": ("evapi_nodes", list),
+        "reconnect_max": ("evapi_reconnect_max", (int, float)),
+        "token": ("evapi_token", str),
+        "token_file": ("evapi_token_file", str),
+        "reconcile_interval": ("evapi_reconcile_interval", (int, float)),
+        "reconcile_grace": ("evapi_reconcile_grace", (int, float)),
+        "max_message": ("evapi_max_message", int),
+    },
     "radius": {
         "auth": ("radius_auth", (str, bool)),
         "acct": ("radius_acct", (str, bool)),
@@ -421,6 +451,12 @@ def validate(s: Settings) -> None:
         raise SettingsError(src, "radius.replay_window", "must be > 0")
     if s.radius_replay_entries < 1000:
         raise SettingsError(src, "radius.replay_entries", "must be >= 1000")
+    for attr, key in (("evapi_reconcile_interval", "evapi.reconcile_interval"),
+                      ("evapi_reconcile_grace", "evapi.reconcile_grace")):
+        if getattr(s, attr) <= 0:
+            raise SettingsError(src, key, "must be > 0")
+    if s.evapi_max_message < s.max_message:
+        raise SettingsError(src, "evapi.max_message", "must be >= protocol.max_message")
     if s.max_message < 64:
         raise SettingsError(src, "protocol.max_message", "must be >= 64")
     for key, attr, low in (("max_field", "max_field", 16), ("max_vars", "max_vars", 0),

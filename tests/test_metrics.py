@@ -25,6 +25,7 @@ from policy.metrics import MetricsState, ServiceCollector, profile_caps
 from policy.rules import load_rules
 from policy.server import Server
 from policy.settings import Settings
+from policy.transports.evapi import proof
 from tests.helpers import ROOT, ServiceProcess, free_port
 
 DASHBOARD = ROOT / "integrations" / "grafana" / "callpolicy.json"
@@ -62,6 +63,7 @@ class FakeKamailio:
         self.sock.listen()
         self.port = self.sock.getsockname()[1]
         self.conn: socket.socket | None = None
+        self._buf = b""
 
     def accept(self, timeout: float = 10.0) -> socket.socket:
         self.sock.settimeout(timeout)
@@ -69,17 +71,41 @@ class FakeKamailio:
         self.conn.settimeout(5)
         return self.conn
 
-    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """One netstring request and its netstring reply (evapi's framing)."""
+    def handshake(self, secret: str) -> None:
+        """Kamailio's side of the evapi login (docs/kamailio.md): a challenge, the service's proof
+        and nonce, our proof back."""
+        reply = self.request({"jsonrpc": "2.0", "method": "callpolicy.challenge", "params": {"nonce": "n1"}})
+        assert reply["params"]["proof"] == proof("n1", secret), reply
+        self.send({"jsonrpc": "2.0", "id": reply["id"],
+                   "result": {"proof": proof(reply["params"]["nonce"], secret, "kamailio")}})
+
+    def send(self, msg: dict[str, Any]) -> None:
         assert self.conn is not None
         body = orjson.dumps(msg)
         self.conn.sendall(b"%d:%s," % (len(body), body))
-        buf = b""
+
+    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """One netstring request and its netstring reply (evapi's framing). RPCs the service asks
+        meanwhile (the reconciliation's dialog list after the login) get an empty answer."""
+        assert self.conn is not None
+        self.send(msg)
+        while True:
+            frame = self._frame()
+            if "method" in frame and frame.get("method") != "callpolicy.auth":
+                self.send({"jsonrpc": "2.0", "id": frame.get("id"), "result": []})
+                continue
+            return frame
+
+    def _frame(self) -> dict[str, Any]:
+        assert self.conn is not None
+        buf = self._buf
         while b":" not in buf or len(buf) < buf.index(b":") + 2 + int(buf[: buf.index(b":")]):
             buf += self.conn.recv(65536)
         head = buf.index(b":")
-        reply: dict[str, Any] = orjson.loads(buf[head + 1 : head + 1 + int(buf[:head])])
-        return reply
+        end = head + 1 + int(buf[:head])
+        frame: dict[str, Any] = orjson.loads(buf[head + 1 : end])
+        self._buf = buf[end + 1 :]
+        return frame
 
     def close(self) -> None:
         if self.conn is not None:
@@ -121,11 +147,14 @@ listen = "127.0.0.1:{mport}"
 refresh = 0.1
 [records]
 file = "records/calls.jsonl"
+[evapi]
+token = "metrics-test-evapi-secret"
 """)
     svc = ServiceProcess(workdir=tmp, config=cfg, extra=["--metrics", f"127.0.0.1:{mport}", "--evapi",
                                                           f"127.0.0.1:{kam.port}"]).start()
     try:
         kam.accept()
+        kam.handshake("metrics-test-evapi-secret")
         r = kam.request({"op": "check", "call_id": "evapi-1", "account": "beta", "from": "sip:e1@x",
                          "to": "sip:6002@x"})
         assert r["decision"] == "allow", r

@@ -5,8 +5,10 @@ Loaded by kamailio.cfg when it runs with `-A POLICY_KEMI` (needs the Debian pack
 
     python_exec("check", "$var(cp)")   # $var(cp): the check as JSON (built with jansson_set)
         -> sets $var(decision) ("allow"/"deny", "" when callpolicy could not answer),
-           $var(code), $var(reason), $var(rule), $var(error)
+           $var(code), $var(reason), $var(rule), $var(error), and $var(token): the admission's
+           token, which the config keeps in $dlg_var(cp_token) and sends back with the notices
     python_exec("notify", "$var(ev)")  # answer/end notices from the dialog event routes
+                                       # (call_id, from_tag, token: built by the config)
 
 Each Kamailio process keeps one TCP connection (line-framed JSON) to callpolicy, opened on first
 use. The SIP worker blocks for at most CALLPOLICY_TIMEOUT seconds; after a failure to connect it
@@ -99,7 +101,7 @@ class CallPolicy:
             raise
 
     def check(self, msg, args):
-        for name in ("decision", "reason", "rule", "error"):
+        for name in ("decision", "reason", "rule", "error", "token"):
             KSR.pv.sets("$var(" + name + ")", "")
         KSR.pv.seti("$var(code)", 503)
         try:
@@ -112,6 +114,7 @@ class CallPolicy:
             KSR.pv.sets("$var(error)", str(err.get("message", "error")))
             return 1
         KSR.pv.sets("$var(decision)", str(reply.get("decision", "")))
+        KSR.pv.sets("$var(token)", str(reply.get("token", "")))
         if reply.get("decision") == "deny":
             KSR.pv.seti("$var(code)", int(reply.get("code", 486)))
             KSR.pv.sets("$var(reason)", str(reply.get("reason", "Call limit reached")))

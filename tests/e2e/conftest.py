@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import Kamailio, Uas, missing_tools
+from tests.e2e.harness import Kamailio, Uas, missing_tools, service_config
 from tests.helpers import ServiceProcess
 
 MISSING = missing_tools()
@@ -31,6 +31,8 @@ class Stack:
     uas: Uas
     kam: Kamailio
     svc: ServiceProcess | None
+    #: the service this stack runs, or would run (service=False): start it later with `start_service`
+    service_proc: ServiceProcess | None = None
 
     @property
     def port(self) -> int:
@@ -56,20 +58,22 @@ def make_stack() -> Iterator[StackFactory]:
 
     def factory(*, uas: str = "uas.xml", uas_subst: dict[str, str] | None = None, fail_open: bool = False,
                 timeout_ms: int = 500, service: bool = True, store: str | None = None,
-                uas_obj: Uas | None = None) -> Stack:
+                uas_obj: Uas | None = None, reconcile_interval: float = 60.0, grace: float = 10.0,
+                snapshot_interval: float = 10.0) -> Stack:
         u = uas_obj
         if u is None:
             u = Uas(uas, subst=uas_subst).start()
             started.append(u)
         k = Kamailio(u.port, fail_open=fail_open, timeout_ms=timeout_ms).start()
         started.append(k)
-        svc = None
+        svc = ServiceProcess(store=store, extra=["--evapi", k.evapi, "--log-level", "debug"])
+        svc.config = service_config(svc.workdir, reconcile_interval=reconcile_interval, grace=grace,
+                                    snapshot_interval=snapshot_interval)
+        started.append(svc)  # stopped at the end even when the test starts it later
         if service:
-            svc = ServiceProcess(store=store, extra=["--evapi", k.evapi, "--log-level", "debug"])
-            started.append(svc)
             svc.start()
             k.wait_clients(1)
-        return Stack(u, k, svc)
+        return Stack(u, k, svc if service else None, svc)
 
     yield factory
     for obj in reversed(started):

@@ -26,6 +26,8 @@ from tests.helpers import ROOT, LineClient, free_port
 CFG = ROOT / "integrations" / "kamailio" / "kamailio.cfg"
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 HOST = "127.0.0.1"
+#: The evapi shared secret of the test stacks (Kamailio's EVAPI_TOKEN, callpolicy's [evapi] token).
+TOKEN = "e2e-" + os.urandom(12).hex()
 
 
 def missing_tools() -> str | None:
@@ -55,7 +57,7 @@ class Kamailio:
     def __init__(self, upstream_port: int, *, fail_open: bool = False, timeout_ms: int = 500,
                  children: int = 4, sip_port: int | None = None, evapi_port: int | None = None,
                  debug: int = 2, cfg: Path = CFG, defines: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, token: str | None = TOKEN) -> None:
         self.upstream_port = upstream_port
         self.sip_port = sip_port or free_port()
         self.evapi_port = evapi_port or free_port()
@@ -69,6 +71,10 @@ class Kamailio:
         self.dir = Path(tempfile.mkdtemp(prefix="kamailio-"))
         self.log_path = self.dir / "kamailio.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.token = token
+        if token is not None:
+            # the documented way: a file the shipped config imports (found in Kamailio's cwd)
+            (self.dir / "callpolicy-evapi-token.cfg").write_text(f'#!define EVAPI_TOKEN "{token}"\n')
 
     @property
     def evapi(self) -> str:
@@ -103,7 +109,7 @@ class Kamailio:
         cmd = ["kamailio", "-c", "-f", str(self.cfg)]
         for d in self.defines():
             cmd += ["-A", d]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False, cwd=str(self.dir))
 
     def start(self, timeout: float = 15.0) -> Kamailio:
         """Start and wait until its ctl socket answers."""
@@ -367,6 +373,26 @@ def wait_profiles_zero(port: int, timeout: float = 5.0) -> dict[str, int]:
     return sizes
 
 
+def service_config(directory: Path, *, token: str | None = TOKEN, reconcile_interval: float = 60.0,
+                   grace: float = 10.0, snapshot_interval: float = 10.0, extra: str = "") -> Path:
+    """A service.toml for an e2e service: the shipped one plus an [evapi] section (secret in a file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = (ROOT / "service.toml").read_text()
+    text = text.replace("snapshot_interval = 10.0", f"snapshot_interval = {snapshot_interval}")
+    evapi = f"\n[evapi]\nreconcile_interval = {reconcile_interval}\nreconcile_grace = {grace}\n"
+    if token is not None:
+        (directory / "evapi.token").write_text(token + "\n")
+        evapi += 'token_file = "evapi.token"\n'
+    path = directory / "service.toml"
+    path.write_text(text + evapi + extra)
+    return path
+
+
+def log_events(svc: Any, event: str) -> list[dict[str, Any]]:
+    """The service's log lines of one event."""
+    return [e for e in svc.log_events() if e.get("event") == event]
+
+
 def evapi_info(port: int) -> dict[str, Any]:
     """The service's `stats` evapi section."""
     c = LineClient(port=port)
@@ -426,14 +452,210 @@ def sip_invite(port: int, *, from_user: str = "alice", to_user: str = "100", tim
             return code, elapsed
 
 
-class SilentEvapiClient:
-    """Connects to Kamailio's evapi like callpolicy would, then never answers."""
+class EvapiClient:
+    """A raw evapi client: authenticates like callpolicy (with `token`) or not at all (None),
+    then only reads; `frames()` are the netstrings Kamailio sent it, `send()` writes one."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str | None = TOKEN, timeout: float = 5.0) -> None:
         import socket
 
+        from policy.wire import StreamDecoder
+
         host, port = address.rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.decoder = StreamDecoder(1 << 24)
+        self.received: list[dict[str, Any]] = []
+        challenge = self.read_until(lambda m: m.get("method") == "callpolicy.challenge", timeout)
+        self.authenticated = False
+        if token is not None and challenge is not None:
+            from policy.transports.evapi import proof
+
+            nonce = challenge["params"]["nonce"]
+            self.send({"jsonrpc": "2.0", "method": "callpolicy.auth",
+                       "params": {"proof": proof(nonce, token), "nonce": "n" * 32}, "id": 1})
+            reply = self.read_until(lambda m: m.get("id") == 1, timeout)
+            self.authenticated = bool(reply and "result" in reply)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        from policy.wire import Framing, encode
+
+        self.sock.sendall(encode(msg, Framing.NETSTRING))
+
+    def read_until(self, pred: Any, timeout: float) -> dict[str, Any] | None:
+        """Read frames until one satisfies `pred` (returned) or `timeout` passes (None)."""
+        import orjson
+
+        deadline = time.monotonic() + timeout
+        seen = len(self.received)
+        while True:
+            for m in self.received[seen:]:
+                if pred(m):
+                    return m
+            seen = len(self.received)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except (TimeoutError, OSError):
+                return None
+            if not data:
+                return None
+            self.received.extend(orjson.loads(ev.payload) for ev in self.decoder.feed(data))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SilentEvapiClient(EvapiClient):
+    """Connects to Kamailio's evapi like callpolicy would (authenticated), then never answers."""
+
+
+def _header(msg: str, name: str) -> str:
+    """The first header `name` of a SIP message (value only, "" if absent)."""
+    for line in msg.split("\r\n")[1:]:
+        if not line:
+            break
+        k, _, v = line.partition(":")
+        if k.strip().lower() == name.lower():
+            return v.strip()
+    return ""
+
+
+def _headers(msg: str, name: str) -> list[str]:
+    out = []
+    for line in msg.split("\r\n")[1:]:
+        if not line:
+            break
+        k, _, v = line.partition(":")
+        if k.strip().lower() == name.lower():
+            out.append(v.strip())
+    return out
+
+
+class PyUas:
+    """A tiny UAS in a thread: 200 to every INVITE (copying Record-Route, its own To-tag per
+    INVITE), 200 to every BYE. Unlike sipp it keeps calls apart by Call-ID *and* From-tag, so
+    several calls may share a Call-ID."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.invites = 0
+        self.byes = 0
+        self._stop = False
+        import threading
+
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PyUas:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            msg = data.decode(errors="replace")
+            method = msg.split(" ", 1)[0]
+            if method not in ("INVITE", "BYE"):
+                continue
+            n += 1
+            to = _header(msg, "To")
+            if method == "INVITE":
+                self.invites += 1
+                to += f";tag=uas{n}"
+            else:
+                self.byes += 1
+            lines = ["SIP/2.0 200 OK", *[f"Via: {v}" for v in _headers(msg, "Via")], f"From: {_header(msg, 'From')}",
+                     f"To: {to}", f"Call-ID: {_header(msg, 'Call-ID')}", f"CSeq: {_header(msg, 'CSeq')}"]
+            if method == "INVITE":
+                lines += [f"Record-Route: {r}" for r in _headers(msg, "Record-Route")]
+                lines.append(f"Contact: <sip:uas@{HOST}:{self.port}>")
+            self.sock.sendto(("\r\n".join([*lines, "Content-Length: 0", "", ""])).encode(), addr)
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+class SipCall:
+    """One call from a UDP socket of its own: `invite()` (ACKs whatever final reply), `bye()`."""
+
+    def __init__(self, proxy_port: int, call_id: str, from_tag: str, *, from_user: str = "acme",
+                 to_user: str = "200") -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.lport = int(self.sock.getsockname()[1])
+        self.proxy = (HOST, proxy_port)
+        self.call_id, self.from_tag = call_id, from_tag
+        self.ruri = f"sip:{to_user}@{HOST}:{proxy_port}"
+        self.frm = f"<sip:{from_user}@{HOST}>;tag={from_tag}"
+        self.to = f"<{self.ruri}>"
+        self.routes: list[str] = []
+        self.target = self.ruri
+        self.cseq = 1
+
+    def _send(self, method: str, uri: str, branch: str, cseq: int, extra: str = "") -> None:
+        route = "".join(f"Route: {r}\r\n" for r in self.routes) if method != "INVITE" else ""
+        msg = (f"{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {HOST}:{self.lport};branch={branch}\r\n{route}"
+               f"From: {self.frm}\r\nTo: {self.to}\r\nCall-ID: {self.call_id}\r\nCSeq: {cseq} {method}\r\n"
+               f"Contact: <sip:caller@{HOST}:{self.lport}>\r\nMax-Forwards: 70\r\n{extra}Content-Length: 0\r\n\r\n")
+        self.sock.sendto(msg.encode(), self.proxy)
+
+    def _final(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ""
+            self.sock.settimeout(left)
+            try:
+                msg = self.sock.recv(65535).decode(errors="replace")
+            except TimeoutError:
+                return ""
+            if msg.startswith("SIP/2.0") and int(msg.split(" ", 2)[1]) >= 200:
+                return msg
+
+    def invite(self, timeout: float = 5.0) -> int:
+        """Send the INVITE, wait for the final reply, ACK it; the status code (0: none)."""
+        import uuid
+
+        branch = f"z9hG4bK{uuid.uuid4().hex[:16]}"
+        self._send("INVITE", self.ruri, branch, 1)
+        reply = self._final(timeout)
+        if not reply:
+            return 0
+        code = int(reply.split(" ", 2)[1])
+        self.to = _header(reply, "To")
+        if code >= 300:
+            self._send("ACK", self.ruri, branch, 1)
+            return code
+        self.routes = list(reversed(_headers(reply, "Record-Route")))
+        contact = _header(reply, "Contact")
+        self.target = contact[contact.find("<") + 1:contact.find(">")] if "<" in contact else contact
+        self._send("ACK", self.target, f"z9hG4bK{uuid.uuid4().hex[:16]}", 1)
+        return code
+
+    def bye(self, timeout: float = 5.0) -> int:
+        """Hang up; the BYE's status code (0: none)."""
+        import uuid
+
+        self.cseq += 1
+        self._send("BYE", self.target, f"z9hG4bK{uuid.uuid4().hex[:16]}", self.cseq)
+        reply = self._final(timeout)
+        return int(reply.split(" ", 2)[1]) if reply else 0
 
     def close(self) -> None:
         self.sock.close()

@@ -1,17 +1,20 @@
-"""The evapi connector against a small asyncio evapi server (no Kamailio needed): netstrings,
-tindex/tlabel echo, which messages get replies, socket options, reconnect and close."""
+"""The evapi connector against a small asyncio evapi server (no Kamailio needed): the
+challenge-response handshake, netstrings, tindex/tlabel echo, which messages get replies, socket
+options, reconnect and close, JSON-RPC requests (dialog lists) and Kamailio's RPC shapes."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pytest
 
 from policy import protocol as P
-from policy.transports.evapi import needs_reply, start_evapi
+from policy.reconcile import DialogSourceError
+from policy.settings import Settings
+from policy.transports.evapi import needs_reply, parse_briefing, parse_dialog, proof, start_evapi
 from policy.wire import Framing, Message, StreamDecoder, encode
 
 
@@ -33,12 +36,20 @@ class FakeService:
         return reply
 
 
-class FakeEvapi:
-    """Plays Kamailio's evapi module: the TCP server; records connections and frames."""
+SECRET = "connector-test-secret"
 
-    def __init__(self) -> None:
+
+class FakeEvapi:
+    """Plays Kamailio's evapi module and the shipped config's handshake: the TCP server sends
+    `callpolicy.challenge`, checks the proof, answers with its own (`mode` "ok"), a wrong one
+    ("bad_proof"), a refusal ("reject"), or sends no challenge at all ("silent").
+    `wait_conn(n)` returns the n-th connection once its handshake is over."""
+
+    def __init__(self, mode: str = "ok", secret: str = SECRET) -> None:
+        self.mode = mode
+        self.secret = secret
         self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.connected = asyncio.Event()
+        self.handshakes: list[dict[str, Any]] = []
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -48,8 +59,21 @@ class FakeEvapi:
         return self
 
     async def _on_conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.mode != "silent":
+            nonce = f"nonce-{len(self.conns)}-{id(w)}"
+            w.write(ns({"jsonrpc": "2.0", "method": "callpolicy.challenge", "params": {"nonce": nonce}}))
+            auth = (await read_frames(r, 1))[0]
+            self.handshakes.append(auth)
+            ok = auth["params"]["proof"] == proof(nonce, self.secret)
+            if self.mode == "reject" or not ok:
+                w.write(ns({"jsonrpc": "2.0", "id": auth["id"],
+                            "error": {"code": 401, "message": "authentication failed"}}))
+            else:
+                mine = proof(auth["params"]["nonce"], self.secret, "kamailio")
+                if self.mode == "bad_proof":
+                    mine = proof(auth["params"]["nonce"], "not-the-secret", "kamailio")
+                w.write(ns({"jsonrpc": "2.0", "id": auth["id"], "result": {"proof": mine}}))
         self.conns.append((r, w))
-        self.connected.set()
 
     async def wait_conn(self, n: int, timeout: float = 5.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         async def waiter() -> None:
@@ -79,9 +103,9 @@ async def read_frames(r: asyncio.StreamReader, n: int, timeout: float = 2.0) -> 
     return out
 
 
-def settings(*ports: int, reconnect_max: float = 0.2) -> SimpleNamespace:
-    return SimpleNamespace(evapi_nodes=[f"127.0.0.1:{p}" for p in ports], evapi_reconnect_max=reconnect_max,
-                           max_message=65536)
+def settings(*ports: int, reconnect_max: float = 0.2, secret: str = SECRET) -> Settings:
+    return Settings(evapi_nodes=[f"127.0.0.1:{p}" for p in ports], evapi_reconnect_max=reconnect_max,
+                    max_message=65536, evapi_token=secret)
 
 
 def ns(msg: dict[str, Any]) -> bytes:
@@ -216,3 +240,260 @@ async def test_unreachable_node_does_not_block_the_others() -> None:
         await close()
         await kam.close()
     assert orjson.dumps(info)  # stats can serialise it
+
+
+# -- authentication -------------------------------------------------------------------------
+
+
+def _node(close: Any) -> Any:
+    """The connector's node objects, through the closer's closure (test-only peek)."""
+    return next(c.cell_contents for c in close.__closure__ if isinstance(c.cell_contents, list))[0]
+
+
+async def test_handshake_proves_the_secret_without_sending_it() -> None:
+    svc = FakeService()
+    kam = await FakeEvapi().start()
+    close = await start_evapi(svc, settings(kam.port))
+    try:
+        r, w = await kam.wait_conn(1)
+        auth = kam.handshakes[0]
+        assert auth["method"] == "callpolicy.auth"
+        assert SECRET not in orjson.dumps(auth).decode()
+        assert len(auth["params"]["nonce"]) >= 16
+        w.write(ns({"op": "ping", "id": "p"}))
+        assert (await read_frames(r, 1))[0]["id"] == "p"
+        node = svc.info_providers["evapi"]()["nodes"][f"127.0.0.1:{kam.port}"]
+        assert node["connected"] and node["auth_failures"] == 0
+    finally:
+        await close()
+        await kam.close()
+
+
+async def test_a_node_that_refuses_our_proof_is_retried_and_never_trusted() -> None:
+    svc = FakeService()
+    kam = await FakeEvapi(secret="the-node-has-another-secret").start()
+    close = await start_evapi(svc, settings(kam.port, reconnect_max=0.1))
+    try:
+        await kam.wait_conn(2, timeout=5)  # refused, then tried again
+        node = svc.info_providers["evapi"]()["nodes"][f"127.0.0.1:{kam.port}"]
+        assert not node["connected"] and node["auth_failures"] >= 1
+        assert "authentication failed" in node["last_error"]
+    finally:
+        await close()
+        await kam.close()
+
+
+async def test_a_server_that_cannot_prove_the_secret_gets_nothing_handled() -> None:
+    """A process squatting the evapi port answers the handshake without the secret: what it
+    sends next (a check that would reserve a slot) is never handled."""
+    svc = FakeService()
+    kam = await FakeEvapi(mode="bad_proof").start()
+    close = await start_evapi(svc, settings(kam.port, reconnect_max=5.0))
+    try:
+        _r, w = await kam.wait_conn(1)
+        w.write(ns({"op": "check", "call_id": "squat", "tindex": 1, "tlabel": 1}))
+        await asyncio.sleep(0.3)
+        assert svc.seen == []
+        node = svc.info_providers["evapi"]()["nodes"][f"127.0.0.1:{kam.port}"]
+        assert not node["connected"] and node["auth_failures"] >= 1
+    finally:
+        await close()
+        await kam.close()
+
+
+async def test_nothing_before_the_handshake_is_handled_and_size_is_bounded() -> None:
+    svc = FakeService()
+    kam = await FakeEvapi(mode="silent").start()
+    close = await start_evapi(svc, settings(kam.port, reconnect_max=5.0))
+    try:
+        _r, w = await kam.wait_conn(1)
+        w.write(ns({"op": "check", "call_id": "early", "tindex": 1, "tlabel": 1}))
+        await asyncio.sleep(0.2)
+        assert svc.seen == []
+        node = svc.info_providers["evapi"]()["nodes"][f"127.0.0.1:{kam.port}"]
+        assert node["bad_messages"] == 1 and not node["connected"]
+        # more than protocol.max_message before authentication: the connection is dropped
+        w.write(b"%d:" % (200_000) + b"x" * 70_000)
+        await kam.wait_conn(2, timeout=3)
+        node = svc.info_providers["evapi"]()["nodes"][f"127.0.0.1:{kam.port}"]
+        assert node["protocol_errors"] == 1
+    finally:
+        await close()
+        await kam.close()
+
+
+# -- JSON-RPC: the node's dialog list ----------------------------------------------------------
+
+# Shapes as Kamailio 5.6.3 sends them through jsonrpc_exec (captured from the shipped config).
+BRIEFING_ROW = {"h_entry": 2675, "h_id": 8284, "call-id": "1-17391@127.0.0.1", "from_tag": "17391-1",
+                "init_ts": 1795961586, "state": 4}
+DLG_LIST = {
+    "h_entry": 2675, "h_id": 8284, "ref": 2, "call-id": "1-17391@127.0.0.1", "from_uri": "sip:acme@127.0.0.1",
+    "to_uri": "sip:200@127.0.0.1:47335", "state": 4, "start_ts": 1795961586, "init_ts": 1795961586, "end_ts": 0,
+    "duration": 1, "timeout": 1796004786, "lifetime": 43200, "dflags": 643, "sflags": 0, "iflags": 0,
+    "caller": {"tag": "17391-1", "contact": "sip:acme@127.0.0.1:59589", "cseq": "2", "route_set": "",
+               "socket": "udp:127.0.0.1:47335"},
+    "callee": {"tag": "17372-1", "contact": "sip:127.0.0.1:56249;transport=UDP", "cseq": "0", "route_set": "",
+               "socket": "udp:127.0.0.1:47335"},
+    "profiles": [],
+    "variables": [{"cp_token": "T2"}, {"cp_req": "{\"op\":\"check\",\"call_id\":\"1-17391@127.0.0.1\",\"from_tag\":"
+                                                 "\"17391-1\",\"from\":\"sip:acme@127.0.0.1\",\"to\":\"sip:200@127.0.0.1"
+                                                 ":47335\",\"ruri\":\"sip:200@127.0.0.1:47335\",\"src_ip\":\"127.0.0.1\","
+                                                 "\"account\":\"acme\"}"}],
+}
+
+
+def test_kamailio_shapes_parse() -> None:
+    rows = parse_briefing([BRIEFING_ROW, {**BRIEFING_ROW, "h_id": 8283, "state": 5},
+                           {**BRIEFING_ROW, "call-id": "x", "state": 1}])
+    assert [(d.call_id, d.from_tag, d.state, d.init_ts) for d in rows] == [
+        ("1-17391@127.0.0.1", "17391-1", "active", 1795961586.0), ("1-17391@127.0.0.1", "17391-1", "ended",
+                                                                   1795961586.0),
+        ("x", "17391-1", "early", 1795961586.0)]
+    assert rows[0].uid == "1-17391@127.0.0.1 17391-1"
+    d = parse_dialog(DLG_LIST)
+    assert d is not None
+    assert (d.call_id, d.from_tag, d.state, d.token) == ("1-17391@127.0.0.1", "17391-1", "active", "T2")
+    assert d.request["account"] == "acme" and d.request["src_ip"] == "127.0.0.1"
+    assert parse_dialog({}) is None  # dlg.dlg_list of a dialog the node no longer has
+    bare = parse_dialog({**DLG_LIST, "variables": []})
+    assert bare is not None and bare.request == {"from": "sip:acme@127.0.0.1", "to": "sip:200@127.0.0.1:47335"}
+    assert bare.token == ""
+    with pytest.raises(DialogSourceError):
+        parse_briefing({"not": "a list"})
+
+
+async def test_dialog_list_over_the_connection_large_and_interleaved() -> None:
+    """dlg.briefing with 20,000 dialogs (~2 MB, over the 64 KiB pre-auth limit) comes back
+    whole while checks keep flowing; a JSON-RPC error becomes DialogSourceError."""
+    svc = FakeService()
+    kam = await FakeEvapi().start()
+    close = await start_evapi(svc, settings(kam.port))
+    try:
+        r, w = await kam.wait_conn(1)
+        node = _node(close)
+        task = asyncio.ensure_future(node.dialogs())
+        req = (await read_frames(r, 1))[0]
+        assert req["method"] == "dlg.briefing" and req["params"] == ["cFIs"]
+        rows = [{**BRIEFING_ROW, "call-id": f"c{i}", "h_id": i} for i in range(20_000)]
+        body = ns({"jsonrpc": "2.0", "result": rows, "id": req["id"]})
+        assert len(body) > 1_900_000
+        w.write(ns({"op": "check", "call_id": "during", "tindex": 5, "tlabel": 6}) + body)
+        got = await asyncio.wait_for(task, 5)
+        assert len(got) == 20_000 and got[-1].call_id == "c19999"
+        assert (await read_frames(r, 1))[0]["tlabel"] == 6
+        task2 = asyncio.ensure_future(node.dialog("c1", "17391-1"))
+        req = (await read_frames(r, 1))[0]
+        assert req["method"] == "dlg.dlg_list" and req["params"] == ["c1", "17391-1"]
+        w.write(ns({"jsonrpc": "2.0", "id": req["id"], "error": {"code": 403, "message": "method not allowed"}}))
+        with pytest.raises(DialogSourceError, match="not allowed"):
+            await asyncio.wait_for(task2, 5)
+        # a request in flight when the connection drops fails at once
+        task3 = asyncio.ensure_future(node.dialogs())
+        await read_frames(r, 1)
+        w.close()
+        with pytest.raises(DialogSourceError):
+            await asyncio.wait_for(task3, 5)
+    finally:
+        await close()
+        await kam.close()
+
+
+async def test_late_end_of_an_earlier_attempt_never_releases_the_later_one() -> None:
+    """The real service behind the connector: the 407-challenged attempt's `end` arrives after
+    the re-sent INVITE's check (same Call-ID and From-tag). It carries the first admission's
+    token, so it is ignored; the answered call is released by its own `end` only."""
+    from pathlib import Path
+
+    from policy.service import PolicyService
+    from policy.store.embedded import EmbeddedStore
+
+    service = PolicyService(Path(__file__).resolve().parents[2] / "rules", EmbeddedStore())
+    kam = await FakeEvapi().start()
+    close = await start_evapi(service, settings(kam.port))
+    call = {"call_id": "c407", "from_tag": "ft1", "from": "sip:acme@example.com", "to": "sip:200@example.com",
+            "account": "acme"}
+    try:
+        r, w = await kam.wait_conn(1)
+        w.write(ns({"op": "check", "tindex": 1, "tlabel": 1, **call}))
+        first = (await read_frames(r, 1))[0]
+        w.write(ns({"op": "check", "tindex": 2, "tlabel": 2, **call}))  # the re-sent INVITE
+        second = (await read_frames(r, 1))[0]
+        assert first["decision"] == second["decision"] == "allow" and first["token"] != second["token"]
+        w.write(ns({"op": "answer", "call_id": "c407", "from_tag": "ft1", "token": second["token"]})
+                + ns({"op": "end", "call_id": "c407", "from_tag": "ft1", "token": first["token"], "reason": "failed",
+                      "id": "late"}))
+        late = (await read_frames(r, 1))[0]
+        assert late["id"] == "late" and late["released"] is False and late["stale"] is True
+        assert await service.store.profile_size("account", "acme", service.clock.now()) == 1
+        w.write(ns({"op": "end", "call_id": "c407", "from_tag": "ft1", "token": second["token"], "reason": "bye",
+                    "id": "bye"}))
+        assert (await read_frames(r, 1))[0]["released"] is True
+        assert await service.store.profile_size("account", "acme", service.clock.now()) == 0
+    finally:
+        await close()
+        await kam.close()
+
+
+# -- settings and the command line ----------------------------------------------------------
+
+
+def test_evapi_command_line_adds_nodes_and_the_secret_is_required(tmp_path: Any) -> None:
+    from policy.cli import _settings, build_parser
+    from policy.errors import SettingsError
+
+    (tmp_path / "evapi.token").write_text("s3cret\n")
+    cfg = tmp_path / "service.toml"
+    cfg.write_text('[evapi]\nnodes = ["10.0.0.1:8448"]\ntoken_file = "evapi.token"\nreconcile_interval = 5\n')
+    p = build_parser()
+    s = _settings(p.parse_args(["--config", str(cfg), "serve", "--evapi", "10.0.0.2:8448", "--evapi", "10.0.0.2:8448"]))
+    assert s.evapi_nodes == ["10.0.0.1:8448", "10.0.0.2:8448"]  # added, not replaced; no duplicates
+    assert s.evapi_secret() == "s3cret" and s.evapi_reconcile_interval == 5
+    s = _settings(p.parse_args(["--config", str(cfg), "serve", "--evapi", "none", "--evapi", "10.0.0.3:8448"]))
+    assert s.evapi_nodes == ["10.0.0.3:8448"]  # "none" drops the configured ones first
+    cfg.write_text('[evapi]\nnodes = ["10.0.0.1:8448"]\n')
+    with pytest.raises(SettingsError, match=r"evapi\.token"):
+        _settings(p.parse_args(["--config", str(cfg), "serve"]))
+    s = _settings(p.parse_args(["--config", str(cfg), "serve", "--evapi-token-file", str(tmp_path / "evapi.token")]))
+    assert s.evapi_secret() == "s3cret"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match="empty"):
+        _settings(p.parse_args(["--config", str(cfg), "serve", "--evapi-token-file", str(tmp_path / "empty")]))
+    cfg.write_text("[evapi]\nreconcile_grace = 0\n")
+    with pytest.raises(SettingsError, match="reconcile_grace"):
+        _settings(p.parse_args(["--config", str(cfg), "serve"]))
+
+
+async def test_notices_in_flight_survive_a_dropped_connection() -> None:
+    """An `end` still being handled (a slow store) when Kamailio's connection drops is applied
+    all the same: the connection's loss cancels nothing."""
+
+    class SlowNotices(FakeService):
+        def __init__(self) -> None:
+            super().__init__()
+            self.applied: list[str] = []
+
+        async def handle(self, req: P.Request, peer: Any) -> dict[str, Any]:
+            reply = await super().handle(req, peer)
+            if req.op == "end":
+                await asyncio.sleep(0.2)
+                self.applied.append(req.call_id)  # type: ignore[attr-defined]
+            return reply
+
+    svc = SlowNotices()
+    kam = await FakeEvapi().start()
+    close = await start_evapi(svc, settings(kam.port, reconnect_max=5.0))
+    try:
+        _r, w = await kam.wait_conn(1)
+        w.write(ns({"op": "end", "call_id": "c1", "from_tag": "f", "token": "t", "reason": "bye"}))
+        await w.drain()
+        for _ in range(100):
+            if svc.seen:
+                break
+            await asyncio.sleep(0.01)
+        w.close()  # Kamailio goes away while the end is being applied
+        await asyncio.sleep(0.4)
+        assert svc.applied == ["c1"]
+    finally:
+        await close()
+        await kam.close()
