@@ -1,27 +1,33 @@
-"""RADIUS front end benchmark: Access-Requests per second, every reply verified.
+"""RADIUS front end benchmark: calls per second through RADIUS, every reply verified.
 
 `make bench-radius` (this script) runs the RADIUS part of `bench/bench.py` (and the baseline
 figure it is compared with): a `callpolicy serve` on default settings plus a `[radius]` table
 (client 127.0.0.1, style `avp` as Kamailio's misc_radius uses), a background of held calls,
-then a closed loop from one process over one UDP socket with `window` requests outstanding,
-median of the runs. Options are bench.py's (`--quick`, `--runs`, `--seconds`, `--held`, ...).
+then a closed loop from one process, median of the runs. Options are bench.py's (`--quick`,
+`--runs`, `--seconds`, `--held`, ...).
 
-The packet generator (`radius_closed`, run as `loadgen.py radius` in its own process) encodes
-requests with struct (each a new call: its own Acct-Session-Id, User-Name = account and
-Calling-Station-Id, so no cap is reached) and checks every reply:
+The packet generator (`radius_closed`, run as `loadgen.py radius` in its own process) keeps
+`window` calls outstanding. Each call is an Access-Request (the check) and, once it is
+allowed, an Accounting-Request Stop (the end: it releases the call, as a NAS does after the
+BYE; without it every request would stay held for early_timeout and the store would grow by
+the whole run). The figure is those calls per second, i.e. Access-Requests/s with their
+Stops; `loadgen.py radius` without `--acct` sends Access-Requests alone. Requests are encoded
+with struct (each a new call: its own Acct-Session-Id = Call-ID, User-Name = account and
+Calling-Station-Id, so no cap is reached), and every reply is checked:
 
-- the identifier matches an outstanding request; the Response Authenticator
-  (MD5(Code+Id+Length+Request Authenticator+Attributes+secret)) and the reply's
-  Message-Authenticator (HMAC-MD5 with the secret) verify;
-- it is an Access-Accept whose SIP-AVP says `policy:allow`: that, and only that, counts.
-  `policy:deny`, `policy:error`, an Access-Reject, a bad authenticator, an unknown identifier
-  or garbage are tallied as errors by kind; a request unanswered after `lost_after` is lost
-  (its identifier is not reused for as long again, so a late reply cannot be taken for
-  another request's).
+- Access-Accept: the identifier matches an outstanding request; the Response Authenticator
+  (MD5(Code+Id+Length+Request Authenticator+Attributes+secret)) and the Message-Authenticator
+  (HMAC-MD5 with the secret) verify; its SIP-AVP says `policy:allow`. `policy:deny`,
+  `policy:error`, Access-Reject, no or a bad authenticator, garbage: errors by kind;
+- Accounting-Response: identifier and Response Authenticator verify;
+- a request unanswered after `lost_after` is lost (the call is given up); identifiers are
+  reused oldest first, and a reply that verifies against a lost request's authenticator is
+  counted as late, never taken for a newer request's.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import os
@@ -43,6 +49,8 @@ from loadgen import CpuWindow, Hist, call_id  # noqa: E402
 ACCESS_REQUEST = 1
 ACCESS_ACCEPT = 2
 ACCESS_REJECT = 3
+ACCOUNTING_REQUEST = 4
+ACCOUNTING_RESPONSE = 5
 SIP_AVP = 225
 MESSAGE_AUTHENTICATOR = 80
 
@@ -108,44 +116,101 @@ def reply_kind(data: bytes, request_auth: bytes, secret: bytes) -> str:
     return "accept_without_policy"
 
 
+def acct_stop(ident: int, tag: bytes, n: int, secret: bytes) -> bytes:
+    """An Accounting-Request Stop for call n (its Request Authenticator computed, RFC 2866)."""
+    attrs = (attr(40, struct.pack("!I", 2)) + attr(1, b"%bra%d" % (tag, n)) + attr(44, call_id(tag, n))
+             + attr(31, b"sip:%bru%d@bench.example" % (tag, n)))
+    head = struct.pack("!BBH", ACCOUNTING_REQUEST, ident, 20 + len(attrs))
+    return head + hashlib.md5(head + b"\x00" * 16 + attrs + secret).digest() + attrs
+
+
+def acct_reply_kind(data: bytes, request_auth: bytes, secret: bytes) -> str:
+    """"ok" for a verified Accounting-Response, else the kind of failure."""
+    if len(data) < 20 or struct.unpack("!H", data[2:4])[0] != len(data):
+        return "garbage"
+    expect = hashlib.md5(data[:4] + request_auth + data[20:] + secret).digest()
+    if not hmac.compare_digest(expect, data[4:20]):
+        return "bad_response_authenticator"
+    if data[0] != ACCOUNTING_RESPONSE:
+        return f"code_{data[0]}"
+    return "ok"
+
+
+class Side:
+    """One UDP socket (auth or acct port): its 256 identifiers, reused oldest first, the requests
+    waiting for a reply, and the authenticators of requests declared lost (so their late replies
+    are recognised as late, not taken for a newer request's)."""
+
+    def __init__(self, addr: tuple[str, int], name: str) -> None:
+        self.name = name
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.connect(addr)
+        self.sock.setblocking(False)
+        self.free: collections.deque[int] = collections.deque(range(256))
+        self.pending: dict[int, tuple[float, bytes, int]] = {}  # id -> (sent at, request authenticator, call)
+        self.lost: dict[int, list[tuple[float, bytes]]] = {}  # id -> [(forget at, request authenticator)]
+
+    def late(self, ident: int, data: bytes, secret: bytes, now: float) -> bool:
+        """Is `data` the reply to an earlier, lost request with this identifier?"""
+        keep = [(t, a) for t, a in self.lost.get(ident, ()) if t > now]
+        if keep:
+            self.lost[ident] = keep
+        else:
+            self.lost.pop(ident, None)
+        return any(hmac.compare_digest(hashlib.md5(data[:4] + a + data[20:] + secret).digest(), data[4:20])
+                   for _, a in keep)
+
+
 def radius_closed(addr: tuple[str, int], secret: bytes, seconds: float, window: int, warmup: float, tag: str,
-                  *, lost_after: float = 1.0, pids: Sequence[int] = ()) -> dict[str, Any]:
-    """Keep `window` Access-Requests outstanding for warmup+seconds; verified allows per second."""
+                  *, acct: tuple[str, int] | None = None, lost_after: float = 1.0,
+                  pids: Sequence[int] = ()) -> dict[str, Any]:
+    """Keep `window` calls outstanding for warmup+seconds. Each call is an Access-Request and,
+    with `acct`, once it is allowed, an Accounting-Request Stop (that releases it, as a NAS
+    does): calls completed per second, every reply verified (see the module text)."""
     assert 1 <= window <= 128
     btag = tag.encode()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.connect(addr)
-    sock.setblocking(False)
-    pending: dict[int, tuple[float, bytes, int]] = {}  # identifier -> (sent at, request authenticator, call)
-    free_ids = list(range(256))
-    quarantine: list[tuple[float, int]] = []  # identifiers of lost requests, free again after lost_after
+    auth = Side(addr, "auth")
+    sides = [auth]
+    stop = Side(acct, "acct") if acct else None
+    if stop is not None:
+        sides.append(stop)
     errors: Counter[str] = Counter()
-    hist = Hist()
+    hists = {"access": Hist(), "accounting": Hist()}
     n = 0
     completed = 0
-    lost = 0
+    lost = late = 0
     cpu = CpuWindow(pids)
     measuring = False
     t_start = time.perf_counter() + warmup
     t_end = t_start + seconds
 
-    def send_new() -> None:
-        nonlocal n
-        if not free_ids:
+    def send(side: Side, call: int) -> None:
+        if not side.free:
+            errors[f"{side.name}:no_free_identifier"] += 1
             return
-        ident = free_ids.pop()
-        auth = os.urandom(16)
-        pending[ident] = (time.perf_counter(), auth, n)
+        ident = side.free.popleft()
+        if side is auth:
+            req_auth = os.urandom(16)
+            data = access_request(ident, req_auth, btag, call)
+        else:
+            data = acct_stop(ident, btag, call, secret)
+            req_auth = data[4:20]
+        side.pending[ident] = (time.perf_counter(), req_auth, call)
         try:
-            sock.send(access_request(ident, auth, btag, n))
+            side.sock.send(data)
         except OSError as exc:
-            errors[f"send_error:{type(exc).__name__}"] += 1
+            errors[f"{side.name}:send_error:{type(exc).__name__}"] += 1
+
+    def new_call() -> None:
+        nonlocal n
+        send(auth, n)
         n += 1
 
     for _ in range(window):
-        send_new()
+        new_call()
     next_sweep = time.perf_counter() + 0.1
+    socks = {s.sock: s for s in sides}
     while True:
         now = time.perf_counter()
         if not measuring and now >= t_start:
@@ -153,52 +218,67 @@ def radius_closed(addr: tuple[str, int], secret: bytes, seconds: float, window: 
             cpu.start()
         if now >= t_end:
             break
-        if now >= next_sweep:
+        if now >= next_sweep:  # requests unanswered for lost_after: lost; the call is given up
             next_sweep = now + 0.1
-            for ident in [i for i, v in pending.items() if now - v[0] > lost_after]:
-                del pending[ident]
-                lost += 1
+            for side in sides:
+                for ident in [i for i, v in side.pending.items() if now - v[0] > lost_after]:
+                    _sent, req_auth, _call = side.pending.pop(ident)
+                    side.lost.setdefault(ident, []).append((now + 30.0, req_auth))
+                    side.free.append(ident)
+                    lost += 1
+                    if measuring:
+                        hists["access" if side is auth else "accounting"].lost += 1
+                    new_call()
+        r, _, _ = select.select(list(socks), [], [], min(0.1, t_end - now))
+        for sock in r:
+            side = socks[sock]
+            while True:
+                try:
+                    data = sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    errors[f"{side.name}:recv_error:{type(exc).__name__}"] += 1
+                    break
+                t = time.perf_counter()
+                if len(data) < 20:
+                    errors[f"{side.name}:garbage"] += 1
+                    continue
+                ident = data[1]
+                entry = side.pending.get(ident)
+                kind = "unexpected_reply"
+                if entry is not None:
+                    sent, req_auth, call = entry
+                    kind = (reply_kind if side is auth else acct_reply_kind)(data, req_auth, secret)
+                if kind in ("unexpected_reply", "bad_response_authenticator") and side.late(ident, data, secret, t):
+                    late += 1  # the reply of a request already counted lost
+                    continue
+                if kind in ("unexpected_reply", "bad_response_authenticator"):
+                    errors[f"{side.name}:{kind}"] += 1  # the request stays pending: answered or lost
+                    continue
+                del side.pending[ident]
+                side.free.append(ident)
                 if measuring:
-                    hist.lost += 1
-                quarantine.append((now + lost_after, ident))
-                send_new()
-            while quarantine and quarantine[0][0] <= now:
-                free_ids.append(quarantine.pop(0)[1])
-            while len(pending) < window and free_ids:
-                send_new()
-        r, _, _ = select.select([sock], [], [], min(0.1, t_end - now))
-        if not r:
-            continue
-        while True:
-            try:
-                data = sock.recv(4096)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                errors[f"recv_error:{type(exc).__name__}"] += 1
-                break
-            t = time.perf_counter()
-            entry = pending.pop(data[1], None) if len(data) >= 2 else None
-            if entry is None:
-                errors["unexpected_reply"] += 1
-                continue
-            sent, auth, _call = entry
-            free_ids.append(data[1])
-            kind = reply_kind(data, auth, secret)
-            if kind != "ok":
-                errors[kind] += 1
-            elif measuring:
-                completed += 1
-            if measuring:
-                hist.add(t - sent)
-            send_new()
+                    hists["access" if side is auth else "accounting"].add(t - sent)
+                if kind != "ok":
+                    errors[f"{side.name}:{kind}"] += 1
+                    new_call()
+                elif side is auth and stop is not None:
+                    send(stop, call)
+                else:
+                    if measuring:
+                        completed += 1
+                    new_call()
     cpu.stop()
-    sock.close()
+    outstanding = sum(len(s.pending) for s in sides)
+    for s in sides:
+        s.sock.close()
     return {"mode": "radius", "transport": "radius", "window": window, "window_s": seconds, "sent": n,
-            "completed": completed, "rate": round(completed / seconds, 1) if seconds else 0.0,
-            "errors": dict(errors.most_common()), "error_count": sum(errors.values()), "lost": lost,
-            "latency": {"check": hist.summary()}, "cpu": cpu.result, "tag": tag,
-            "window_outstanding_at_end": len(pending)}
+            "with_accounting": stop is not None, "completed": completed,
+            "rate": round(completed / seconds, 1) if seconds else 0.0,
+            "errors": dict(errors.most_common()), "error_count": sum(errors.values()), "lost": lost, "late": late,
+            "latency": {"check": hists["access"].summary(), "end": hists["accounting"].summary()},
+            "cpu": cpu.result, "tag": tag, "outstanding_at_end": outstanding}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,11 +269,15 @@ class CpuWindow:
         gen = time.process_time() - self.c0
         m1 = machine_cpu()
         busy = (m1[0] - self.m0[0]) / (m1[1] - self.m0[1]) if m1[1] > self.m0[1] else math.nan
+        services = {str(p): round((proc_cpu(p) - self.p0[p]) / wall, 3) for p in self.pids}
+        cores = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
         self.result = {
             "wall_s": round(wall, 3),
             "generator_core": round(gen / wall, 3),
-            "service_core": {str(p): round((proc_cpu(p) - self.p0[p]) / wall, 3) for p in self.pids},
+            "service_core": services,
             "machine_busy": round(busy, 3),
+            # CPU (in cores) that neither this generator nor the given pids used: other load on the machine
+            "other_cores": round(max(0.0, busy * cores - gen / wall - sum(services.values())), 3),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         }
         return self.result
@@ -384,6 +388,7 @@ class Run:
         self.completed = 0  # calls whose every operation succeeded, inside the window
         self.completed_all = 0
         self.lost = 0
+        self.late = 0  # replies to requests already counted lost
         self.hists = {op: Hist() for op in self.ops}
         self.tokens: dict[int, Any] = {}
         self.token_key = token_key
@@ -431,6 +436,7 @@ class Run:
                 "latency_sampled_1_in": self.sample,
                 "completed": self.completed, "completed_all": self.completed_all,
                 "errors": dict(self.errors.most_common()), "error_count": errors, "lost": self.lost,
+                "late": self.late,
                 "latency": {op: h.summary() for op, h in self.hists.items()}, **extra}
 
 
@@ -554,6 +560,7 @@ def udp_closed(target: Target, socks: int, window: int, ops: Sequence[str], tag:
     ss = [target.connect() for _ in range(socks)]
     pending: dict[int, tuple[int, int, float, int]] = {}  # rid -> (op index, call, sent at, socket index)
     outstanding = [0] * socks
+    lost_ids: set[int] = set()
     last = len(ops) - 1
     issued = 0
     stopping = False
@@ -604,6 +611,7 @@ def udp_closed(target: Target, socks: int, window: int, ops: Sequence[str], tag:
             old = [rid for rid, v in pending.items() if now - v[2] > lost_after]
             for rid in old:
                 k, _n, _t, i = pending.pop(rid)
+                lost_ids.add(rid)
                 outstanding[i] -= 1
                 run.lost += 1
                 if run.measuring:
@@ -628,7 +636,10 @@ def udp_closed(target: Target, socks: int, window: int, ops: Sequence[str], tag:
                 rid = reply.get("id") if isinstance(reply, dict) else None
                 entry = pending.pop(rid, None) if isinstance(rid, int) else None
                 if entry is None:
-                    run.errors["unexpected_reply"] += 1
+                    if rid in lost_ids:  # ids are never reused: the reply of a request counted lost
+                        run.late += 1
+                    else:
+                        run.errors["unexpected_reply"] += 1
                     continue
                 k, n, t0, _ = entry
                 outstanding[i] -= 1
@@ -784,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--hold", type=float, default=1.0, help="seconds from a check to its end")
     r = sub.add_parser("radius", help="RADIUS Access-Requests, closed loop (see bench_radius.py)")
     r.add_argument("--auth", required=True, help="HOST:PORT of the RADIUS auth listener")
+    r.add_argument("--acct", help="HOST:PORT of the acct listener: end each allowed call with a Stop")
     r.add_argument("--secret", default="bench-secret")
     r.add_argument("--window", type=int, default=32)
     r.add_argument("--seconds", type=float, default=10.0)
@@ -797,8 +809,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench_radius import radius_closed  # type: ignore[import-not-found]
 
         host, port = args.auth.rsplit(":", 1)
+        acct = None
+        if args.acct:
+            ahost, aport = args.acct.rsplit(":", 1)
+            acct = (ahost, int(aport))
         res = radius_closed((host, int(port)), args.secret.encode(), args.seconds, args.window, args.warmup,
-                            args.tag, lost_after=args.lost_after, pids=args.pid)
+                            args.tag, acct=acct, lost_after=args.lost_after, pids=args.pid)
     else:
         target = Target.parse(args.tcp, args.unix, args.udp)
         if args.mode == "closed":
