@@ -181,6 +181,7 @@ class Bench:
         self.baseline: Proc | None = None
         self.servers: dict[str, Any] = {}
         self.background: dict[str, Any] = {}
+        self.versions: dict[str, str] = {}
 
     # -- processes
 
@@ -352,18 +353,23 @@ class Bench:
     def measure(self, key: str, label: str, kind: str, fn: Callable[[], dict[str, Any]],
                 baseline: tuple[str, str, Callable[[], dict[str, Any]]] | None = None, **info: Any) -> None:
         """`--runs` runs of fn, each after a run of the baseline scenario (if it still needs runs)."""
-        b = self.scenario(baseline[0], baseline[1], kind) if baseline is not None else None
-        s = self.scenario(key, label, kind, **info)
+        items: list[tuple[str, str, str, Callable[[], dict[str, Any]], dict[str, Any]]] = []
         if baseline is not None:
-            s["baseline"] = baseline[0]
+            items.append((baseline[0], baseline[1], kind, baseline[2], {}))
+            info["baseline"] = baseline[0]
+        items.append((key, label, kind, fn, info))
+        self.rounds(items)
+
+    def rounds(self, items: list[tuple[str, str, str, Callable[[], dict[str, Any]], dict[str, Any]]]) -> None:
+        """Interleave scenarios: round i runs each one that has fewer than i+1 runs, in order, so
+        figures compared with each other saw the same moments of a noisy machine."""
+        scen = [self.scenario(key, label, kind, **info) for key, label, kind, _, info in items]
         for i in range(self.args.runs):
-            if baseline is not None and b is not None and len(b["runs"]) <= i:
-                r = baseline[2]()
-                b["runs"].append(r)
-                self._progress(b, r, i)
-            r = fn()
-            s["runs"].append(r)
-            self._progress(s, r, i)
+            for s, item in zip(scen, items, strict=True):
+                if len(s["runs"]) <= i:
+                    r = item[3]()
+                    s["runs"].append(r)
+                    self._progress(s, r, i)
 
     def _progress(self, s: dict[str, Any], r: dict[str, Any], i: int) -> None:
         lat = r.get("latency", {}).get("check", {})
@@ -436,7 +442,8 @@ class Bench:
         assert redis.proc is not None
         if self.pinned:
             os.sched_setaffinity(redis.proc.pid, set(self.cpus[:-1]))
-        self.notes.append(f"redis-server {server_version(redis.port)} (no persistence), private, port {redis.port}")
+        self.versions["redis-server"] = server_version(redis.port)
+        self.notes.append(f"redis-server {self.versions['redis-server']} (no persistence), private, port {redis.port}")
         rpid = redis.proc.pid
         if a.redis_benchmark:
             try:
@@ -447,21 +454,43 @@ class Bench:
             except Exception as exc:  # uses store internals: say why it did not run
                 self.notes.append(f"redis-benchmark skipped: {exc!r}")
         svc = self.start_service("redis1", store=redis.url)
+        procs = [svc]
         try:
             tcp = ["--tcp", f"127.0.0.1:{svc.info['port']}"]
             pids = [svc.pid, rpid]
             # gently: 8 x 256 outstanding would queue past the store's 50 ms timeout
             self.hold_background("redis", tcp, pids, depth=16)
+            # two more on one shared port, up (idle) during the one-process runs, so the
+            # one- and two-process runs can be interleaved
+            port2 = free_port()
+            s2a = self.start_service("redis2a", store=redis.url, port=port2, reuse_port=True)
+            procs.append(s2a)
+            s2b = self.start_service("redis2b", store=redis.url, port=port2, reuse_port=True)
+            procs.append(s2b)
+            tcp2 = ["--tcp", f"127.0.0.1:{port2}"]
+            pids2 = [s2a.pid, s2b.pid, rpid]
 
-            def closed_with_redis_time() -> dict[str, Any]:
+            def closed_with_redis_time(target: list[str], ps: list[int]) -> dict[str, Any]:
                 before = script_stats(redis.port)
-                r = self.closed(tcp, pids)
+                r = self.closed(target, ps)
                 calls, usec = script_delta(before, script_stats(redis.port))
                 r["redis_scripts"] = {"calls": calls, "usec": usec, "usec_per_call": usec / calls if calls else None}
                 return r
 
-            self.measure("redis_tcp", f"Redis, 1 process, TCP {a.conns}x{a.depth}", "closed",
-                         closed_with_redis_time, self.base_closed("tcp"))
+            def two() -> dict[str, Any]:
+                acc0 = [_accepted(p) for p in (s2a, s2b)]
+                r = closed_with_redis_time(tcp2, pids2)
+                acc1 = [_accepted(p) for p in (s2a, s2b)]
+                # each stats query is a connection too: the first one is before, the second after
+                r["connections_per_process"] = [y - x - 1 for x, y in zip(acc0, acc1, strict=True)]
+                return r
+
+            base = self.base_closed("tcp")
+            self.rounds([(base[0], base[1], "closed", base[2], {}),
+                         ("redis_tcp", f"Redis, 1 process, TCP {a.conns}x{a.depth}", "closed",
+                          lambda: closed_with_redis_time(tcp, pids), {"baseline": base[0]}),
+                         ("redis_tcp_2proc", f"Redis, 2 processes 1 port, TCP {a.conns}x{a.depth}", "closed", two,
+                          {"baseline": base[0]})])
             for rate in a.rates_redis:
                 self.measure(f"redis_open{rate:.0f}", f"Redis, 1 process, open loop @ {rate:,.0f}/s", "open",
                              lambda rate=rate: self.open(tcp, pids, rate), self.base_open(rate))
@@ -492,32 +521,8 @@ class Bench:
             for _ in range(a.runs):
                 s["runs"].append(phases())
         finally:
-            self.stop(svc)
-        # two processes on one port
-        port = free_port()
-        s1 = self.start_service("redis2a", store=redis.url, port=port, reuse_port=True)
-        try:
-            s2 = self.start_service("redis2b", store=redis.url, port=port, reuse_port=True)
-        except Exception:
-            self.stop(s1)
-            raise
-        try:
-            tcp = ["--tcp", f"127.0.0.1:{port}"]
-            pids = [s1.pid, s2.pid, rpid]
-
-            def two() -> dict[str, Any]:
-                acc0 = [_accepted(s) for s in (s1, s2)]
-                r = self.closed(tcp, pids)
-                acc1 = [_accepted(s) for s in (s1, s2)]
-                # each stats query is a connection too: the first one is before, the second after
-                r["connections_per_process"] = [b - a_ - 1 for a_, b in zip(acc0, acc1, strict=True)]
-                return r
-
-            self.measure("redis_tcp_2proc", f"Redis, 2 processes 1 port, TCP {a.conns}x{a.depth}", "closed", two,
-                         self.base_closed("tcp"))
-        finally:
-            self.stop(s2)
-            self.stop(s1)
+            for p in reversed(procs):
+                self.stop(p)
             redis.stop()
             self.redis = None
             shutil.rmtree(redis.dir, ignore_errors=True)
@@ -628,8 +633,11 @@ def summarize(b: Bench) -> dict[str, Any]:
             sm["p99_vs_baseline"] = (math.inf if sv is None else sv / bv) if bv else None
             sm["ratio_to"] = base["label"]
     if "redis_tcp_2proc" in out and "redis_tcp" in out and out["redis_tcp"]["rate"]["median"]:
-        out["redis_tcp_2proc"]["vs_one_process"] = (out["redis_tcp_2proc"]["rate"]["median"]
-                                                    / out["redis_tcp"]["rate"]["median"])
+        two, one = out["redis_tcp_2proc"], out["redis_tcp"]
+        two["vs_one_process"] = two["rate"]["median"] / one["rate"]["median"]
+        rr = [x / y for x, y in zip(two["rate"]["values"], one["rate"]["values"], strict=False) if y]
+        two["vs_one_process_runs"] = {"min": min(rr), "max": max(rr)} if rr else None
+        two["redis_usec_per_evalsha"] = _stat([r["redis_scripts"]["usec_per_call"] for r in two["runs"]])
     return out
 
 
@@ -711,8 +719,10 @@ def report(b: Bench, out: dict[str, Any], machine: dict[str, Any], settings: dic
         need = 4  # two services, Redis, the generator
         cores = machine["cores"]
         print()
-        print(f"two processes on one port: {_pct(s.get('vs_one_process'))} of one process's pairs/s; connections per "
-              f"process by run {s['connections_per_process']}")
+        vr = s.get("vs_one_process_runs") or {}
+        print(f"two processes on one port (runs interleaved with the one-process runs): "
+              f"{_pct(s.get('vs_one_process'))} [{_pct(vr.get('min'))}-{_pct(vr.get('max'))}] of one process's "
+              f"pairs/s; connections per process by run {s['connections_per_process']}")
         busy = s["machine_busy"]["median"] or 0
         if cores < need or busy >= 0.9:
             print(f"  the cores do not allow scaling here: {cores} cores for 2 services + Redis + the generator "
@@ -844,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         b.cleanup()
     machine["loadavg_end"] = os.getloadavg()
+    machine["versions"].update(b.versions)
     out = summarize(b)
     problems = report(b, out, machine, settings)
     elapsed = time.monotonic() - t0
