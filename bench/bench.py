@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -833,6 +834,11 @@ def main(argv: list[str] | None = None) -> int:
                         " (+ reuse_port for two processes, + [radius] for RADIUS)",
     }
     machine = machine_info()
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # so the finally below stops every process this bench started
+
+    signal.signal(signal.SIGTERM, terminated)
     b = Bench(args)
     t0 = time.monotonic()
     failed: list[str] = []
