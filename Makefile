@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench bench-redis bench-kamailio bench-radius clean venv
+.PHONY: run test lint bench bench-quick bench-redis bench-kamailio bench-radius clean venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,19 +24,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check policy tests bench
 	$(BIN)/mypy policy
 
+# BENCH_ARGS: e.g. BENCH_ARGS=--quick (smoke test), --runs 5, --pin; see bench/bench.py --help
 bench: $(STAMP)
-	$(BIN)/python bench/bench.py
-	$(BIN)/python bench/bench_redis.py
-	$(BIN)/python bench/bench_radius.py
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/bench.py --quick $(BENCH_ARGS)
 
 bench-redis: $(STAMP)
-	$(BIN)/python bench/bench_redis.py
+	$(BIN)/python bench/bench_redis.py $(BENCH_ARGS)
 
 bench-kamailio: $(STAMP)
 	$(BIN)/python bench/bench_kamailio.py
 
 bench-radius: $(STAMP)
-	$(BIN)/python bench/bench_radius.py
+	$(BIN)/python bench/bench_radius.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache .hypothesis

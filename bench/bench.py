@@ -1,325 +1,879 @@
-"""Benchmark the running service: closed loop with pipelining and open loop at a fixed rate.
+"""`make bench`: the service's figures next to a baseline measured in the same run.
 
-`make bench` starts a `callpolicy serve` on the embedded store on free loopback ports and
-drives it over TCP, Unix and UDP. The load generator pre-encodes every request and only
-counts reply lines, so it costs far less CPU than the service (both share the 2 cores).
+Starts everything itself on free loopback ports, in temporary directories, and stops it all:
 
-Figures printed: check+end pairs per second (closed loop), and p50/p99/p99.9 latency of
-checks at a fixed offered rate (open loop). Run it a few times: these machines are noisy.
+- `bench/baseline.py`, the smallest honest server of the same line protocol (see its text);
+- `callpolicy serve` exactly as an operator runs it: the shipped `service.toml` (snapshots on,
+  every 10 s; default timeouts; rule watching; JSON log lines to a file) with only the
+  listeners moved to free ports and metrics off; the embedded store, then Redis (a private
+  `redis-server`), then a RADIUS listener added;
+- `bench/loadgen.py` for every measurement, in a process of its own.
 
-Reusable pieces (`closed_loop`, `open_loop`, `start_service`) are imported by the Redis,
-RADIUS and Kamailio benches.
+Before measuring, every server gets a background of `--held` calls (default 100,000): checked
+and answered (active, 12 h lease), each from its own user with no account, so they never reach
+a cap nor block the measured calls. Nothing is pinned unless `--pin` says so (then printed).
+
+Each figure is the median of `--runs` runs (default 3) with its min-max; the baseline's runs
+are interleaved with the service's (baseline run, service run, ...) and every throughput is
+printed as a ratio to the baseline's, every open-loop p99 as a multiple of the baseline's.
+Closed-loop runs are longer than the snapshot interval, so a snapshot falls inside each.
+Every reply is checked (see loadgen.py); any error or lost reply is printed, marks its row,
+and makes the bench exit with status 1. `bench/results.json` gets everything (runs, medians,
+errors, settings, machine).
+
+    .venv/bin/python bench/bench.py [--quick] [--only embedded,redis,radius] [--runs 3] [--pin]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import collections
+import contextlib
+import itertools
+import math
 import os
+import platform
+import re
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import tomllib
+from collections import Counter
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
+from tests.helpers import LineClient, RedisServer, free_port  # noqa: E402
 
-def free_port() -> int:
-    """A free TCP+UDP port on 127.0.0.1."""
-    from tests.helpers import free_port as fp
-
-    return fp()
+SECTIONS = ("embedded", "redis", "radius")
+RADIUS_SECRET = "bench-secret"
 
 
-def start_service(store: str | None = None, port: int | None = None, extra: list[str] | None = None,
-                  workdir: Path | None = None) -> tuple[subprocess.Popen[bytes], int, str]:
-    """Start `callpolicy serve` (logs to a file), wait for it; returns (process, port, unix path)."""
-    work = workdir or Path(tempfile.mkdtemp(prefix="cpbench-"))
-    port = port or free_port()
-    unix = str(work / "bench.sock")
-    cmd = [sys.executable, "-m", "policy", "--config", str(ROOT / "service.toml"), "serve",
-           "--listen", f"127.0.0.1:{port}", "--unix", unix, "--snapshot", "none", "--metrics", "none",
-           "--log-format", "json"]
-    if store:
-        cmd += ["--store", store]
-    cmd += extra or []
-    log = open(work / "serve.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+# -- processes ---------------------------------------------------------------------------------
+
+class Proc:
+    """A process this bench started (stopped in a finally, never left behind)."""
+
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], workdir: Path, log: Path, **info: Any) -> None:
+        self.name = name
+        self.popen = popen
+        self.workdir = workdir
+        self.log = log
+        self.info = info
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM (the embedded store writes its snapshot), then SIGKILL if it hangs."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def tail(self, n: int = 2000) -> str:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b'{"op":"ping"}\n')
-                if b"pong" in s.recv(4096):
-                    return proc, port, unix
+            return self.log.read_text(errors="replace")[-n:]
         except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"service did not start; see {work / 'serve.log'}")
+            return ""
 
 
-def pair_messages(n: int, tag: str, accounts: int = 1000) -> Iterator[bytes]:
-    """check+end pairs for n calls spread over many accounts and users (so they are allowed)."""
-    for i in range(n):
-        cid = f"{tag}-{i}"
-        yield orjson.dumps({"op": "check", "call_id": cid, "from": f"sip:u{i}@bench.example",
-                            "to": "sip:6002@bench.example", "account": f"acct{i % accounts}"}) + b"\n"
-        yield orjson.dumps({"op": "end", "call_id": cid}) + b"\n"
-
-
-def pad_datagram(msg: bytes, size: int) -> bytes:
-    """A JSON object grown to `size` bytes with an ignored `pad` field (room for its answer over UDP)."""
-    room = size - len(msg) - len(b',"pad":""')
-    return msg[:-1] + b',"pad":"' + b"x" * room + b'"}' if room > 0 else msg
-
-
-def _nodelay(transport: asyncio.BaseTransport) -> Any:
-    """TCP_NODELAY on a TCP transport (not on a Unix socket); returns the transport."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family != socket.AF_UNIX:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return transport
-
-
-class _Pipe(asyncio.Protocol):
-    """Sends pre-encoded lines keeping `window` outstanding; records each reply's latency."""
-
-    def __init__(self, msgs: list[bytes], window: int, done: asyncio.Future[None],
-                 lat: list[float]) -> None:
-        self.msgs = msgs
-        self.window = window
-        self.done = done
-        self.lat = lat
-        self.sent = 0
-        self.got = 0
-        self.times: collections.deque[float] = collections.deque()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = _nodelay(transport)
-        self._fill()
-
-    def _fill(self) -> None:
-        assert self.transport is not None
-        end = min(len(self.msgs), self.got + self.window)
-        if end > self.sent:
-            now = time.perf_counter()
-            self.transport.write(b"".join(self.msgs[self.sent:end]))
-            self.times.extend([now] * (end - self.sent))
-            self.sent = end
-
-    def data_received(self, data: bytes) -> None:
-        n = data.count(b"\n")
-        now = time.perf_counter()
-        for _ in range(n):
-            self.lat.append(now - self.times.popleft())
-        self.got += n
-        if self.got >= len(self.msgs):
-            if not self.done.done():
-                self.done.set_result(None)
-            return
-        self._fill()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_exception(ConnectionError(f"lost after {self.got} replies: {exc}"))
-
-
-async def closed_loop(connect: Callable[[Callable[[], asyncio.Protocol]], Any], msgs_per_conn: list[list[bytes]],
-                      window: int) -> tuple[float, int, list[float]]:
-    """Run every connection to completion; returns (seconds, replies, latencies)."""
-    loop = asyncio.get_running_loop()
-    lat: list[float] = []
-    futs = []
-    t0 = time.perf_counter()
-    for msgs in msgs_per_conn:
-        fut: asyncio.Future[None] = loop.create_future()
-        await connect(lambda m=msgs, f=fut: _Pipe(m, window, f, lat))  # type: ignore[misc]
-        futs.append(fut)
-    await asyncio.gather(*futs)
-    return time.perf_counter() - t0, sum(len(m) for m in msgs_per_conn), lat
-
-
-class _Open(asyncio.Protocol):
-    """Open loop: the caller writes at a fixed rate; replies are timed against send times."""
-
-    def __init__(self, lat: list[float]) -> None:
-        self.lat = lat
-        self.times: collections.deque[float] = collections.deque()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = _nodelay(transport)
-
-    def data_received(self, data: bytes) -> None:
-        now = time.perf_counter()
-        for _ in range(data.count(b"\n")):
-            self.lat.append(now - self.times.popleft())
-
-
-async def open_loop(connect: Callable[[Callable[[], asyncio.Protocol]], Any], msgs: list[bytes], rate: float,
-                    conns: int = 4) -> tuple[float, list[float]]:
-    """Send `msgs` at `rate` per second round-robin over `conns` connections; returns (seconds, latencies)."""
-    lat: list[float] = []
-    protos = []
-    for _ in range(conns):
-        _, proto = await connect(lambda: _Open(lat))
-        protos.append(proto)
-    t0 = time.perf_counter()
-    interval = 1.0 / rate
-    for i, m in enumerate(msgs):
-        due = t0 + i * interval
-        delay = due - time.perf_counter()
-        if delay > 0.0005:
-            await asyncio.sleep(delay)
-        p = protos[i % conns]
-        p.times.append(time.perf_counter())
-        p.transport.write(m)
-    deadline = time.perf_counter() + 5
-    while len(lat) < len(msgs) and time.perf_counter() < deadline:
-        await asyncio.sleep(0.01)
-    for p in protos:
-        p.transport.close()
-    return time.perf_counter() - t0, lat
-
-
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, msgs: list[bytes], window: int, done: asyncio.Future[None], lat: list[float]) -> None:
-        self.msgs, self.window, self.done, self.lat = msgs, window, done, lat
-        self.sent = self.got = 0
-        self.times: dict[int, float] = {}
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self._fill()
-
-    def _fill(self) -> None:
-        assert self.transport is not None
-        while self.sent < len(self.msgs) and self.sent - self.got < self.window:
-            self.times[self.sent] = time.perf_counter()
-            self.transport.sendto(self.msgs[self.sent])
-            self.sent += 1
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        now = time.perf_counter()
-        self.lat.append(now - self.times.pop(self.got, now))
-        self.got += 1
-        if self.got >= len(self.msgs):
-            if not self.done.done():
-                self.done.set_result(None)
-            return
-        self._fill()
-
-
-def pct(lat: list[float], p: float) -> float:
-    """The p-th percentile in milliseconds."""
-    if not lat:
-        return float("nan")
-    s = sorted(lat)
-    return s[min(len(s) - 1, int(len(s) * p / 100))] * 1000
-
-
-def line(name: str, n: int, secs: float, lat: list[float], unit: str = "pairs/s", per: int = 2) -> str:
-    """One result line."""
-    return (f"{name:<38} {n / per / secs:>10,.0f} {unit:<9} p50 {pct(lat, 50):6.3f} ms  "
-            f"p99 {pct(lat, 99):6.3f} ms  p99.9 {pct(lat, 99.9):6.3f} ms")
-
-
-async def run_all(port: int, unix: str, pairs: int, conns: int, window: int, rate: float,
-                  seconds: float) -> list[str]:
-    """Every scenario against one running service."""
-    loop = asyncio.get_running_loop()
-    out = []
-
-    def tcp(factory: Callable[[], asyncio.Protocol]) -> Any:
-        return loop.create_connection(factory, "127.0.0.1", port)
-
-    def uds(factory: Callable[[], asyncio.Protocol]) -> Any:
-        return loop.create_unix_connection(factory, unix)
-
-    def split(msgs: list[bytes]) -> list[list[bytes]]:
-        per = len(msgs) // conns // 2 * 2
-        return [msgs[i * per:(i + 1) * per] for i in range(conns)]
-
-    # warm up
-    await closed_loop(tcp, split(list(pair_messages(2000, "warm"))), window)
-    for name, connect in (("tcp", tcp), ("unix", uds)) if unix else (("tcp", tcp),):
-        secs, n, lat = await closed_loop(connect, split(list(pair_messages(pairs, f"c-{name}"))), window)
-        out.append(line(f"closed {name} {conns}x{window} pipelined", n, secs, lat))
-    # UDP closed loop (one datagram per request, window outstanding per socket)
-    lat_u: list[float] = []
-    futs = []
-    t0 = time.perf_counter()
-    # padded: a UDP answer is never larger than its request (docs/security.md)
-    udp_msgs = [pad_datagram(m.rstrip(b"\n"), 128) for m in pair_messages(pairs // 2, "udp")]
-    per = len(udp_msgs) // conns // 2 * 2
-    for i in range(conns):
-        fut: asyncio.Future[None] = loop.create_future()
-        chunk = udp_msgs[i * per:(i + 1) * per]
-        await loop.create_datagram_endpoint(lambda c=chunk, f=fut: _Udp(c, 32, f, lat_u),  # type: ignore[misc]
-                                            remote_addr=("127.0.0.1", port))
-        futs.append(fut)
+def _listening(log: Path, pid: int) -> bool:
+    """Has process `pid` logged its `listening` line (so a ping reaches it, not a stranger)?"""
     try:
-        await asyncio.wait_for(asyncio.gather(*futs), 60)
-        out.append(line(f"closed udp {conns}x32", per * conns, time.perf_counter() - t0, lat_u))
-    except TimeoutError:
-        out.append(f"closed udp: datagrams lost ({len(lat_u)} of {per * conns} answered)")
-    # open loop: checks only (then end them) at a fixed offered rate
-    n_open = int(rate * seconds)
-    checks = [m for i, m in enumerate(pair_messages(n_open, "open")) if i % 2 == 0]
-    secs, lat = await open_loop(tcp, checks, rate)
-    out.append(f"{'open tcp checks @ ' + format(rate, ',.0f') + '/s':<38} {len(lat) / secs:>10,.0f} checks/s  "
-               f"p50 {pct(lat, 50):6.3f} ms  p99 {pct(lat, 99):6.3f} ms  p99.9 {pct(lat, 99.9):6.3f} ms")
-    ends = [m for i, m in enumerate(pair_messages(n_open, "open")) if i % 2 == 1]
-    await closed_loop(tcp, [ends], window)
+        text = log.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if '"listening"' in line:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                ev = orjson.loads(line)
+                if ev.get("event") == "listening" and ev.get("pid") == pid:
+                    return True
+    return False
+
+
+def _ping(port: int | None = None, unix: str | None = None) -> bool:
+    try:
+        c = LineClient(port=port or 0, unix=unix, timeout=1.0)
+    except OSError:
+        return False
+    try:
+        return bool(c.call("ping").get("ok"))
+    except (OSError, ValueError):
+        return False
+    finally:
+        c.close()
+
+
+def _wait_ready(proc: Proc, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        if _listening(proc.log, proc.pid) and _ping(port):
+            return
+        time.sleep(0.05)
+    proc.stop()
+    raise RuntimeError(f"{proc.name} did not start:\n{proc.tail()}")
+
+
+def callpolicy_argv() -> list[str]:
+    """The installed console script next to this Python, as an operator would run it."""
+    script = Path(sys.executable).parent / "callpolicy"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "policy"]
+
+
+def service_config(work: Path, *, reuse_port: bool = False, radius: tuple[int, int] | None = None) -> Path:
+    """The shipped service.toml, copied into `work` (so its relative paths - snapshot, socket -
+    land there), with reuse_port and a [radius] table when asked; nothing else changes."""
+    text = (ROOT / "service.toml").read_text()
+    if reuse_port:
+        text, n = re.subn(r"(?m)^reuse_port\s*=\s*false\b", "reuse_port = true", text)
+        if not n:
+            text, n = re.subn(r"(?m)^\[listen\]\s*$", "[listen]\nreuse_port = true", text, count=1)
+        if not n:
+            raise RuntimeError("service.toml: cannot set [listen] reuse_port")
+    if radius is not None:
+        if "radius" in tomllib.loads(text):
+            raise RuntimeError("service.toml already has a [radius] table: the bench cannot add its own")
+        text += (f'\n[radius]\nauth = "127.0.0.1:{radius[0]}"\nacct = "127.0.0.1:{radius[1]}"\n'
+                 f'clients = [{{ address = "127.0.0.1", secret = "{RADIUS_SECRET}", style = "avp", '
+                 'name = "bench" }]\n')
+    tomllib.loads(text)
+    path = work / "service.toml"
+    path.write_text(text)
+    return path
+
+
+class Bench:
+    """Everything one `make bench` run starts, measures and reports."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.top = Path(tempfile.mkdtemp(prefix="cpbench-"))
+        self.procs: list[Proc] = []
+        self.redis: RedisServer | None = None
+        self.scen: dict[str, dict[str, Any]] = {}
+        self.notes: list[str] = []
+        self.tags = itertools.count(1)
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpus = cpus
+        self.pinned = bool(args.pin and len(cpus) >= 2)
+        self.baseline: Proc | None = None
+        self.servers: dict[str, Any] = {}
+        self.background: dict[str, Any] = {}
+        self.versions: dict[str, str] = {}
+
+    # -- processes
+
+    def start_baseline(self) -> Proc:
+        work = self.top / "baseline"
+        work.mkdir()
+        for _ in range(3):
+            port = free_port()
+            unix = str(work / "baseline.sock")
+            log = work / "baseline.log"
+            fh = open(log, "ab")  # noqa: SIM115
+            popen = subprocess.Popen([sys.executable, str(BENCH / "baseline.py"), "--tcp", f"127.0.0.1:{port}",
+                                      "--udp", f"127.0.0.1:{port}", "--unix", unix],
+                                     stdout=fh, stderr=subprocess.STDOUT, cwd=str(work))
+            fh.close()
+            proc = Proc("baseline", popen, work, log, port=port, unix=unix)
+            self.procs.append(proc)
+            try:
+                _wait_ready(proc, port, 15)
+            except RuntimeError as exc:
+                proc.stop()
+                if "address already in use" in str(exc).lower():
+                    continue
+                raise
+            self._pin_server(proc.pid)
+            return proc
+        raise RuntimeError("baseline: no free port after 3 tries")
+
+    def start_service(self, name: str, *, store: str | None = None, port: int | None = None,
+                      reuse_port: bool = False, radius: bool = False) -> Proc:
+        """`callpolicy serve` on the shipped settings in its own directory; retried on a port race."""
+        work = self.top / name
+        work.mkdir()
+        for _ in range(3):
+            p = port or free_port()
+            rad = (free_port(), free_port()) if radius else None
+            cfg = service_config(work, reuse_port=reuse_port, radius=rad)
+            unix = str(work / "run" / "callpolicy.sock")
+            argv = [*callpolicy_argv(), "--config", str(cfg), "serve", "--rules", str(ROOT / "rules"),
+                    "--tcp", f"127.0.0.1:{p}", "--udp", f"127.0.0.1:{p}", "--unix", unix, "--metrics", "none"]
+            if store:
+                argv += ["--store", store]
+            log = work / "serve.log"
+            fh = open(log, "ab")  # noqa: SIM115
+            popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=str(work))
+            fh.close()
+            proc = Proc(name, popen, work, log, port=p, unix=unix, radius=rad, argv=argv, config=str(cfg))
+            self.procs.append(proc)
+            self.servers[name] = {"argv": argv, "config_changes": {"reuse_port": reuse_port, "radius": radius}}
+            try:
+                _wait_ready(proc, p)
+            except RuntimeError as exc:
+                proc.stop()
+                if port is None and "in use" in str(exc).lower():
+                    continue
+                raise
+            self._pin_server(proc.pid)
+            return proc
+        raise RuntimeError(f"{name}: no free port after 3 tries")
+
+    def snapshotted(self, svc: Proc, fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+        """fn, plus whether the service wrote its periodic snapshot while fn ran (file mtime)."""
+        path = svc.workdir / "run" / "snapshot.json"
+
+        def run() -> dict[str, Any]:
+            t0 = time.time()
+            r = fn()
+            with contextlib.suppress(OSError):
+                r["snapshot_in_run"] = path.stat().st_mtime >= t0
+            r.setdefault("snapshot_in_run", False)
+            return r
+
+        return run
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def _pin_server(self, pid: int) -> None:
+        if self.pinned:
+            os.sched_setaffinity(pid, {self.cpus[-1]})
+
+    def _pin_other(self) -> None:  # runs in the child (preexec_fn)
+        os.sched_setaffinity(0, set(self.cpus[:-1]))
+
+    def cleanup(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                proc.stop()
+        self.procs.clear()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                self.redis.stop()
+            shutil.rmtree(self.redis.dir, ignore_errors=True)
+            self.redis = None
+        if self.args.keep:
+            print(f"kept: {self.top}")
+        else:
+            shutil.rmtree(self.top, ignore_errors=True)
+
+    # -- the load generator
+
+    def tag(self) -> str:
+        return f"b{os.getpid() % 10000}r{next(self.tags)}"
+
+    def loadgen(self, argv: list[str], timeout: float) -> dict[str, Any]:
+        """Run loadgen.py in its own process; its JSON result."""
+        out = subprocess.run([sys.executable, str(BENCH / "loadgen.py"), *argv], capture_output=True,
+                             timeout=timeout, preexec_fn=self._pin_other if self.pinned else None)
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen {' '.join(argv)} failed ({out.returncode}):\n"
+                               f"{out.stderr.decode(errors='replace')[-3000:]}")
+        result: dict[str, Any] = orjson.loads(out.stdout.strip().splitlines()[-1])
+        return result
+
+    def closed(self, target: list[str], pids: list[int], *, conns: int | None = None, depth: int | None = None,
+               ops: str = "check,end", calls: int | None = None, tag: str | None = None,
+               template: str = "bench") -> dict[str, Any]:
+        a = self.args
+        argv = ["closed", *target, "--conns", str(conns or a.conns), "--depth", str(depth or a.depth),
+                "--ops", ops, "--tag", tag or self.tag(), "--template", template]
+        if calls is not None:
+            argv += ["--calls", str(calls), "--warmup", "0"]
+            timeout = 600.0
+        else:
+            argv += ["--seconds", str(a.seconds), "--warmup", str(a.warmup)]
+            timeout = a.seconds + a.warmup + 120
+        for p in pids:
+            argv += ["--pid", str(p)]
+        return self.loadgen(argv, timeout)
+
+    def open(self, target: list[str], pids: list[int], rate: float) -> dict[str, Any]:
+        a = self.args
+        argv = ["open", *target, "--rate", str(rate), "--seconds", str(a.open_seconds), "--warmup", str(a.warmup),
+                "--conns", str(a.open_conns), "--hold", str(a.hold), "--tag", self.tag()]
+        for p in pids:
+            argv += ["--pid", str(p)]
+        return self.loadgen(argv, a.open_seconds + a.warmup + a.hold + 120)
+
+    def hold_background(self, name: str, target: list[str], pids: list[int], depth: int = 256) -> dict[str, Any]:
+        """The background of held calls: check then answer, `--held` calls. Calls that failed
+        (printed) are replaced by new ones, up to three passes; then all must be held."""
+        n = self.args.held
+        held = 0
+        t0 = time.perf_counter()
+        errors: Counter[str] = Counter()
+        for _ in range(3):
+            if held >= n:
+                break
+            r = self.closed(target, pids, conns=8, depth=depth, ops="check,answer", calls=n - held,
+                            template="held", tag=f"held{next(self.tags)}")
+            held += r["completed_all"]
+            errors.update(r["errors"])
+        took = time.perf_counter() - t0
+        print(f"  {name}: {held:,} held calls in {took:.1f} s"
+              + (f"  (failed and replaced: {dict(errors)})" if errors else ""), flush=True)
+        if held < n:
+            raise RuntimeError(f"{name}: only {held} of {n} background calls are held: {dict(errors)}")
+        self.background[name] = {"held": held, "replaced_errors": dict(errors), "seconds": round(took, 1)}
+        return self.background[name]
+
+    # -- scenarios
+
+    def scenario(self, key: str, label: str, kind: str, **info: Any) -> dict[str, Any]:
+        s = self.scen.setdefault(key, {"key": key, "label": label, "kind": kind, "runs": [], **info})
+        return s
+
+    def measure(self, key: str, label: str, kind: str, fn: Callable[[], dict[str, Any]],
+                baseline: tuple[str, str, Callable[[], dict[str, Any]]] | None = None, **info: Any) -> None:
+        """`--runs` runs of fn, each after a run of the baseline scenario (if it still needs runs)."""
+        items: list[tuple[str, str, str, Callable[[], dict[str, Any]], dict[str, Any]]] = []
+        if baseline is not None:
+            items.append((baseline[0], baseline[1], kind, baseline[2], {}))
+            info["baseline"] = baseline[0]
+        items.append((key, label, kind, fn, info))
+        self.rounds(items)
+
+    def rounds(self, items: list[tuple[str, str, str, Callable[[], dict[str, Any]], dict[str, Any]]]) -> None:
+        """Interleave scenarios: round i runs each one that has fewer than i+1 runs, in order, so
+        figures compared with each other saw the same moments of a noisy machine."""
+        scen = [self.scenario(key, label, kind, **info) for key, label, kind, _, info in items]
+        for i in range(self.args.runs):
+            for s, item in zip(scen, items, strict=True):
+                if len(s["runs"]) <= i:
+                    r = item[3]()
+                    s["runs"].append(r)
+                    self._progress(s, r, i)
+
+    def _progress(self, s: dict[str, Any], r: dict[str, Any], i: int) -> None:
+        lat = r.get("latency", {}).get("check", {})
+        cpu = r.get("cpu", {})
+        svc = " ".join(f"{v:.0%}" for v in cpu.get("service_core", {}).values())
+        bad = f"  !! errors {r['error_count']} {r['errors']}" if r["error_count"] else ""
+        bad += f"  !! lost {r['lost']}" if r["lost"] else ""
+        p99 = f"  check p99 {_ms(lat.get('p99'))} ms (from schedule)" if r.get("mode") == "open" else ""
+        snap = ""
+        if "snapshot_in_run" in r:
+            snap = "  snapshot in run" if r["snapshot_in_run"] else "  NO snapshot in run"
+        print(f"  {s['label']:<44} run {i + 1}: {r['rate']:>9,.0f}/s{p99}  "
+              f"CPU gen {cpu.get('generator_core', 0):.0%} servers {svc or '-'} "
+              f"others {cpu.get('other_cores', 0):.0%}{snap}{bad}", flush=True)
+
+    # -- sections
+
+    def baseline_target(self, kind: str) -> tuple[list[str], list[int]]:
+        assert self.baseline is not None
+        b = self.baseline
+        t = {"tcp": ["--tcp", f"127.0.0.1:{b.info['port']}"], "unix": ["--unix", b.info["unix"]],
+             "udp": ["--udp", f"127.0.0.1:{b.info['port']}"]}[kind]
+        return t, [b.pid]
+
+    def base_closed(self, kind: str) -> tuple[str, str, Callable[[], dict[str, Any]]]:
+        t, pids = self.baseline_target(kind)
+        a = self.args
+        if kind == "udp":
+            label = f"baseline UDP {a.conns}x{a.udp_window}"
+            return (f"baseline_{kind}", label, lambda: self.closed(t, pids, depth=a.udp_window))
+        label = f"baseline {kind.upper() if kind == 'tcp' else 'Unix'} {a.conns}x{a.depth} pipelined"
+        return (f"baseline_{kind}", label, lambda: self.closed(t, pids))
+
+    def base_open(self, rate: float) -> tuple[str, str, Callable[[], dict[str, Any]]]:
+        t, pids = self.baseline_target("tcp")
+        return (f"baseline_open{rate:.0f}", f"baseline TCP open loop @ {rate:,.0f}/s",
+                lambda: self.open(t, pids, rate))
+
+    def section_embedded(self) -> None:
+        a = self.args
+        print("\n== embedded store ==", flush=True)
+        svc = self.start_service("embedded")
+        try:
+            tcp = ["--tcp", f"127.0.0.1:{svc.info['port']}"]
+            self.hold_background("embedded", tcp, [svc.pid])
+            pids = [svc.pid]
+            snap = self.snapshotted
+            self.measure("embedded_tcp", f"embedded TCP {a.conns}x{a.depth} pipelined", "closed",
+                         snap(svc, lambda: self.closed(tcp, pids)), self.base_closed("tcp"))
+            unix = ["--unix", svc.info["unix"]]
+            self.measure("embedded_unix", f"embedded Unix {a.conns}x{a.depth} pipelined", "closed",
+                         snap(svc, lambda: self.closed(unix, pids)), self.base_closed("unix"))
+            udp = ["--udp", f"127.0.0.1:{svc.info['port']}"]
+            self.measure("embedded_udp", f"embedded UDP {a.conns}x{a.udp_window}", "closed",
+                         snap(svc, lambda: self.closed(udp, pids, depth=a.udp_window)), self.base_closed("udp"))
+            for rate in a.rates_embedded:
+                self.measure(f"embedded_open{rate:.0f}", f"embedded TCP open loop @ {rate:,.0f}/s", "open",
+                             snap(svc, lambda rate=rate: self.open(tcp, pids, rate)), self.base_open(rate))
+        finally:
+            self.stop(svc)
+
+    def section_redis(self) -> None:
+        from bench_redis import run_redis_benchmark, script_delta, script_stats, server_version
+
+        a = self.args
+        print("\n== Redis store ==", flush=True)
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed")
+        self.redis = redis = RedisServer().start()
+        assert redis.proc is not None
+        if self.pinned:
+            os.sched_setaffinity(redis.proc.pid, set(self.cpus[:-1]))
+        self.versions["redis-server"] = server_version(redis.port)
+        self.notes.append(f"redis-server {self.versions['redis-server']} (no persistence), private, port {redis.port}")
+        rpid = redis.proc.pid
+        if a.redis_benchmark:
+            try:
+                rb = run_redis_benchmark(redis.port)
+                self.scenario("redis_benchmark", "redis-benchmark EVALSHA reserve.lua", "info")["result"] = rb
+                print(f"  redis-benchmark EVALSHA reserve.lua: {rb['requests_per_s']:,.0f}/s, "
+                      f"Redis {rb['usec_per_call']:.1f} us/call", flush=True)
+            except Exception as exc:  # uses store internals: say why it did not run
+                self.notes.append(f"redis-benchmark skipped: {exc!r}")
+        svc = self.start_service("redis1", store=redis.url)
+        procs = [svc]
+        try:
+            tcp = ["--tcp", f"127.0.0.1:{svc.info['port']}"]
+            pids = [svc.pid, rpid]
+            # gently: 8 x 256 outstanding would queue past the store's 50 ms timeout
+            self.hold_background("redis", tcp, pids, depth=16)
+            # two more on one shared port, up (idle) during the one-process runs, so the
+            # one- and two-process runs can be interleaved
+            port2 = free_port()
+            s2a = self.start_service("redis2a", store=redis.url, port=port2, reuse_port=True)
+            procs.append(s2a)
+            s2b = self.start_service("redis2b", store=redis.url, port=port2, reuse_port=True)
+            procs.append(s2b)
+            tcp2 = ["--tcp", f"127.0.0.1:{port2}"]
+            pids2 = [s2a.pid, s2b.pid, rpid]
+
+            def closed_with_redis_time(target: list[str], ps: list[int]) -> dict[str, Any]:
+                before = script_stats(redis.port)
+                r = self.closed(target, ps)
+                calls, usec = script_delta(before, script_stats(redis.port))
+                r["redis_scripts"] = {"calls": calls, "usec": usec, "usec_per_call": usec / calls if calls else None}
+                return r
+
+            def two() -> dict[str, Any]:
+                acc0 = [_accepted(p) for p in (s2a, s2b)]
+                r = closed_with_redis_time(tcp2, pids2)
+                acc1 = [_accepted(p) for p in (s2a, s2b)]
+                # each stats query is a connection too: the first one is before, the second after
+                r["connections_per_process"] = [y - x - 1 for x, y in zip(acc0, acc1, strict=True)]
+                return r
+
+            base = self.base_closed("tcp")
+            self.rounds([(base[0], base[1], "closed", base[2], {}),
+                         ("redis_tcp", f"Redis, 1 process, TCP {a.conns}x{a.depth}", "closed",
+                          lambda: closed_with_redis_time(tcp, pids), {"baseline": base[0]}),
+                         ("redis_tcp_2proc", f"Redis, 2 processes 1 port, TCP {a.conns}x{a.depth}", "closed", two,
+                          {"baseline": base[0]})])
+            for rate in a.rates_redis:
+                self.measure(f"redis_open{rate:.0f}", f"Redis, 1 process, open loop @ {rate:,.0f}/s", "open",
+                             lambda rate=rate: self.open(tcp, pids, rate), self.base_open(rate))
+
+            def phases() -> dict[str, Any]:
+                tag = self.tag()
+                out: dict[str, Any] = {}
+                for op in ("check", "end"):
+                    before = script_stats(redis.port)
+                    r = self.closed(tcp, pids, ops=op, calls=a.phase_calls, tag=tag)
+                    calls, usec = script_delta(before, script_stats(redis.port))
+                    done = r["completed_all"]
+                    out[op] = {"calls": calls, "usec": usec, "requests": done, "other_calls": calls - done,
+                               "usec_per_call": usec / calls if calls else None, "errors": r["errors"],
+                               "error_count": r["error_count"], "lost": r["lost"], "rate": r["rate"]}
+                res = {"mode": "phases", "phases": out, "error_count": sum(p["error_count"] for p in out.values()),
+                       "errors": dict(sum((Counter(p["errors"]) for p in out.values()), Counter())),
+                       "lost": sum(p["lost"] for p in out.values()),
+                       "rate": out["check"]["rate"], "reserve_usec": out["check"]["usec_per_call"],
+                       "end_usec": out["end"]["usec_per_call"]}
+                print(f"  {'Redis time per script':<44} reserve {_us(res['reserve_usec'])} us, "
+                      f"end {_us(res['end_usec'])} us ({out['check']['requests']:,} calls; "
+                      f"{out['check']['other_calls'] + out['end']['other_calls']} sweep/stats scripts mixed in)"
+                      + (f"  !! errors {res['errors']}" if res["error_count"] else ""), flush=True)
+                return res
+
+            s = self.scenario("redis_scripts", "Redis time per script (INFO commandstats)", "scripts")
+            for _ in range(a.runs):
+                s["runs"].append(phases())
+        finally:
+            for p in reversed(procs):
+                self.stop(p)
+            redis.stop()
+            self.redis = None
+            shutil.rmtree(redis.dir, ignore_errors=True)
+
+    def section_radius(self) -> None:
+        a = self.args
+        print("\n== RADIUS ==", flush=True)
+        svc = self.start_service("radius", radius=True)
+        try:
+            tcp = ["--tcp", f"127.0.0.1:{svc.info['port']}"]
+            self.hold_background("radius", tcp, [svc.pid])
+            auth_port, acct_port = svc.info["radius"]
+
+            def run() -> dict[str, Any]:
+                argv = ["radius", "--auth", f"127.0.0.1:{auth_port}", "--acct", f"127.0.0.1:{acct_port}",
+                        "--secret", RADIUS_SECRET, "--window", str(a.radius_window), "--seconds", str(a.seconds),
+                        "--warmup", str(a.warmup), "--tag", self.tag(), "--pid", str(svc.pid)]
+                return self.loadgen(argv, a.seconds + a.warmup + 120)
+
+            self.measure("radius", f"RADIUS Access-Req + Acct-Stop, window {a.radius_window}", "closed",
+                         self.snapshotted(svc, run), self.base_closed("udp"))
+        finally:
+            self.stop(svc)
+
+
+def _accepted(proc: Proc) -> int:
+    c = LineClient(unix=proc.info["unix"], timeout=5.0)
+    try:
+        return int(c.call("stats")["connections"]["accepted"])
+    finally:
+        c.close()
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+def _ms(v: Any) -> str:
+    if v is None:
+        return "lost"
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _us(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _stat(values: list[float | None]) -> dict[str, Any]:
+    """median/min/max of run values; a None (a lost percentile) sorts above everything."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "values": []}
+    inf = [math.inf if v is None else v for v in values]
+    med = statistics.median_low(inf) if len(inf) % 2 == 0 else statistics.median(inf)
+
+    def back(v: float) -> float | None:
+        return None if math.isinf(v) else v
+
+    return {"median": back(med), "min": back(min(inf)), "max": back(max(inf)), "values": values}
+
+
+def summarize(b: Bench) -> dict[str, Any]:
+    """Medians, ranges, ratios, errors of every scenario."""
+    out: dict[str, Any] = {}
+    for key, s in b.scen.items():
+        runs = s["runs"]
+        sm: dict[str, Any] = {k: v for k, v in s.items() if k != "runs"}
+        if s["kind"] == "info":
+            out[key] = sm
+            continue
+        errs: Counter[str] = Counter()
+        for r in runs:
+            errs.update(r.get("errors", {}))
+        sm["errors"] = dict(errs.most_common())
+        sm["error_count"] = sum(errs.values())
+        sm["lost"] = sum(r.get("lost", 0) for r in runs)
+        sm["rate"] = _stat([r["rate"] for r in runs])
+        if s["kind"] == "scripts":
+            sm["reserve_usec"] = _stat([r["reserve_usec"] for r in runs])
+            sm["end_usec"] = _stat([r["end_usec"] for r in runs])
+        else:
+            sm["latency"] = {op: {p: _stat([r["latency"][op][p] for r in runs]) for p in ("p50", "p99", "p999", "max")}
+                             for op in runs[0]["latency"]} if runs else {}
+            sm["generator_core"] = _stat([r["cpu"].get("generator_core") for r in runs])
+            sm["service_core"] = _stat([sum(v for k, v in r["cpu"].get("service_core", {}).items()) for r in runs])
+            sm["machine_busy"] = _stat([r["cpu"].get("machine_busy") for r in runs])
+            sm["other_cores"] = _stat([r["cpu"].get("other_cores") for r in runs])
+            if s["kind"] == "open":  # how late the generator itself sent the checks
+                sm["send_lag_p99"] = _stat([r["send_lag"]["p99"] for r in runs])
+        if key == "redis_tcp":
+            sm["redis_usec_per_evalsha"] = _stat([r["redis_scripts"]["usec_per_call"] for r in runs])
+        if key == "redis_tcp_2proc":
+            sm["connections_per_process"] = [r.get("connections_per_process") for r in runs]
+        sm["runs"] = runs
+        out[key] = sm
+    for sm in out.values():
+        base = out.get(sm.get("baseline", ""))
+        if not base or sm["kind"] == "info":
+            continue
+        if sm["kind"] == "closed":
+            bm = base["rate"]["median"]
+            sm["ratio"] = sm["rate"]["median"] / bm if bm else None
+            pairs = list(zip(sm["rate"]["values"], base["rate"]["values"], strict=False))
+            rr = [x / y for x, y in pairs if y]
+            sm["ratio_runs"] = {"min": min(rr), "max": max(rr)} if rr else None
+            sm["ratio_to"] = base["label"]
+        elif sm["kind"] == "open":
+            sv, bv = sm["latency"]["check"]["p99"]["median"], base["latency"]["check"]["p99"]["median"]
+            sm["p99_vs_baseline"] = (math.inf if sv is None else sv / bv) if bv else None
+            sm["ratio_to"] = base["label"]
+    if "redis_tcp_2proc" in out and "redis_tcp" in out and out["redis_tcp"]["rate"]["median"]:
+        two, one = out["redis_tcp_2proc"], out["redis_tcp"]
+        two["vs_one_process"] = two["rate"]["median"] / one["rate"]["median"]
+        rr = [x / y for x, y in zip(two["rate"]["values"], one["rate"]["values"], strict=False) if y]
+        two["vs_one_process_runs"] = {"min": min(rr), "max": max(rr)} if rr else None
+        two["redis_usec_per_evalsha"] = _stat([r["redis_scripts"]["usec_per_call"] for r in two["runs"]])
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start a service (unless --port is given) and print the figures."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--port", type=int, help="drive an already running service on this port")
-    ap.add_argument("--unix", help="its Unix socket (with --port)")
-    ap.add_argument("--store", help="store for the started service (default: embedded)")
-    ap.add_argument("--pairs", type=int, default=100_000, help="check+end pairs per closed-loop run")
-    ap.add_argument("--conns", type=int, default=8)
-    ap.add_argument("--window", type=int, default=64, help="requests outstanding per connection")
-    ap.add_argument("--rate", type=float, default=2000.0, help="offered checks/s for the open loop")
-    ap.add_argument("--seconds", type=float, default=5.0, help="open-loop duration")
-    args = ap.parse_args(argv)
-    try:
-        import uvloop
+def _range(st: dict[str, Any], fmt: Callable[[Any], str]) -> str:
+    return f"{fmt(st['median'])} [{fmt(st['min'])}-{fmt(st['max'])}]"
 
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    proc = None
-    if args.port:
-        port, unix = args.port, args.unix or ""
+
+def _int(v: Any) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{v:.1%}" if v < 0.1 else f"{v:.0%}"
+
+
+def report(b: Bench, out: dict[str, Any], machine: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The printed tables; returns the list of problems (errors, lost replies)."""
+    a = b.args
+    problems: list[str] = []
+    print()
+    print("=" * 118)
+    pin = f"PINNED (servers on CPU {b.cpus[-1]}, the rest on the others)" if b.pinned else "unpinned"
+    print(f"callpolicy bench: {machine['cores']} cores ({machine['cpu']}), Python {machine['python']}, {pin}, "
+          f"{settings['held']:,} held calls, snapshots every {settings['snapshot_interval']} s, "
+          f"{a.runs} runs x {a.seconds} s (+{a.warmup} s warm-up)")
+    if a.quick:
+        print("QUICK MODE: short runs, few held calls, no snapshot inside a run - not representative")
+    print("Every reply parsed and checked; a pair = check allowed + end released. "
+          "Figures: median [min-max] of the runs.")
+    closed = [s for s in out.values() if s["kind"] == "closed"]
+    if closed:
+        print()
+        print(f"{'closed loop':<46} {'pairs/s (calls/s)':<28} {'vs baseline':<22} "
+              f"{'errors':>6} {'lost':>5}  CPU gen/servers/others")
+        for s in closed:
+            ratio = ("-" if "ratio" not in s or s["ratio"] is None else
+                     f"{_pct(s['ratio'])} [{_pct(s['ratio_runs']['min'])}-{_pct(s['ratio_runs']['max'])}]")
+            if s["key"].startswith("baseline"):
+                ratio = "(the baseline)"
+            flag = ""
+            if (s["generator_core"]["median"] or 0) >= 0.9:
+                flag = "  << generator-bound"
+            print(f"{s['label']:<46} {_range(s['rate'], _int):<28} {ratio:<22} {s['error_count']:>6} {s['lost']:>5}  "
+                  f"{_pct(s['generator_core']['median'])}/{_pct(s['service_core']['median'])}/"
+                  f"{_pct(s['other_cores']['median'])}{flag}")
+    opened = [s for s in out.values() if s["kind"] == "open"]
+    if opened:
+        print()
+        print("open loop: check latency in ms from the SCHEDULED send (lost replies count as infinite)")
+        print(f"{'':<46} {'achieved/s':>10} {'p50':>6} {'p99 [min-max]':>20} {'p99.9':>7} {'max':>7} "
+              f"{'errors':>6} {'lost':>5}  {'p99 vs baseline':<15} gen late p99, others")
+        for s in opened:
+            lat = s["latency"]["check"]
+            vs = s.get("p99_vs_baseline")
+            vs_s = "-" if vs is None else ("inf" if math.isinf(vs) else f"{vs:.1f}x")
+            if s["key"].startswith("baseline"):
+                vs_s = "(the baseline)"
+            print(f"{s['label']:<46} {_int(s['rate']['median']):>10} {_ms(lat['p50']['median']):>6} "
+                  f"{_range(lat['p99'], _ms):>20} {_ms(lat['p999']['median']):>7} {_ms(lat['max']['median']):>7} "
+                  f"{s['error_count']:>6} {s['lost']:>5}  {vs_s:<15} {_ms(s['send_lag_p99']['median'])} ms, "
+                  f"{_pct(s['other_cores']['median'])}")
+    if "redis_scripts" in out or "redis_tcp" in out:
+        print()
+        print("Redis time per script (INFO commandstats, cmdstat_evalsha usec/calls)")
+        if "redis_scripts" in out:
+            s = out["redis_scripts"]
+            print(f"  reserve (checks-only phase): {_range(s['reserve_usec'], _us)} us   "
+                  f"end (ends-only phase): {_range(s['end_usec'], _us)} us   "
+                  f"errors {s['error_count']}, lost {s['lost']}")
+        if "redis_tcp" in out:
+            print(f"  mixed, during the closed loop (reserve and end averaged): "
+                  f"{_range(out['redis_tcp']['redis_usec_per_evalsha'], _us)} us")
+        if "redis_benchmark" in out:
+            rb = out["redis_benchmark"]["result"]
+            print(f"  redis-benchmark EVALSHA reserve.lua: {rb['requests_per_s']:,.0f}/s "
+                  f"({rb['usec_per_call']:.1f} us/call in Redis)")
+    if "redis_tcp_2proc" in out:
+        s = out["redis_tcp_2proc"]
+        need = 4  # two services, Redis, the generator
+        cores = machine["cores"]
+        print()
+        vr = s.get("vs_one_process_runs") or {}
+        print(f"two processes on one port (runs interleaved with the one-process runs): "
+              f"{_pct(s.get('vs_one_process'))} [{_pct(vr.get('min'))}-{_pct(vr.get('max'))}] of one process's "
+              f"pairs/s; connections per process by run {s['connections_per_process']}")
+        busy = s["machine_busy"]["median"] or 0
+        if cores < need or busy >= 0.9:
+            print(f"  the cores do not allow scaling here: {cores} cores for 2 services + Redis + the generator "
+                  f"(machine {busy:.0%} busy during the runs); 1.5x needs >= {need} cores")
+            s["cores_allow"] = False
+        else:
+            s["cores_allow"] = True
+    for s in out.values():
+        if s["kind"] == "info":
+            continue
+        if s["error_count"] or s["lost"]:
+            problems.append(f"{s['label']}: {s['error_count']} errors {s['errors']}, {s['lost']} lost")
+    gen_bound = [s["label"] for s in closed if (s["generator_core"]["median"] or 0) >= 0.9]
+    noisy = [f"{s['label']} ({s['other_cores']['median']:.0%})" for s in [*closed, *opened]
+             if (s["other_cores"]["median"] or 0) >= 0.25]
+    print()
+    if closed:
+        print("CPU: shares of one core over the measured window used by the load generator, by the servers "
+              "(service(s) + Redis), and by every other process on the machine (noise).")
+    if noisy:
+        print("note: other processes used >= 25 % of a core during: " + "; ".join(noisy)
+              + " - those figures are noisy.")
+    if gen_bound:
+        print("note: the load generator used >= 90 % of a core in: " + "; ".join(gen_bound)
+              + " - those rates may be the generator's limit, so ratios to them flatter the service.")
+    for n in b.notes:
+        print(f"note: {n}")
+    if problems:
+        print("!" * 118)
+        print("!! THIS RUN HAD ERRORS OR LOST REPLIES - its figures are not clean:")
+        for p in problems:
+            print(f"!!   {p}")
+        print("!" * 118)
     else:
-        proc, port, unix = start_service(args.store)
-    print(f"callpolicy bench: store={args.store or 'embedded'} cores={os.cpu_count()} pairs={args.pairs} "
-          f"python={sys.version.split()[0]}")
+        print("no errors, no lost replies: every counted pair was a check allowed and an end released.")
+    return problems
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for pkg in ("orjson", "uvloop", "redis", "hiredis", "pyrad", "structlog"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    git = {}
+    with contextlib.suppress(Exception):
+        git["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                       check=True).stdout.strip()
+        git["dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip())
+    return {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu_count": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "kernel": platform.release(), "hostname": socket.gethostname(), "versions": versions, "git": git,
+            "loadavg_start": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    ap.add_argument("--quick", action="store_true", help="smoke test: short runs, 5,000 held calls")
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (median, min-max)")
+    ap.add_argument("--seconds", type=float, default=12.0, help="closed-loop measured window (> snapshot interval)")
+    ap.add_argument("--open-seconds", type=float, default=12.0, help="open-loop measured window")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--held", type=int, default=100_000, help="background of held (answered) calls per server")
+    ap.add_argument("--conns", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=64, help="requests outstanding per connection (TCP, Unix)")
+    ap.add_argument("--udp-window", type=int, default=32, help="requests outstanding per UDP socket")
+    ap.add_argument("--open-conns", type=int, default=4)
+    ap.add_argument("--hold", type=float, default=1.0, help="open loop: seconds from a check to its end")
+    ap.add_argument("--rates-embedded", default="2000", help="open-loop offered pairs/s, embedded store")
+    ap.add_argument("--rates-redis", default="1000,2000", help="open-loop offered pairs/s, Redis store")
+    ap.add_argument("--phase-calls", type=int, default=10_000, help="calls per Redis script-timing phase")
+    ap.add_argument("--radius-window", type=int, default=32)
+    ap.add_argument("--redis-benchmark", action="store_true", help="also run redis-benchmark on reserve.lua")
+    ap.add_argument("--pin", action="store_true", help="pin servers to the last CPU, everything else to the others")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directories (logs, snapshots)")
+    ap.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the summary ('' for none)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds = min(args.seconds, 2.0)
+        args.open_seconds = min(args.open_seconds, 2.0)
+        args.warmup = min(args.warmup, 0.5)
+        args.held = min(args.held, 5000)
+        args.phase_calls = min(args.phase_calls, 1000)
+    if args.runs < 1:
+        ap.error("--runs must be >= 1")
+    args.rates_embedded = [float(x) for x in args.rates_embedded.split(",") if x]
+    args.rates_redis = [float(x) for x in args.rates_redis.split(",") if x]
+    sections = [x for x in args.only.split(",") if x]
+    for x in sections:
+        if x not in SECTIONS:
+            ap.error(f"--only: unknown section {x!r}")
+    shipped = tomllib.loads((ROOT / "service.toml").read_text())
+    settings = {
+        "held": args.held, "runs": args.runs, "seconds": args.seconds, "open_seconds": args.open_seconds,
+        "warmup": args.warmup, "conns": args.conns, "depth": args.depth, "udp_window": args.udp_window,
+        "open_conns": args.open_conns, "hold": args.hold, "rates_embedded": args.rates_embedded,
+        "rates_redis": args.rates_redis, "phase_calls": args.phase_calls, "radius_window": args.radius_window,
+        "pinned": bool(args.pin), "quick": args.quick, "sections": sections,
+        "snapshot_interval": shipped.get("store", {}).get("snapshot_interval", 10.0),
+        "service_toml": "the shipped service.toml; listeners on free loopback ports, metrics off"
+                        " (+ reuse_port for two processes, + [radius] for RADIUS)",
+    }
+    machine = machine_info()
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # so the finally below stops every process this bench started
+
+    signal.signal(signal.SIGTERM, terminated)
+    b = Bench(args)
+    t0 = time.monotonic()
+    failed: list[str] = []
     try:
-        for result in runner(run_all(port, unix, args.pairs, args.conns, args.window, args.rate, args.seconds)):
-            print(result, flush=True)
+        print(f"callpolicy bench: {machine['cores']} cores, sections {', '.join(sections)}; "
+              f"{'pinned' if b.pinned else 'unpinned'}; work dir {b.top}", flush=True)
+        b.baseline = b.start_baseline()
+        print("== baseline ==", flush=True)
+        b.hold_background("baseline", ["--tcp", f"127.0.0.1:{b.baseline.info['port']}"], [b.baseline.pid])
+        for name in sections:
+            try:
+                getattr(b, f"section_{name}")()
+            except Exception as exc:
+                failed.append(f"{name}: {exc}")
+                print(f"!! section {name} failed: {exc}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        failed.append("interrupted")
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-    _ = statistics
-    return 0
+        b.cleanup()
+    machine["loadavg_end"] = os.getloadavg()
+    machine["versions"].update(b.versions)
+    out = summarize(b)
+    problems = report(b, out, machine, settings)
+    elapsed = time.monotonic() - t0
+    print(f"bench took {elapsed / 60:.1f} min")
+    for f in failed:
+        print(f"!! FAILED: {f}")
+    if args.json:
+        doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(elapsed, 1), "machine": machine,
+               "settings": settings, "servers": b.servers, "background": b.background, "scenarios": out,
+               "problems": problems, "failed": failed, "notes": b.notes}
+        Path(args.json).write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        print(f"summary written to {args.json}")
+    return 1 if problems or failed else 0
 
 
 if __name__ == "__main__":

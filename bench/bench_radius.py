@@ -1,58 +1,58 @@
-"""Benchmark the RADIUS front end: Access-Request round trips per second and latency.
+"""RADIUS front end benchmark: calls per second through RADIUS, every reply verified.
 
-Starts a `callpolicy serve` (embedded store, a temporary service.toml with a `[radius]` table
-on free loopback ports) unless `--auth HOST:PORT` points at a running one, then drives it from
-this one process over one UDP socket with a window of outstanding requests (closed loop).
+`make bench-radius` (this script) runs the RADIUS part of `bench/bench.py` (and the baseline
+figure it is compared with): a `callpolicy serve` on default settings plus a `[radius]` table
+(client 127.0.0.1, style `avp` as Kamailio's misc_radius uses), a background of held calls,
+then a closed loop from one process, median of the runs. Options are bench.py's (`--quick`,
+`--runs`, `--seconds`, `--held`, ...).
 
-With two or more CPUs the service is pinned to one CPU and the generator to the others
-(`--no-pin` to let the scheduler place them): on a 2-core machine the two otherwise keep
-preempting each other and the figure measures the scheduler more than the service.
+The packet generator (`radius_closed`, run as `loadgen.py radius` in its own process) keeps
+`window` calls outstanding. Each call is an Access-Request (the check) and, once it is
+allowed, an Accounting-Request Stop (the end: it releases the call, as a NAS does after the
+BYE; without it every request would stay held for early_timeout and the store would grow by
+the whole run). The figure is those calls per second, i.e. Access-Requests/s with their
+Stops; `loadgen.py radius` without `--acct` sends Access-Requests alone. Requests are encoded
+with struct (each a new call: its own Acct-Session-Id = Call-ID, User-Name = account and
+Calling-Station-Id, so no cap is reached), and every reply is checked:
 
-Every Access-Request is a new call (its own Acct-Session-Id, account and From user, so every
-check is admitted and none is a duplicate) and is encoded with raw struct packing: the load
-generator has to be much cheaper than the service, both share the machine's cores. Replies are
-matched by identifier and their Response Authenticator is verified.
-
-Printed: requests/s, p50/p99/p99.9 round-trip latency, lost requests, and (when the bench
-started the service) the service's CPU time per round trip read from /proc - on a shared or
-small machine the service is often not on a core of its own, and that figure says what it
-does when it is. `--acct` also measures Accounting Start+Stop pairs. `--json` prints JSON.
+- Access-Accept: the identifier matches an outstanding request; the Response Authenticator
+  (MD5(Code+Id+Length+Request Authenticator+Attributes+secret)) and the Message-Authenticator
+  (HMAC-MD5 with the secret) verify; its SIP-AVP says `policy:allow`. `policy:deny`,
+  `policy:error`, Access-Reject, no or a bad authenticator, garbage: errors by kind;
+- Accounting-Response: identifier and Response Authenticator verify;
+- a request unanswered after `lost_after` is lost (the call is given up); identifiers are
+  reused oldest first, and a reply that verifies against a lost request's authenticator is
+  counted as late, never taken for a newer request's.
 """
 
 from __future__ import annotations
 
-import argparse
+import collections
 import hashlib
 import hmac
 import os
 import select
 import socket
-import statistics
 import struct
-import subprocess
 import sys
-import tempfile
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from loadgen import CpuWindow, Hist, call_id  # noqa: E402
 
 ACCESS_REQUEST = 1
 ACCESS_ACCEPT = 2
 ACCESS_REJECT = 3
 ACCOUNTING_REQUEST = 4
 ACCOUNTING_RESPONSE = 5
-
-
-def free_port() -> int:
-    """A free TCP+UDP port on 127.0.0.1."""
-    from tests.helpers import free_port as fp
-
-    return fp()
+SIP_AVP = 225
+MESSAGE_AUTHENTICATOR = 80
 
 
 def attr(code: int, value: bytes) -> bytes:
@@ -60,245 +60,233 @@ def attr(code: int, value: bytes) -> bytes:
     return bytes((code, len(value) + 2)) + value
 
 
-def access_request(ident: int, auth: bytes, n: int, secret: bytes, message_auth: bool) -> bytes:
-    """An Access-Request for a new call number n (User-Name, Acct-Session-Id, Calling/Called-Station-Id)."""
-    attrs = (attr(1, b"bench-%d" % n) + attr(44, b"rb-%d-%d@bench" % (os.getpid(), n))
-             + attr(31, b"sip:u%d@bench.example" % n) + attr(30, b"sip:+4930%07d@bench.example" % n)
+def access_request(ident: int, auth: bytes, tag: bytes, n: int) -> bytes:
+    """An Access-Request for call n of the run `tag`: User-Name (the account), Acct-Session-Id
+    (the Call-ID, as loadgen names calls), Calling/Called-Station-Id, NAS-IP-Address."""
+    attrs = (attr(1, b"%bra%d" % (tag, n)) + attr(44, call_id(tag, n))
+             + attr(31, b"sip:%bru%d@bench.example" % (tag, n)) + attr(30, b"sip:6002@bench.example")
              + attr(4, b"\x7f\x00\x00\x01"))
-    if message_auth:
-        attrs += attr(80, b"\x00" * 16)
-    head = struct.pack("!BBH", ACCESS_REQUEST, ident, 20 + len(attrs))
-    if message_auth:
-        mac = hmac.new(secret, head + auth + attrs, "md5").digest()
-        attrs = attrs[:-16] + mac
-    return head + auth + attrs
+    return struct.pack("!BBH", ACCESS_REQUEST, ident, 20 + len(attrs)) + auth + attrs
 
 
-def acct_request(ident: int, n: int, status: int, secret: bytes) -> bytes:
-    """An Accounting-Request (Start=1 / Stop=2) for call n; the authenticator is computed."""
-    attrs = (attr(40, struct.pack("!I", status)) + attr(1, b"bench-%d" % n)
-             + attr(44, b"ra-%d-%d@bench" % (os.getpid(), n)) + attr(31, b"sip:u%d@bench.example" % n))
+def attributes(data: bytes) -> list[tuple[int, bytes, int]] | None:
+    """(type, value, offset of the value) of each attribute; None if they do not parse."""
+    out = []
+    i = 20
+    end = len(data)
+    while i < end:
+        if i + 2 > end:
+            return None
+        t, ln = data[i], data[i + 1]
+        if ln < 2 or i + ln > end:
+            return None
+        out.append((t, data[i + 2:i + ln], i + 2))
+        i += ln
+    return out
+
+
+def reply_kind(data: bytes, request_auth: bytes, secret: bytes) -> str:
+    """"ok" for a verified Access-Accept saying policy:allow, else the kind of failure."""
+    if len(data) < 20 or struct.unpack("!H", data[2:4])[0] != len(data):
+        return "garbage"
+    expect = hashlib.md5(data[:4] + request_auth + data[20:] + secret).digest()
+    if not hmac.compare_digest(expect, data[4:20]):
+        return "bad_response_authenticator"
+    attrs = attributes(data)
+    if attrs is None:
+        return "garbage"
+    ma = [a for a in attrs if a[0] == MESSAGE_AUTHENTICATOR]
+    if len(ma) != 1 or len(ma[0][1]) != 16:
+        return "no_message_authenticator"
+    off = ma[0][2]
+    zeroed = data[:4] + request_auth + data[20:off] + b"\x00" * 16 + data[off + 16:]
+    if not hmac.compare_digest(hmac.new(secret, zeroed, "md5").digest(), ma[0][1]):
+        return "bad_message_authenticator"
+    if data[0] == ACCESS_REJECT:
+        return "access_reject"
+    if data[0] != ACCESS_ACCEPT:
+        return f"code_{data[0]}"
+    avps = [v for t, v, _ in attrs if t == SIP_AVP]
+    if b"policy:allow" in avps:
+        return "ok"
+    if b"policy:deny" in avps:
+        return "deny"
+    if b"policy:error" in avps:
+        return "error"
+    return "accept_without_policy"
+
+
+def acct_stop(ident: int, tag: bytes, n: int, secret: bytes) -> bytes:
+    """An Accounting-Request Stop for call n (its Request Authenticator computed, RFC 2866)."""
+    attrs = (attr(40, struct.pack("!I", 2)) + attr(1, b"%bra%d" % (tag, n)) + attr(44, call_id(tag, n))
+             + attr(31, b"sip:%bru%d@bench.example" % (tag, n)))
     head = struct.pack("!BBH", ACCOUNTING_REQUEST, ident, 20 + len(attrs))
-    auth = hashlib.md5(head + b"\x00" * 16 + attrs + secret).digest()
-    return head + auth + attrs
+    return head + hashlib.md5(head + b"\x00" * 16 + attrs + secret).digest() + attrs
 
 
-def status_server(addr: tuple[str, int], secret: bytes, timeout: float = 0.2) -> bool:
-    """Send a Status-Server (RFC 5997, with Message-Authenticator); True if a valid reply came."""
-    auth = os.urandom(16)
-    attrs = attr(80, b"\x00" * 16)
-    head = struct.pack("!BBH", 12, 0, 20 + len(attrs))
-    attrs = attrs[:2] + hmac.new(secret, head + auth + attrs, "md5").digest()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.sendto(head + auth + attrs, addr)
-            data = s.recv(4096)
-        except OSError:
-            return False
-    return len(data) >= 20 and hmac.compare_digest(
-        hashlib.md5(data[:4] + auth + data[20:] + secret).digest(), data[4:20])
+def acct_reply_kind(data: bytes, request_auth: bytes, secret: bytes) -> str:
+    """"ok" for a verified Accounting-Response, else the kind of failure."""
+    if len(data) < 20 or struct.unpack("!H", data[2:4])[0] != len(data):
+        return "garbage"
+    expect = hashlib.md5(data[:4] + request_auth + data[20:] + secret).digest()
+    if not hmac.compare_digest(expect, data[4:20]):
+        return "bad_response_authenticator"
+    if data[0] != ACCOUNTING_RESPONSE:
+        return f"code_{data[0]}"
+    return "ok"
 
 
-def start_service(secret: str, workdir: Path, log_level: str) -> tuple[subprocess.Popen[bytes], int, int, int]:
-    """`callpolicy serve` with [radius]; returns (process, tcp port, auth port, acct port)."""
-    tcp, auth, acct = free_port(), free_port(), free_port()
-    cfg = workdir / "service.toml"
-    cfg.write_text(
-        f'[listen]\ntcp = "127.0.0.1:{tcp}"\nudp = false\nunix = false\n\n'
-        f'[rules]\ndir = "{ROOT / "rules"}"\nwatch = false\n\n'
-        '[store]\nsnapshot = false\n\n[metrics]\nlisten = false\n\n'
-        f'[log]\nlevel = "{log_level}"\nformat = "json"\n\n'
-        f'[radius]\nauth = "127.0.0.1:{auth}"\nacct = "127.0.0.1:{acct}"\n'
-        f'clients = [{{address = "127.0.0.1", secret = "{secret}", style = "avp", name = "bench"}}]\n')
-    log = open(workdir / "serve.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "policy", "--config", str(cfg), "serve"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"callpolicy exited: {(workdir / 'serve.log').read_text()[-2000:]}")
-        # ready when a signed Status-Server gets its answer: that is our listener with our secret
-        # (a ping alone could reach a stranger that grabbed the same free port first)
-        if status_server(("127.0.0.1", auth), secret.encode()):
-            return proc, tcp, auth, acct
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("callpolicy did not start")
+class Side:
+    """One UDP socket (auth or acct port): its 256 identifiers, reused oldest first, the requests
+    waiting for a reply, and the authenticators of requests declared lost (so their late replies
+    are recognised as late, not taken for a newer request's)."""
 
+    def __init__(self, addr: tuple[str, int], name: str) -> None:
+        self.name = name
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.connect(addr)
+        self.sock.setblocking(False)
+        self.free: collections.deque[int] = collections.deque(range(256))
+        self.pending: dict[int, tuple[float, bytes, int]] = {}  # id -> (sent at, request authenticator, call)
+        self.lost: dict[int, list[tuple[float, bytes]]] = {}  # id -> [(forget at, request authenticator)]
 
-def closed_loop(addr: tuple[str, int], secret: bytes, seconds: float, window: int, warmup: float,
-                kind: str = "auth", message_auth: bool = False) -> dict[str, Any]:
-    """Keep `window` requests outstanding for `seconds`; round trips/s and latency percentiles."""
-    assert 1 <= window <= 256
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.connect(addr)
-    sock.setblocking(False)
-    pending: dict[int, tuple[float, bytes, int]] = {}  # id -> (sent at, request authenticator, stage)
-    free_ids = list(range(256))
-    n = 0
-    done = 0
-    bad = 0
-    lost = 0
-    lat: list[float] = []
-    t_start = time.perf_counter()
-    t_measure = t_start + warmup
-    t_end = t_measure + seconds
-    measured_done = 0
-
-    def send_new(stage: int = 1, call: int | None = None) -> None:
-        nonlocal n
-        ident = free_ids.pop()
-        if kind == "auth":
-            auth = os.urandom(16)
-            n += 1
-            data = access_request(ident, auth, n, secret, message_auth)
+    def late(self, ident: int, data: bytes, secret: bytes, now: float) -> bool:
+        """Is `data` the reply to an earlier, lost request with this identifier?"""
+        keep = [(t, a) for t, a in self.lost.get(ident, ()) if t > now]
+        if keep:
+            self.lost[ident] = keep
         else:
-            if call is None:
-                n += 1
-                call = n
-            data = acct_request(ident, call, stage, secret)
-            auth = data[4:20]
-        pending[ident] = (time.perf_counter(), auth, stage if kind == "auth" else stage * 1_000_000_000 + call)
-        sock.send(data)
+            self.lost.pop(ident, None)
+        return any(hmac.compare_digest(hashlib.md5(data[:4] + a + data[20:] + secret).digest(), data[4:20])
+                   for _, a in keep)
+
+
+def radius_closed(addr: tuple[str, int], secret: bytes, seconds: float, window: int, warmup: float, tag: str,
+                  *, acct: tuple[str, int] | None = None, lost_after: float = 1.0,
+                  pids: Sequence[int] = ()) -> dict[str, Any]:
+    """Keep `window` calls outstanding for warmup+seconds. Each call is an Access-Request and,
+    with `acct`, once it is allowed, an Accounting-Request Stop (that releases it, as a NAS
+    does): calls completed per second, every reply verified (see the module text)."""
+    assert 1 <= window <= 128
+    btag = tag.encode()
+    auth = Side(addr, "auth")
+    sides = [auth]
+    stop = Side(acct, "acct") if acct else None
+    if stop is not None:
+        sides.append(stop)
+    errors: Counter[str] = Counter()
+    hists = {"access": Hist(), "accounting": Hist()}
+    n = 0
+    completed = 0
+    lost = late = 0
+    cpu = CpuWindow(pids)
+    measuring = False
+    t_start = time.perf_counter() + warmup
+    t_end = t_start + seconds
+
+    def send(side: Side, call: int) -> None:
+        if not side.free:
+            errors[f"{side.name}:no_free_identifier"] += 1
+            return
+        ident = side.free.popleft()
+        if side is auth:
+            req_auth = os.urandom(16)
+            data = access_request(ident, req_auth, btag, call)
+        else:
+            data = acct_stop(ident, btag, call, secret)
+            req_auth = data[4:20]
+        side.pending[ident] = (time.perf_counter(), req_auth, call)
+        try:
+            side.sock.send(data)
+        except OSError as exc:
+            errors[f"{side.name}:send_error:{type(exc).__name__}"] += 1
+
+    def new_call() -> None:
+        nonlocal n
+        send(auth, n)
+        n += 1
 
     for _ in range(window):
-        send_new()
+        new_call()
+    next_sweep = time.perf_counter() + 0.1
+    socks = {s.sock: s for s in sides}
     while True:
         now = time.perf_counter()
+        if not measuring and now >= t_start:
+            measuring = True
+            cpu.start()
         if now >= t_end:
             break
-        r, _, _ = select.select([sock], [], [], 1.0)
-        if not r:
-            # everything outstanding is lost: count and refill
-            lost += len(pending)
-            free_ids.extend(pending)
-            pending.clear()
-            for _ in range(window):
-                send_new()
-            continue
-        while True:
-            try:
-                data = sock.recv(4096)
-            except BlockingIOError:
-                break
-            t = time.perf_counter()
-            ident = data[1]
-            entry = pending.pop(ident, None)
-            if entry is None:
-                continue
-            sent, auth, stage = entry
-            free_ids.append(ident)
-            check = hashlib.md5(data[:4] + auth + data[20:] + secret).digest()
-            if not hmac.compare_digest(check, data[4:20]):
-                bad += 1
-            if kind == "acct" and stage // 1_000_000_000 == 1:
-                # Start answered: send its Stop (the pair is one round trip in the figures)
-                send_new(2, stage % 1_000_000_000)
-                continue
-            done += 1
-            if sent >= t_measure:
-                measured_done += 1
-                lat.append((t - sent) * 1000)
-            send_new()
-    elapsed = time.perf_counter() - t_measure
-    sock.close()
-    lat.sort()
-
-    def pct(p: float) -> float:
-        return round(lat[min(len(lat) - 1, int(len(lat) * p))], 3) if lat else 0.0
-
-    return {
-        "kind": kind, "window": window, "seconds": round(elapsed, 2),
-        "per_second": round(measured_done / elapsed), "completed": done, "lost": lost, "bad_replies": bad,
-        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
-        "mean_ms": round(statistics.fmean(lat), 3) if lat else 0.0,
-    }
-
-
-def pin(service_pid: int) -> None:
-    """Service on the last CPU, this load generator on the others (no-op with one CPU)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) >= 2:
-            os.sched_setaffinity(service_pid, {cpus[-1]})
-            os.sched_setaffinity(0, set(cpus[:-1]))
-    except (AttributeError, OSError):
-        pass
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU a process used so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+        if now >= next_sweep:  # requests unanswered for lost_after: lost; the call is given up
+            next_sweep = now + 0.1
+            for side in sides:
+                for ident in [i for i, v in side.pending.items() if now - v[0] > lost_after]:
+                    _sent, req_auth, _call = side.pending.pop(ident)
+                    side.lost.setdefault(ident, []).append((now + 30.0, req_auth))
+                    side.free.append(ident)
+                    lost += 1
+                    if measuring:
+                        hists["access" if side is auth else "accounting"].lost += 1
+                    new_call()
+        r, _, _ = select.select(list(socks), [], [], min(0.1, t_end - now))
+        for sock in r:
+            side = socks[sock]
+            while True:
+                try:
+                    data = sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    errors[f"{side.name}:recv_error:{type(exc).__name__}"] += 1
+                    break
+                t = time.perf_counter()
+                if len(data) < 20:
+                    errors[f"{side.name}:garbage"] += 1
+                    continue
+                ident = data[1]
+                entry = side.pending.get(ident)
+                kind = "unexpected_reply"
+                if entry is not None:
+                    sent, req_auth, call = entry
+                    kind = (reply_kind if side is auth else acct_reply_kind)(data, req_auth, secret)
+                if kind in ("unexpected_reply", "bad_response_authenticator") and side.late(ident, data, secret, t):
+                    late += 1  # the reply of a request already counted lost
+                    continue
+                if kind in ("unexpected_reply", "bad_response_authenticator"):
+                    errors[f"{side.name}:{kind}"] += 1  # the request stays pending: answered or lost
+                    continue
+                del side.pending[ident]
+                side.free.append(ident)
+                if measuring:
+                    hists["access" if side is auth else "accounting"].add(t - sent)
+                if kind != "ok":
+                    errors[f"{side.name}:{kind}"] += 1
+                    new_call()
+                elif side is auth and stop is not None:
+                    send(stop, call)
+                else:
+                    if measuring:
+                        completed += 1
+                    new_call()
+    cpu.stop()
+    outstanding = sum(len(s.pending) for s in sides)
+    for s in sides:
+        s.sock.close()
+    return {"mode": "radius", "transport": "radius", "window": window, "window_s": seconds, "sent": n,
+            "with_accounting": stop is not None, "completed": completed,
+            "rate": round(completed / seconds, 1) if seconds else 0.0,
+            "errors": dict(errors.most_common()), "error_count": sum(errors.values()), "lost": lost, "late": late,
+            "latency": {"check": hists["access"].summary(), "end": hists["accounting"].summary()},
+            "cpu": cpu.result, "tag": tag, "outstanding_at_end": outstanding}
 
 
-def measured(proc: subprocess.Popen[bytes] | None, run: Any) -> dict[str, Any]:
-    """Run one closed loop; with our own service also its CPU time per request."""
-    c0, t0 = (cpu_seconds(proc.pid), time.perf_counter()) if proc else (0.0, 0.0)
-    r: dict[str, Any] = run()
-    if proc is not None and r["completed"]:
-        used = cpu_seconds(proc.pid) - c0
-        r["server_cpu_us"] = round(used / r["completed"] * 1e6, 1)
-        r["server_busy"] = round(used / (time.perf_counter() - t0), 2)
-    return r
+def main(argv: list[str] | None = None) -> int:
+    """`make bench-radius`: bench.py's RADIUS section."""
+    import bench  # type: ignore[import-not-found]
 
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--auth", help="HOST:PORT of a running service's RADIUS auth port (default: start one)")
-    p.add_argument("--acct-port", type=int, help="acct port of the running service (with --auth)")
-    p.add_argument("--secret", default="bench-secret", help="shared secret (a client entry for 127.0.0.1)")
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--window", type=int, default=32, help="requests outstanding (1-256)")
-    p.add_argument("--message-authenticator", action="store_true", help="sign requests (RFC 2869)")
-    p.add_argument("--acct", action="store_true", help="also measure Accounting Start+Stop pairs")
-    p.add_argument("--log-level", default="info", help="service log level when the bench starts it")
-    p.add_argument("--no-pin", dest="pin", action="store_false",
-                   help="do not pin the service and the load generator to different CPUs")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args()
-    secret = args.secret.encode()
-    proc = None
-    try:
-        if args.auth:
-            host, port = args.auth.rsplit(":", 1)
-            auth_addr = (host, int(port))
-            acct_addr = (host, args.acct_port or int(port) + 1)
-        else:
-            work = Path(tempfile.mkdtemp(prefix="cpbench-radius-"))
-            proc, _tcp, auth_port, acct_port = start_service(args.secret, work, args.log_level)
-            if args.pin:
-                pin(proc.pid)
-            auth_addr, acct_addr = ("127.0.0.1", auth_port), ("127.0.0.1", acct_port)
-        results = [measured(proc, lambda: closed_loop(auth_addr, secret, args.seconds, args.window,
-                                                      args.warmup, "auth", args.message_authenticator))]
-        if args.acct:
-            results.append(measured(proc, lambda: closed_loop(acct_addr, secret, args.seconds, args.window,
-                                                              args.warmup, "acct")))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-    if args.json:
-        print(orjson.dumps(results).decode())
-    else:
-        for r in results:
-            what = "Access-Request round trips" if r["kind"] == "auth" else "Accounting Start+Stop pairs"
-            print(f"RADIUS {what}: {r['per_second']}/s over {r['seconds']} s (window {r['window']}); "
-                  f"latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, p99.9 {r['p999_ms']} ms; "
-                  f"lost {r['lost']}, bad replies {r['bad_replies']}")
-            if "server_cpu_us" in r:
-                per = "round trip" if r["kind"] == "auth" else "Start+Stop pair"
-                print(f"  service CPU {r['server_cpu_us']} us per {per} (busy {r['server_busy']:.0%} of one "
-                      f"core): {round(1e6 / r['server_cpu_us'])}/s when it has a core to itself")
-    return 0
+    return int(bench.main(["--only", "radius", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
