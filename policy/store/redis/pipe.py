@@ -67,13 +67,13 @@ class Pipe:
     """Operations to Redis over one connection: batched, bounded in time, undone when lost."""
 
     def __init__(self, circuit: Circuit, *, timeout: float, hang_timeout: float,
-                 undo_command: Callable[[str, str], bytes], reload_command: Callable[[], bytes],
+                 undo_command: Callable[[str, str], bytes], reload_commands: Callable[[], list[bytes]],
                  on_undone: Callable[[str, int], None], on_broken: Callable[[], None] | None = None) -> None:
         self.circuit = circuit
         self.timeout = timeout
         self.hang_timeout = hang_timeout
         self._undo_command = undo_command
-        self._reload_command = reload_command
+        self._reload_commands = reload_commands
         self._on_undone = on_undone
         self._on_broken = on_broken
         self.conn: RespConnection | None = None
@@ -290,14 +290,16 @@ class Pipe:
         op.retried = True
         if op.fut.done():
             return  # its caller gave up and it never ran: nothing to send or undo
-        batch = [op]
+        batch = []
         if op.write_no > self._reload_write_no:  # no reload was written after it: write one now
             loop = asyncio.get_running_loop()
-            reload = Op(self._reload_command(), loop.create_future(), loop.time(), op.deadline, None)
-            reload.fut.add_done_callback(_consume)
-            batch.insert(0, reload)
+            for data in self._reload_commands():
+                reload = Op(data, loop.create_future(), loop.time(), op.deadline, None)
+                reload.fut.add_done_callback(_consume)
+                batch.append(reload)
             self._reload_write_no = self._writes
             self.circuit.log.info("redis_scripts_reloaded", where=self.circuit.where)
+        batch.append(op)
         self._write(conn, batch)
 
     # -- deadlines ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -73,8 +74,9 @@ log = structlog.get_logger("policy.store.redis")
 SCRIPTS = ("reserve", "lease", "end", "undo", "set_var", "size", "stats", "values", "walk", "sweep", "epoch")
 #: What `reserve` raises while the store rebuilds after Redis lost its data.
 REBUILDING = "redis lost its data; rebuilding from the proxies"
-#: Tries of a counter-reading script while ended leases wait for a sweep; the last goes ahead.
-STALE_ROUNDS = 4
+#: Tries of a counter-reading script while ended leases wait for a sweep (each after a sweep
+#: batch), within half the operation's timeout; the last one goes ahead regardless.
+STALE_ROUNDS = 20
 #: Calls one sweep script drops at most (~1 ms of Redis time; SLOWLOG stays clean).
 SWEEP_BATCH = 100
 #: Reports of expired calls one sweep script hands out at most.
@@ -130,7 +132,7 @@ class RedisStore(CounterStore):
         self.circuit = Circuit(self.target, connect_timeout=connect_timeout, prepare=self._prepare,
                                attach=self._attach, log=log)
         self._pipe = Pipe(self.circuit, timeout=timeout, hang_timeout=max(timeout + 0.45, 0.5),
-                          undo_command=self._undo_command, reload_command=self._reload_command,
+                          undo_command=self._undo_command, reload_commands=self._reload_commands,
                           on_undone=self._undone)
         self._offset = 0.0  # Redis TIME minus our clock, measured on connect
         self._epoch: str | None = None  # the data-loss marker this store trusts
@@ -347,8 +349,8 @@ class RedisStore(CounterStore):
         lay = self.layout
         return self._pack("undo", [lay.record(uid), lay.exp, lay.counts], [uid, token])
 
-    def _reload_command(self) -> bytes:
-        return b"".join(_packed("SCRIPT", "LOAD", self._sources[n]) for n in SCRIPTS)
+    def _reload_commands(self) -> list[bytes]:
+        return [_packed("SCRIPT", "LOAD", self._sources[n]) for n in SCRIPTS]
 
     def _undone(self, uid: str, result: int) -> None:
         if result == 1:
@@ -383,16 +385,20 @@ class RedisStore(CounterStore):
     async def _counted(self, script: str, keys: list[str], args: list[Any], stale_at: int, now: float) -> Any:
         """Run a counter-reading script; sweep and retry while it says ended leases wait (-2).
         `args[stale_at]` is its "go ahead anyway" flag, set on the last try."""
-        deadline = asyncio.get_running_loop().time() + self.timeout
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + self.timeout
         base = self._base(now)
-        for attempt in range(STALE_ROUNDS):
-            if attempt == STALE_ROUNDS - 1:
+        for attempt in itertools.count():
+            if _last_try(attempt, loop.time(), start, self.timeout):
                 args[stale_at] = "1"
             reply = await self._script(script, keys, args, deadline)
             if not _is_stale(reply):
                 return reply
+            if args[stale_at] == "1":
+                raise StoreError("redis: ended leases wait for a sweep")  # (cannot happen)
             await self._catch_up(base, deadline)
-        raise StoreError("redis: ended leases wait for a sweep")  # (the last try never says so)
+        raise AssertionError("unreachable")
 
     # -- operations --------------------------------------------------------------------------
 
@@ -422,17 +428,19 @@ class RedisStore(CounterStore):
         head = ("EVALSHA", self._sha["reserve"], len(cmd.keys), *cmd.keys)
         undo = (call.uid, token)
         pipe = self._pipe
-        for attempt in range(STALE_ROUNDS):
-            if attempt == STALE_ROUNDS - 1:
+        start = deadline - self.timeout
+        for attempt in itertools.count():
+            last = _last_try(attempt, loop.time(), start, self.timeout)
+            if last:
                 cmd.args[9] = flags + "s"
-            reply = await pipe.call(bytes(hiredis.pack_command((*head, *cmd.args))), deadline, undo)
+            reply = await pipe.call(_packed(*head, *cmd.args), deadline, undo)
             try:
                 status = reply[0]
             except (TypeError, IndexError):
                 raise StoreError(f"unexpected reserve reply from redis: {reply!r}") from None
             if status != -2:
                 break
-            if attempt == STALE_ROUNDS - 1:
+            if last:
                 raise StoreError("redis: this call's ended lease waits for a sweep")
             await self._catch_up(base, deadline)
         if status == -1:
@@ -608,6 +616,11 @@ class RedisStore(CounterStore):
 def _packed(*cmd: Any) -> bytes:
     """One command in RESP (hiredis packs it in C)."""
     return bytes(hiredis.pack_command(cmd))
+
+
+def _last_try(attempt: int, now: float, start: float, timeout: float) -> bool:
+    """Whether this try of a counter-reading script must go ahead even if leases wait."""
+    return attempt >= STALE_ROUNDS - 1 or (attempt > 0 and now - start > timeout / 2)
 
 
 def _is_stale(reply: Any) -> bool:

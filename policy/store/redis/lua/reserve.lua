@@ -29,7 +29,7 @@ local now = ARGV[1]
 local uid = ARGV[4]
 local n, q, c, nv = tonumber(ARGV[11]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
 local flags = ARGV[10]
-local counts = KEYS[3]
+
 local A = 16                -- first per-key triple
 local PA = A + 3 * n        -- profile fields
 local CA = PA + q           -- limit triples
@@ -40,7 +40,7 @@ end
 for j = 1, q do
   fields[3 + n + j] = ARGV[PA + j - 1]
 end
-local cur = redis.call('HMGET', counts, unpack(fields))
+local cur = redis.call('HMGET', KEYS[3], unpack(fields))
 if ARGV[9] ~= '' and cur[1] ~= ARGV[9] then
   return {-1, cur[1] or ''}
 end
@@ -100,7 +100,7 @@ for j = 1, q do
   set[#set + 1] = fields[3 + n + j]
   set[#set + 1] = (tonumber(cur[3 + n + j]) or 0) + 1
 end
-redis.call('HSET', counts, unpack(set))
+redis.call('HSET', KEYS[3], unpack(set))
 redis.call('ZADD', KEYS[2], ARGV[2], uid)
 redis.call('ZADD', KEYS[4], seq, uid)
 local rec = {'d', ARGV[5], 's', 'early', 'to', ARGV[3], 'e', ARGV[2], 'n', ARGV[7], 'k', ARGV[8]}

@@ -8,7 +8,9 @@
 --   it took the call over from an earlier admission -> give the call back to that one.
 --
 -- KEYS[1] the call's record P..'c:'..uid   KEYS[2] the expiry index P..'exp'
--- KEYS[3] the counters P..'n'   (and, when releasing, the record's keys as in end.lua)
+-- KEYS[3] the counters P..'n'
+-- Also touches, by name from the record, when it releases the call: its profile keys, value
+-- indexes and node index, as end.lua (same hash tag).
 -- ARGV[1] uid   ARGV[2] the token of the reserve to undo
 -- Returns 0 (nothing), 1 (released) or 2 (handed back to the earlier token).
 local flat = redis.call('HGETALL', KEYS[1])
