@@ -102,14 +102,12 @@ def live_record(reply: Any, offset: float, now: float) -> CallRecord | None:
 class _KeyInfo:
     """What reserve needs about one profile key (cached per (profile, value))."""
 
-    __slots__ = ("eprofile", "field", "piece", "profile_field", "value", "values_key", "zset")
+    __slots__ = ("eprofile", "piece", "value", "values_key", "zset")
 
     def __init__(self, layout: KeyLayout, profile: str, value: str | None) -> None:
         k = kid(profile, value)
         self.zset = layout.p + "k:" + k
-        self.field = "k:" + k
         self.eprofile = escape(profile)
-        self.profile_field = "p:" + self.eprofile
         self.values_key = None if value is None else layout.values(profile)
         self.value = "" if value is None else value
         self.piece = f"{len(k.encode())}:{k}"
@@ -164,8 +162,7 @@ class ReserveEncoder:
         values_keys: list[str] = []
         vslot_of: dict[str, int] = {}
         per_key: list[str] = []
-        profile_fields: list[str] = []
-        seen_profiles: set[str] = set()
+        valued: dict[str, bool] = {}  # eprofile with a valued key -> whether it has its None key too
         pieces = [f"{len(call.node.encode())}:{call.node}"]
         for info in infos:
             vk = info.values_key
@@ -177,11 +174,15 @@ class ReserveEncoder:
                     n = vslot_of[vk] = len(values_keys) + 1
                     values_keys.append(vk)
                 vslot = str(n)
-            per_key += (info.field, vslot, info.value)
-            if info.profile_field not in seen_profiles:
-                seen_profiles.add(info.profile_field)
-                profile_fields.append(info.profile_field)
+                valued.setdefault(info.eprofile, False)
+            per_key += (vslot, info.value)
             pieces.append(info.piece)
+        if len(valued) and len(valued) < len(infos):  # a profile in both a valued key and its None key?
+            for info in infos:
+                if info.values_key is None and info.eprofile in valued:
+                    valued[info.eprofile] = True
+        profile_fields = ["p:" + ep for ep in valued]
+        profile_fields += ["x:" + ep for ep, both in valued.items() if both]
         uid = call.uid
         profiles = list(distinct)
         w = orjson.dumps([call.account, call.from_uri, call.to_uri])[:-1] + b","

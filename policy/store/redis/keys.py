@@ -8,10 +8,11 @@ key                    type   holds
 =====================  =====  ====================================================================
 ``P c:<uid>``          hash   one call's record (fields: see ``codec.py``)
 ``P exp``              zset   every held call (uid) scored by its lease expiry, in Redis time
-``P n``                hash   the counters: ``k:<kid>`` calls in one profile key, ``p:<eprofile>``
-                              calls in any key of a profile, ``active``, ``processed``,
-                              ``expired``, ``failed``, ``seq`` (admissions so far: the listing
-                              order) and ``epoch`` (the data-loss marker)
+``P n``                hash   the counters: ``p:<eprofile>`` calls in any valued key of a
+                              profile, ``x:<eprofile>`` of those also in its key without value,
+                              ``active``, ``processed``, ``expired``, ``failed``, ``seq``
+                              (admissions so far: the listing order) and ``epoch`` (the
+                              data-loss marker). A key's size is its zset's ZCARD.
 ``P k:<kid>``          zset   the calls (uid) of one profile key, scored by admission ``seq``
 ``P v:<eprofile>``     zset   a profile's non-empty values (all scored 0: lexicographic order)
 ``P o:<node>``         zset   the calls a node admitted, scored by admission ``seq``
@@ -85,11 +86,6 @@ class KeyLayout:
         return self.p + "k:" + escape(profile) + "="
 
     @staticmethod
-    def count_field(profile: str, value: str | None) -> str:
-        """The counters field of one profile key."""
-        return "k:" + kid(profile, value)
-
-    @staticmethod
     def profile_field(profile: str) -> str:
-        """The counters field of a whole profile (calls in any of its keys, each once)."""
+        """The counter of a profile's calls in any of its valued keys (each call once)."""
         return "p:" + escape(profile)

@@ -44,6 +44,8 @@ MAX_PENDING_UNDO = 100_000
 UNDO_PER_FLUSH = 64
 #: Deadline of an undo (not a caller's operation: it may take longer).
 UNDO_TIMEOUT = 2.0
+#: Past this many entries, answered operations leave the deadline heap as new ones arrive.
+PRUNE_AT = 4096
 
 
 class Op:
@@ -172,7 +174,11 @@ class Pipe:
             deadline = now + self.timeout
         op = Op(data, fut, now, deadline, undo)
         self._queue.append(op)
-        heapq.heappush(self._deadlines, (deadline, next(self._seq), op))
+        heap = self._deadlines
+        if len(heap) > PRUNE_AT:  # answered operations wait there for their deadline: drop them now
+            while heap and heap[0][2].fut.done():
+                heapq.heappop(heap)
+        heapq.heappush(heap, (deadline, next(self._seq), op))
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
         if self._flush_handle is None:
@@ -266,6 +272,9 @@ class Pipe:
             if code == "NOSCRIPT" and not op.retried:
                 self._resend_after_reload(op)
                 return
+        op.data = b""  # answered: the bytes are not needed any more (the op may wait in the heap)
+        if isinstance(reply, ReplyError):
+            code = reply.code
             if not fut.done():
                 self.errors += 1
                 fut.set_exception(StoreError(f"redis ({circuit.where}) refused: {reply}"))

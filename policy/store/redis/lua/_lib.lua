@@ -57,21 +57,32 @@ local function release(P, exp_key, counts_key, uid, rec, reason, undo)
   local list = items(rec.k or '')
   redis.call('ZREM', exp_key, uid)
   redis.call('ZREM', P .. 'o:' .. (list[1] or ''), uid)
-  local fields, deltas, emptied, profiles = {}, {}, {}, {}
+  local valued, none = {}, {}  -- eprofiles with a valued key / with their key without value
+  local order = {}
   for i = 2, #list do
     local kid = list[i]
-    redis.call('ZREM', P .. 'k:' .. kid, uid)
-    fields[#fields + 1] = 'k:' .. kid
-    deltas[#fields] = -1
+    local key = P .. 'k:' .. kid
+    redis.call('ZREM', key, uid)
     local eq = string.find(kid, '=', 1, true)
-    local ep = kid
     if eq then
-      ep = string.sub(kid, 1, eq - 1)
-      emptied[#fields] = {P .. 'v:' .. ep, string.sub(kid, eq + 1)}
+      local ep = string.sub(kid, 1, eq - 1)
+      if not valued[ep] then
+        valued[ep] = true
+        order[#order + 1] = ep
+      end
+      if redis.call('ZCARD', key) == 0 then  -- the key went 1 -> 0: its value leaves the index
+        redis.call('ZREM', P .. 'v:' .. ep, string.sub(kid, eq + 1))
+      end
+    else
+      none[kid] = true
     end
-    if not profiles[ep] then
-      profiles[ep] = true
-      fields[#fields + 1] = 'p:' .. ep
+  end
+  local fields, deltas = {}, {}
+  for _, ep in ipairs(order) do
+    fields[#fields + 1] = 'p:' .. ep
+    deltas[#fields] = -1
+    if none[ep] then
+      fields[#fields + 1] = 'x:' .. ep
       deltas[#fields] = -1
     end
   end
@@ -92,12 +103,8 @@ local function release(P, exp_key, counts_key, uid, rec, reason, undo)
     local set, del = {}, {}
     for i, f in ipairs(fields) do
       local v = (tonumber(cur[i]) or 0) + deltas[i]
-      if string.sub(f, 2, 2) == ':' and v <= 0 then  -- a key's or profile's counter: gone at 0
+      if string.sub(f, 2, 2) == ':' and v <= 0 then  -- a profile's counter: gone at 0
         del[#del + 1] = f
-        local e = emptied[i]
-        if e then
-          redis.call('ZREM', e[1], e[2])
-        end
       else
         set[#set + 1] = f
         set[#set + 1] = v

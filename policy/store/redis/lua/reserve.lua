@@ -13,11 +13,13 @@
 -- ARGV[9] the epoch the client trusts ('' = do not check: a forced reserve while rebuilding)
 -- ARGV[10] flags: 'f' force (admit over limits), 's' go ahead although ended leases wait for
 --          a sweep (counts may then include them: only ever too high, never too low)
--- ARGV[11] n   ARGV[12] m   ARGV[13] q (distinct profiles)   ARGV[14] c (enforced limits)
+-- ARGV[11] n   ARGV[12] m   ARGV[13] q (profile counters)   ARGV[14] c (enforced limits)
 -- ARGV[15] nv (variables)
--- ARGV[16 ..] n triples (counter field 'k:'..kid, value-index slot 1..m or 0, value or '')
---   then q counter fields 'p:'..eprofile, then c triples (plan index, key slot 1..n, limit),
---   then nv pairs (variable name, value)
+-- ARGV[16 ..] n pairs (value-index slot 1..m or 0, value or ''), one per key, then q counter
+--   fields ('p:'..eprofile for each profile the call joins with a value, 'x:'..eprofile if it
+--   also joins that profile's key without value), then c triples (plan index, key slot 1..n,
+--   limit), then nv pairs (variable name, value)
+-- A key's size is the ZCARD of its zset (no sweep pending: see -2 below).
 -- Returns {status, blocked, size_1 .. size_n [, the held record (HGETALL form)]}:
 --   1 admitted (sizes include the call); 0 refused (blocked = plan index of the first full
 --   enforced limit); 2 duplicate: the call is held, nothing counted again, the admission now
@@ -30,15 +32,12 @@ local uid = ARGV[4]
 local n, q, c, nv = tonumber(ARGV[11]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
 local flags = ARGV[10]
 
-local A = 16                -- first per-key triple
-local PA = A + 3 * n        -- profile fields
+local A = 16                -- first per-key pair
+local PA = A + 2 * n        -- profile counter fields
 local CA = PA + q           -- limit triples
 local fields = {'epoch', 'seq', 'processed'}
-for i = 1, n do
-  fields[3 + i] = ARGV[A + 3 * (i - 1)]
-end
 for j = 1, q do
-  fields[3 + n + j] = ARGV[PA + j - 1]
+  fields[3 + j] = ARGV[PA + j - 1]
 end
 local cur = redis.call('HMGET', KEYS[3], unpack(fields))
 if ARGV[9] ~= '' and cur[1] ~= ARGV[9] then
@@ -49,7 +48,7 @@ if not string.find(flags, 's', 1, true) and stale(KEYS[2], now) then
 end
 local out = {0, -1}
 for i = 1, n do
-  out[2 + i] = tonumber(cur[3 + i]) or 0
+  out[2 + i] = redis.call('ZCARD', KEYS[4 + i])
 end
 
 local held = redis.call('HMGET', KEYS[1], 'd', 'n', 'e', 'c')
@@ -83,22 +82,19 @@ if not string.find(flags, 'f', 1, true) then
 end
 
 local seq = (tonumber(cur[2]) or 0) + 1
-local set = {'seq', seq, 'processed', (tonumber(cur[3]) or 0) + 1}
 for i = 1, n do
-  local size = out[2 + i]
-  local at = A + 3 * (i - 1)
+  local at = A + 2 * (i - 1)
   redis.call('ZADD', KEYS[4 + i], seq, uid)
-  local vslot = tonumber(ARGV[at + 1])
-  if size == 0 and vslot > 0 then  -- the key goes 0 -> 1: its value joins the profile's index
-    redis.call('ZADD', KEYS[4 + n + vslot], 0, ARGV[at + 2])
+  local vslot = tonumber(ARGV[at])
+  if out[2 + i] == 0 and vslot > 0 then  -- the key goes 0 -> 1: its value joins the profile's index
+    redis.call('ZADD', KEYS[4 + n + vslot], 0, ARGV[at + 1])
   end
-  out[2 + i] = size + 1
-  set[#set + 1] = fields[3 + i]
-  set[#set + 1] = size + 1
+  out[2 + i] = out[2 + i] + 1
 end
+local set = {'seq', seq, 'processed', (tonumber(cur[3]) or 0) + 1}
 for j = 1, q do
-  set[#set + 1] = fields[3 + n + j]
-  set[#set + 1] = (tonumber(cur[3 + n + j]) or 0) + 1
+  set[#set + 1] = fields[3 + j]
+  set[#set + 1] = (tonumber(cur[3 + j]) or 0) + 1
 end
 redis.call('HSET', KEYS[3], unpack(set))
 redis.call('ZADD', KEYS[2], ARGV[2], uid)

@@ -8,6 +8,8 @@
 -- ARGV[1] now   ARGV[2] at most this many calls dropped   ARGV[3] at most this many reports
 -- popped (0: only drop)   ARGV[4] the epoch the client trusts ('' = do not check)
 -- ARGV[5] the reports list's bound (the oldest reports beyond it are discarded)
+-- ARGV[6] a time budget in microseconds: the script stops dropping once it has run this long
+--         (Redis TIME, looked at every 8 calls), so it never blocks Redis for long
 -- Returns {0, more, report_1, report_2, ...}: more = 1 when ended leases remain; each report
 -- is a record's HGETALL fields, length-prefixed. {-1, epoch now or ''} when the epoch is not
 -- ARGV[4] (Redis lost its data; nothing done).
@@ -25,7 +27,16 @@ if #ids > limit then
 end
 local P = prefix_of(KEYS[2])
 local len = nil
+local t = redis.call('TIME')
+local stop_at = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[6])
 for i = 1, math.min(#ids, limit) do
+  if i % 8 == 0 then
+    t = redis.call('TIME')
+    if tonumber(t[1]) * 1000000 + tonumber(t[2]) >= stop_at then
+      more = 1
+      break
+    end
+  end
   local uid = ids[i]
   local flat = redis.call('HGETALL', P .. 'c:' .. uid)
   if #flat == 0 then
