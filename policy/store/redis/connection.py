@@ -31,6 +31,7 @@ import random
 import select
 import socket
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -377,7 +378,7 @@ class Circuit:
         self._name = name
         self.state = "down"
         self.reason = "not connected yet"
-        self.since = 0.0  # loop time of the last state change
+        self.since = time.monotonic()  # when the state last changed (monotonic)
         self.down_since: float | None = None
         self.connects = 0
         self.attempts = 0
@@ -392,37 +393,36 @@ class Circuit:
 
     def error(self) -> StoreError:
         """What an operation raises while Redis is not usable (without trying)."""
-        loop = asyncio.get_running_loop()
         if self.closed:
             return StoreError("redis store closed")
         since = self.down_since if self.down_since is not None else self.since
-        return StoreError(f"redis ({self.where}) unavailable for {loop.time() - since:.3f} s "
+        return StoreError(f"redis ({self.where}) unavailable for {time.monotonic() - since:.3f} s "
                           f"({self.state}: {self.reason}); reconnecting in the background")
 
     def broken(self, reason: str) -> None:
         """The connection failed or was dropped: down, and reconnect in the background."""
-        loop = asyncio.get_running_loop()
+        now = time.monotonic()
         if self.state != "down":
             if self.down_since is None:
-                self.down_since = loop.time()
+                self.down_since = now
             self.log.warning("redis_down", where=self.where, reason=reason)
-        self.state, self.reason, self.since = "down", reason, loop.time()
+        self.state, self.reason, self.since = "down", reason, now
         self._wake.set()
 
     def suspect(self, reason: str) -> None:
         """Redis is late on a round trip: fail fast until it answers."""
         if self.state == "up":
-            loop = asyncio.get_running_loop()
-            self.state, self.reason, self.since = "suspect", reason, loop.time()
-            self.down_since = loop.time()
+            now = time.monotonic()
+            self.state, self.reason, self.since = "suspect", reason, now
+            self.down_since = now
             self.log.warning("redis_not_answering", where=self.where, reason=reason)
 
     def answering(self) -> None:
         """A reply arrived: Redis is up again (if it was suspect)."""
         if self.state == "suspect":
-            loop = asyncio.get_running_loop()
-            down_for = loop.time() - (self.down_since or self.since)
-            self.state, self.reason, self.since, self.down_since = "up", "", loop.time(), None
+            now = time.monotonic()
+            down_for = now - (self.down_since or self.since)
+            self.state, self.reason, self.since, self.down_since = "up", "", now, None
             self.log.info("redis_up", where=self.where, down_for=round(down_for, 3))
 
     # -- the reconnect task ----------------------------------------------------------------
@@ -430,7 +430,7 @@ class Circuit:
     def start(self) -> None:
         """Start connecting in the background."""
         self.closed = False
-        self.since = asyncio.get_running_loop().time()
+        self.since = time.monotonic()
         if self._task is None or self._task.done():
             self._wake.set()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -455,7 +455,6 @@ class Circuit:
             self._task = None
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         delay = BACKOFF_MIN
         while not self.closed:
             await self._wake.wait()
@@ -488,8 +487,9 @@ class Circuit:
                 delay = BACKOFF_MIN
                 self.address = address
                 self.connects += 1
-                down_for = loop.time() - self.down_since if self.down_since is not None else None
-                self.state, self.reason, self.since, self.down_since = "up", "", loop.time(), None
+                now = time.monotonic()
+                down_for = now - self.down_since if self.down_since is not None else None
+                self.state, self.reason, self.since, self.down_since = "up", "", now, None
                 self._attach(conn)
                 if down_for is None:
                     self.log.info("redis_connected", where=self.where, address=str(address))
