@@ -332,8 +332,9 @@ def test_from_settings_and_factory() -> None:
     assert (s.url, s.prefix, s.timeout, s.connect_timeout) == ("redis://127.0.0.1:6390/2", "pp", 0.2, 1.0)
     assert s.layout.key("account", "acme") == "{pp}:k:account=acme"
     assert s.target.db == 2
-    st2 = Settings(store="redis://127.0.0.1:6391/0")
+    st2 = Settings(store="redis://127.0.0.1:6391/0", store_connect_timeout=2.5)
     assert RedisStore.from_settings(st2).url == "redis://127.0.0.1:6391/0"
+    assert RedisStore.from_settings(st2).connect_timeout == 2.5
     st3 = Settings(store="redis", redis_sentinels=["127.0.0.1:26379"], redis_service="svc")
     clock = SystemClock()
     s3 = make_store(st3, clock)

@@ -162,7 +162,7 @@ class RedisStore(CounterStore):
             url,
             prefix=settings.redis_prefix,
             timeout=settings.store_timeout,
-            connect_timeout=getattr(settings, "store_connect_timeout", 1.0),
+            connect_timeout=settings.store_connect_timeout,
             sentinels=list(settings.redis_sentinels) or None,
             sentinel_service=settings.redis_service,
             clock=clock,
