@@ -61,24 +61,14 @@ def decode_record(flat: Sequence[Any], offset: float) -> CallRecord:
     """A record from its HGETALL reply; times moved from Redis's base to the reader's."""
     try:
         it = iter(flat)
-        h: dict[str, str] = dict(zip(it, it, strict=True))
+        h: dict[str, str] = dict(zip(it, it, strict=False))
         account, from_uri, to_uri, call_id, from_tag, node, init, profiles = orjson.loads(h["d"])
         st = h.get("st")
         return CallRecord(
-            call_id=str(call_id),
-            from_uri=str(from_uri),
-            to_uri=str(to_uri),
-            account=str(account),
-            state=h["s"],
-            init_ts=float(init) - offset,
-            start_ts=float(st) - offset if st else None,
-            timeout=float(h["to"]),
-            expires=float(h["e"]) - offset,
-            profiles=[(str(p), None if v is None else str(v)) for p, v in profiles],
-            from_tag=str(from_tag),
-            node=str(node),
-            token=h["n"],
-            vars={k[2:]: v for k, v in h.items() if k.startswith("v:")},
+            call_id, from_uri, to_uri, account, h["s"], init - offset, float(st) - offset if st else None,
+            float(h["to"]), float(h["e"]) - offset, [(p, v) for p, v in profiles], from_tag, node, h["n"],
+            # base fields: d s to e n k (+ st c b): more means variables
+            {k[2:]: v for k, v in h.items() if k[:2] == "v:"} if len(h) > 6 else {},
         )
     except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
         raise StoreError(f"malformed call record in redis: {exc!r}") from None
@@ -147,7 +137,7 @@ class ReserveEncoder:
         distinct: dict[tuple[str, str | None], int] = {}
         infos: list[_KeyInfo] = []
         slots: list[int] = []
-        checks: list[str] = []
+        checks: list[int] = []
         cache = self._cache
         for i, e in enumerate(plan):
             key = (e.profile, e.value)
@@ -157,23 +147,22 @@ class ReserveEncoder:
                 infos.append(cache.get(key) or self._info(key))
             slots.append(slot)
             if e.limit is not None and not e.shadow:
-                checks += (str(i), str(slot + 1), str(e.limit))
+                checks += (i, slot + 1, e.limit)
         layout = self.layout
         values_keys: list[str] = []
         vslot_of: dict[str, int] = {}
-        per_key: list[str] = []
+        per_key: list[Any] = []
         valued: dict[str, bool] = {}  # eprofile with a valued key -> whether it has its None key too
         pieces = [f"{len(call.node.encode())}:{call.node}"]
         for info in infos:
             vk = info.values_key
             if vk is None:
-                vslot = "0"
+                vslot = 0
             else:
-                n = vslot_of.get(vk)
-                if n is None:
-                    n = vslot_of[vk] = len(values_keys) + 1
+                vslot = vslot_of.get(vk, 0)
+                if not vslot:
+                    vslot = vslot_of[vk] = len(values_keys) + 1
                     values_keys.append(vk)
-                vslot = str(n)
                 valued.setdefault(info.eprofile, False)
             per_key += (vslot, info.value)
             pieces.append(info.piece)
@@ -194,8 +183,8 @@ class ReserveEncoder:
                 var_args += (name, value)
         keys = [layout.record(uid), layout.exp, layout.counts, layout.node(call.node),
                 *[info.zset for info in infos], *values_keys]
-        args: list[Any] = [repr(base_now), repr(expires), repr(float(timeout)), uid, d, w, token,
-                           "".join(pieces), epoch, flags, str(len(infos)), str(len(values_keys)),
-                           str(len(profile_fields)), str(len(checks) // 3), str(len(var_args) // 2),
-                           *per_key, *profile_fields, *checks, *var_args]
+        # (floats go as they are: hiredis writes them as repr() does, which Lua reads back exactly)
+        args: list[Any] = [base_now, expires, timeout, uid, d, w, token, "".join(pieces), epoch, flags,
+                           len(infos), len(values_keys), len(profile_fields), len(checks) // 3,
+                           len(var_args) // 2, *per_key, *profile_fields, *checks, *var_args]
         return ReserveCommand(keys, args, profiles, slots)

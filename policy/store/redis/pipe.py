@@ -81,8 +81,12 @@ class Pipe:
         self.conn: RespConnection | None = None
         self._queue: list[Op] = []
         self._inflight: collections.deque[Op] = collections.deque()
-        self._deadlines: list[tuple[float, int, Op]] = []
+        # operations by deadline: almost all arrive in deadline order (queued time + timeout) and
+        # wait in the deque; one with an earlier deadline than the last (a retry) in the heap
+        self._waiting: collections.deque[Op] = collections.deque()
+        self._odd: list[tuple[float, int, Op]] = []
         self._seq = itertools.count()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set on the first attach
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -101,6 +105,7 @@ class Pipe:
     def attach(self, conn: RespConnection) -> None:
         """Use this (ready) connection from now on."""
         self.conn = conn
+        self.loop = asyncio.get_running_loop()
         conn.on_reply = self._on_reply
         conn.on_lost = self._on_lost
         if self.undo_parked:
@@ -146,7 +151,8 @@ class Pipe:
                 op.fut.set_exception(err)
         self._inflight.clear()
         self._fail_queue(err)
-        self._deadlines.clear()
+        self._waiting.clear()
+        self._odd.clear()
         for handle in (self._timer, self._flush_handle):
             if handle is not None:
                 handle.cancel()
@@ -163,31 +169,38 @@ class Pipe:
              undo: tuple[str, str] | None = None) -> asyncio.Future[Any]:
         """Queue one packed command for this tick's write; its reply (a future), or StoreError
         at once when Redis is known to be unusable (the circuit is not ``up``)."""
-        circuit = self.circuit
-        if circuit.state != "up" or self.closed:
+        loop = self.loop
+        if self.circuit.state != "up" or self.closed or loop is None:
             self.errors += 1
-            raise circuit.error()
-        loop = asyncio.get_running_loop()
+            raise self.circuit.error()
         fut: asyncio.Future[Any] = loop.create_future()
         now = loop.time()
         if deadline is None:
             deadline = now + self.timeout
         op = Op(data, fut, now, deadline, undo)
         self._queue.append(op)
-        heap = self._deadlines
-        if len(heap) > PRUNE_AT:  # answered operations wait there for their deadline: drop them now
-            while heap and heap[0][2].fut.done():
-                heapq.heappop(heap)
-        heapq.heappush(heap, (deadline, next(self._seq), op))
-        if self._timer is None or deadline < self._timer_at:
-            self._arm(deadline)
+        self._track(op)
         if self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
         return fut
 
+    def _track(self, op: Op) -> None:
+        """Watch the op's deadline."""
+        waiting = self._waiting
+        if len(waiting) > PRUNE_AT:  # answered operations wait here for their deadline: drop them now
+            while waiting and waiting[0].fut.done():
+                waiting.popleft()
+        deadline = op.deadline
+        if not waiting or deadline >= waiting[-1].deadline:
+            waiting.append(op)
+        else:
+            heapq.heappush(self._odd, (deadline, next(self._seq), op))
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
+
     def _schedule_flush(self) -> None:
-        if self._flush_handle is None and not self.closed:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        if self._flush_handle is None and not self.closed and self.loop is not None:
+            self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -212,7 +225,8 @@ class Pipe:
             self._write(conn, batch)
 
     def _write(self, conn: RespConnection, batch: list[Op]) -> None:
-        now = asyncio.get_running_loop().time()
+        assert self.loop is not None
+        now = self.loop.time()
         write_no = self._writes
         self._writes += 1
         for op in batch:
@@ -234,7 +248,9 @@ class Pipe:
 
     def _send_undo(self, undo: tuple[str, str]) -> None:
         """Queue undo.lua for one reserve (internal: no caller waits)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        if loop is None:
+            return
         fut: asyncio.Future[Any] = loop.create_future()
         now = loop.time()
         op = Op(self._undo_command(*undo), fut, now, now + UNDO_TIMEOUT, None)
@@ -250,9 +266,7 @@ class Pipe:
 
         fut.add_done_callback(done)
         self._queue.append(op)
-        heapq.heappush(self._deadlines, (op.deadline, next(self._seq), op))
-        if self._timer is None or op.deadline < self._timer_at:
-            self._arm(op.deadline)
+        self._track(op)
         self._schedule_flush()
 
     # -- receiving ---------------------------------------------------------------------------
@@ -317,7 +331,19 @@ class Pipe:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        self._timer = asyncio.get_running_loop().call_at(at, self._watch)
+        loop = self.loop or asyncio.get_running_loop()
+        self._timer = loop.call_at(at, self._watch)
+
+    def _next_due(self) -> Op | None:
+        """The waiting operation with the earliest deadline (answered ones are dropped)."""
+        waiting, odd = self._waiting, self._odd
+        while waiting and waiting[0].fut.done():
+            waiting.popleft()
+        while odd and odd[0][2].fut.done():
+            heapq.heappop(odd)
+        if odd and (not waiting or odd[0][0] < waiting[0].deadline):
+            return odd[0][2]
+        return waiting[0] if waiting else None
 
     def _watch(self) -> None:
         self._timer = None
@@ -325,20 +351,12 @@ class Pipe:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        heap = self._deadlines
         inflight = self._inflight
         conn = self.conn
         late: bool | None = None  # judged at most once per look
         unread = False
-        while heap:
-            deadline, _, op = heap[0]
-            if op.fut.done():
-                heapq.heappop(heap)
-                continue
-            if deadline > now:
-                break
+        while (op := self._next_due()) is not None and op.deadline <= now:
             if now - op.born >= MAX_QUEUE_WAIT:
-                heapq.heappop(heap)
                 self.errors += 1
                 op.fut.set_exception(StoreError(f"redis store overloaded: queued {now - op.born:.3f} s"))
                 continue
@@ -349,7 +367,6 @@ class Pipe:
                     late, unread = False, True  # replies wait for us: our loop was busy
             if not late:
                 break
-            heapq.heappop(heap)
             self.errors += 1
             op.fut.set_exception(StoreError(f"redis ({self.circuit.where}) did not answer within "
                                             f"{self.timeout * 1000:.0f} ms"))
@@ -359,12 +376,12 @@ class Pipe:
                 and not (conn is not None and conn.unread()):
             self.broken(f"no reply for {now - head.written:.3f} s: connection dropped")
             head = None
+            op = self._next_due()
         # when to look again
         at = None
-        if heap:
-            due = heap[0][0]
-            if due > now:
-                at = due
+        if op is not None:
+            if op.deadline > now:
+                at = op.deadline
             elif unread:
                 at = now + 0.001
             elif head is not None:

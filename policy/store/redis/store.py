@@ -417,10 +417,11 @@ class RedisStore(CounterStore):
         """Admit the call into every key of the plan, or into none (reserve.lua)."""
         if self._rebuilding and not force:
             raise StoreError(REBUILDING)
-        if self.circuit.state != "up":
-            self._pipe.errors += 1
+        pipe = self._pipe
+        loop = pipe.loop
+        if self.circuit.state != "up" or loop is None:
+            pipe.errors += 1
             raise self.circuit.error()
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         now, timeout = float(now), float(timeout)
         base = now + self._offset
@@ -429,7 +430,6 @@ class RedisStore(CounterStore):
         cmd = self._encoder.encode(call, plan, base, timeout, token, epoch, flags)
         head = ("EVALSHA", self._sha["reserve"], len(cmd.keys), *cmd.keys)
         undo = (call.uid, token)
-        pipe = self._pipe
         start = deadline - self.timeout
         for attempt in itertools.count():
             last = _last_try(attempt, loop.time(), start, self.timeout)
