@@ -3,11 +3,16 @@
 Starts a private `redis-server` on a free loopback port, then in one run:
 
 1. `redis-benchmark` calling the very reserve script the store uses (SCRIPT LOAD, then
-   EVALSHA with the same 13 keys and arguments the service sends for a bench check,
+   EVALSHA with the same keys and arguments the service sends for a bench check,
    random call/account/user per request): Redis's own ceiling for reserves here.
 2. One `callpolicy serve --store redis://...`: check+end pairs/s (closed loop, pipelined
-   over TCP), then checks at a fixed offered rate (open loop) for p50/p99.
+   over TCP), checks alone with Redis's own microseconds per reserve.lua and per end.lua
+   (INFO commandstats around each phase), then checks at a fixed offered rate (open loop).
 3. Two `callpolicy serve` processes (two ports) on the same Redis, driven together.
+4. Outages (issue 10): checks at 500/s with pings alongside (the pings' latency is the
+   service's event-loop lag), with Redis up, SIGSTOPped and killed: latency of every check
+   against `store.timeout`, the service's CPU per check (/proc/<pid>/schedstat), store-error
+   answers; then how long after a restart (empty) checks are exact again.
 
 Targets (issue 3): >= 10,000 pairs/s, p99 < 2 ms at 2,000 checks/s, service checks/s >= 50 %
 of redis-benchmark's EVALSHA rate. Everything shares the machine's cores (Redis, the
@@ -20,12 +25,15 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,7 +44,7 @@ except ImportError:
     from bench.bench import closed_loop, open_loop, pair_messages, pct, start_service
 from policy.rules import load_rules  # noqa: E402
 from policy.store.base import CallInfo  # noqa: E402
-from policy.store.redis import RedisStore  # noqa: E402
+from policy.store.redis import RedisStore, script_source  # noqa: E402
 from tests.helpers import LineClient, RedisServer  # noqa: E402
 
 
@@ -64,10 +72,8 @@ def reserve_argv(url: str) -> tuple[str, list[str]]:
            "account": "acct__rand_int__"}
     plan = ruleset.evaluate(req).plan
     call = CallInfo(req["call_id"], req["from"], req["to"], req["account"])
-    keys, args, _, _ = store.reserve_command(call, plan, time.time(), 300.0)
-    script = store._scripts["reserve"].script  # the exact text the store registers
-    text = script.decode() if isinstance(script, bytes) else str(script)
-    return text, [str(len(keys)), *keys, *args]
+    keys, args = store.reserve_command(call, plan, time.time(), 300.0)  # (no epoch: not checked)
+    return script_source("reserve"), [str(len(keys)), *keys, *(str(a) for a in args)]
 
 
 def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int) -> tuple[float, float]:
@@ -126,16 +132,22 @@ async def closed(ports: list[int], pairs: int, conns: int, window: int, tag: str
     return n / 2 / secs, lat
 
 
-async def checks_only(port: int, n: int, conns: int, window: int, tag: str) -> tuple[float, list[float]]:
+async def checks_only(port: int, n: int, conns: int, window: int, tag: str,
+                      redis_port: int) -> tuple[float, list[float], float, float]:
     """Checks alone, each a new call that is admitted and held (what redis-benchmark's reserves
-    are), then their ends, untimed: (checks/s, latencies of the checks)."""
+    are), then their ends, untimed: (checks/s, latencies of the checks, Redis us per reserve.lua,
+    Redis us per end.lua; the service's sweep and stats scripts, two a second, are in the noise)."""
     msgs = list(pair_messages(n, tag, accounts=max(1, n // 5)))  # <= 5 calls per account: room
     checks = msgs[0::2]
     per = len(checks) // conns
+    redis_cli(redis_port, "CONFIG", "RESETSTAT")
     secs, done, lat = await closed_loop(connector([port]), [checks[i * per:(i + 1) * per] for i in range(conns)],
                                         window)
+    reserve_us = evalsha_usec(redis_port)
+    redis_cli(redis_port, "CONFIG", "RESETSTAT")
     await closed_loop(connector([port]), [msgs[1::2]], window)
-    return done / secs, lat
+    end_us = evalsha_usec(redis_port)
+    return done / secs, lat, reserve_us, end_us
 
 
 async def open_checks(port: int, rate: float, seconds: float) -> tuple[float, list[float]]:
@@ -144,6 +156,88 @@ async def open_checks(port: int, rate: float, seconds: float) -> tuple[float, li
     secs, lat = await open_loop(connector([port]), msgs[0::2], rate)
     await closed_loop(connector([port]), [msgs[1::2]], 64)
     return len(lat) / secs, lat
+
+
+def cpu_seconds(pid: int) -> float:
+    """Seconds a process has spent on a CPU (/proc/<pid>/schedstat, nanoseconds)."""
+    with open(f"/proc/{pid}/schedstat") as fh:
+        return int(fh.read().split()[0]) / 1e9
+
+
+async def outage_phase(port: int, pid: int, rate: float, seconds: float, tag: str) -> dict[str, Any]:
+    """Checks at `rate`/s with pings at 100/s alongside: latencies, CPU per check, store errors."""
+    n = int(rate * seconds)
+    checks = [orjson.dumps({"op": "check", "call_id": f"{tag}-{i}", "from": f"sip:o{i}@bench.example",
+                            "to": "sip:6002@bench.example", "account": f"acct{i % 1000}"}) + b"\n"
+              for i in range(n)]
+    pings = [b'{"op":"ping"}\n'] * int(100 * seconds)
+    c0 = cpu_seconds(pid)
+    (_, lat), (_, plat) = await asyncio.gather(open_loop(connector([port]), checks, rate),
+                                               open_loop(connector([port]), pings, 100.0, conns=1))
+    cpu = (cpu_seconds(pid) - c0) / n
+    return {"lat": lat, "ping": plat, "cpu": cpu, "n": n, "tag": tag}
+
+
+async def end_calls(port: int, tag: str, n: int) -> None:
+    """End the calls a phase checked (those admitted leave; the others are no-ops)."""
+    ends = [orjson.dumps({"op": "end", "call_id": f"{tag}-{i}"}) + b"\n" for i in range(n)]
+    await closed_loop(connector([port]), [ends], 64)
+
+
+def outages(redis: RedisServer, svc: subprocess.Popen[bytes], port: int, rate: float, seconds: float,
+            runner: Any) -> RedisServer:
+    """Issue 10's outage figures for one service: Redis up, SIGSTOPped, killed; then restarted.
+    Returns the Redis server in use afterwards (a new one after the restart)."""
+    print(f"outages: checks at {rate:,.0f}/s for {seconds:g} s each, pings at 100/s alongside (loop lag); "
+          f"store.timeout 50 ms", flush=True)
+
+    def show(name: str, r: dict[str, Any], base_cpu: float) -> None:
+        lat, ping = r["lat"], r["ping"]
+        print(f"  {name:<18} checks p50 {pct(lat, 50):7.3f} ms  p99 {pct(lat, 99):7.3f} ms  "
+              f"max {max(lat) * 1e3:7.2f} ms | pings (loop lag) p99 {pct(ping, 99):6.3f} ms "
+              f"max {max(ping) * 1e3:6.2f} ms | CPU {r['cpu'] * 1e6:6.1f} us/check ({r['cpu'] / base_cpu:.2f}x up)"
+              f" | store-error answers {r['errors']}/{r['n']}", flush=True)
+
+    e0 = store_errors([port])  # (the stats op needs the store: counted while Redis is up)
+    up = runner(outage_phase(port, svc.pid, rate, seconds, "up"))
+    runner(end_calls(port, "up", up["n"]))
+    e1 = store_errors([port])
+    up["errors"] = e1 - e0
+    show("Redis up", up, up["cpu"])
+    assert redis.proc is not None
+    redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        stopped = runner(outage_phase(port, svc.pid, rate, seconds, "stop"))
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+    time.sleep(1.0)
+    e2 = store_errors([port])
+    stopped["errors"] = e2 - e1
+    show("Redis SIGSTOPped", stopped, up["cpu"])
+    redis_port = redis.port
+    redis.stop(signal.SIGKILL)
+    down = runner(outage_phase(port, svc.pid, rate, seconds, "down"))
+    back = RedisServer(port=redis_port).start()
+    t0 = time.perf_counter()
+    c = LineClient(port=port)
+    try:
+        i = 0
+        while True:
+            i += 1
+            r = c.call("check", call_id=f"back-{i}", **{"from": "sip:b@bench.example"}, to="sip:6002@bench.example",
+                       account="acctb")
+            if "store_error" not in r:
+                break
+            time.sleep(0.005)
+        took = time.perf_counter() - t0
+        info = c.call("stats")["store_info"]
+    finally:
+        c.close()
+    down["errors"] = store_errors([port]) - e2 - (i - 1)  # (minus the probes above)
+    show("Redis killed", down, up["cpu"])
+    print(f"  Redis restarted (empty): checks exact again after {took:.3f} s "
+          f"(data losses detected: {info.get('data_losses')})", flush=True)
+    return back
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rb-requests", type=int, default=200_000, help="redis-benchmark requests")
     ap.add_argument("--rb-clients", type=int, default=50)
     ap.add_argument("--rb-pipeline", type=int, default=16)
+    ap.add_argument("--outage-rate", type=float, default=500.0, help="offered checks/s in the outage phases")
+    ap.add_argument("--outage-seconds", type=float, default=4.0, help="length of each outage phase (0: skip)")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="one-service phases: do not pin the service to the last CPU and Redis plus "
                          "this load generator to the others (two services are never pinned)")
@@ -209,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'1 service: check+end pairs':<40} {one:>10,.0f} pairs/s  p50 {pct(lat1, 50):6.3f} ms  "
               f"p99 {pct(lat1, 99):6.3f} ms  (Redis {usec:.1f} us/EVALSHA, reserve+end mixed; "
               f"{e1 - e0} store-error answers)", flush=True)
-        only, lat_c = runner(checks_only(port1, args.pairs, args.conns, args.window, "only"))
+        only, lat_c, res_us, end_us = runner(checks_only(port1, args.pairs, args.conns, args.window, "only",
+                                                         redis.port))
         print(f"{'1 service: checks alone (held calls)':<40} {only:>10,.0f} checks/s  p50 {pct(lat_c, 50):6.3f} ms  "
               f"p99 {pct(lat_c, 99):6.3f} ms  (ends sent afterwards, untimed)", flush=True)
+        print(f"{'Redis per script (INFO commandstats)':<40} reserve.lua {res_us:.1f} us, end.lua {end_us:.1f} us "
+              f"(targets: <= 40 us, <= 20 us)", flush=True)
         got, lat = runner(open_checks(port1, args.rate, args.seconds))
         e2 = store_errors([port1])
         print(f"{'1 service: open loop checks @ ' + format(args.rate, ',.0f') + '/s':<40} {got:>10,.0f} checks/s  "
@@ -237,8 +336,14 @@ def main(argv: list[str] | None = None) -> int:
               f"(check+end pairs/s / reserves/s = {one / rb_rps:.0%}); redis store / embedded "
               f"= {one / base:.0%}; calls left held: {left}")
         ok = [("pairs/s >= 10,000", one >= 10_000), (f"p99 < 2 ms at {args.rate:,.0f}/s", pct(lat, 99) < 2.0),
-              ("checks/s >= 50% of redis-benchmark", ratio >= 0.5)]
+              ("checks/s >= 50% of redis-benchmark", ratio >= 0.5),
+              ("reserve.lua <= 40 us", res_us <= 40), ("end.lua <= 20 us", end_us <= 20)]
         print("targets: " + ", ".join(f"{name}: {'met' if good else 'MISSED'}" for name, good in ok))
+        p2.terminate()
+        p2.wait(10)
+        procs.remove(p2)
+        if args.outage_seconds > 0:
+            redis = outages(redis, p1, port1, args.outage_rate, args.outage_seconds, runner)
     finally:
         for p in procs:
             p.terminate()

@@ -8,11 +8,12 @@ key                    type   holds
 =====================  =====  ====================================================================
 ``P c:<uid>``          hash   one call's record (fields: see ``codec.py``)
 ``P exp``              zset   every held call (uid) scored by its lease expiry, in Redis time
-``P n``                hash   the counters: ``p:<eprofile>`` calls in any valued key of a
-                              profile, ``x:<eprofile>`` of those also in its key without value,
-                              ``active``, ``processed``, ``expired``, ``failed``, ``seq``
-                              (admissions so far: the listing order) and ``epoch`` (the
-                              data-loss marker). A key's size is its zset's ZCARD.
+``P n``                hash   the counters: ``k:<kid>`` calls in a key with a value (a key
+                              without value: its zset's ZCARD), ``p:<eprofile>`` calls in any
+                              valued key of a profile, ``x:<eprofile>`` of those also in its
+                              key without value, ``active``, ``processed``, ``expired``,
+                              ``failed``, ``seq`` (admissions so far: the listing order) and
+                              ``epoch`` (the data-loss marker)
 ``P k:<kid>``          zset   the calls (uid) of one profile key, scored by admission ``seq``
 ``P v:<eprofile>``     zset   a profile's non-empty values (all scored 0: lexicographic order)
 ``P o:<node>``         zset   the calls a node admitted, scored by admission ``seq``

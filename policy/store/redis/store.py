@@ -63,7 +63,7 @@ from policy.store.redis.codec import (
     unpack_items,
 )
 from policy.store.redis.connection import Circuit, ReplyError, RespConnection, parse_target, roundtrip
-from policy.store.redis.keys import KeyLayout, escape
+from policy.store.redis.keys import KeyLayout, escape, kid
 from policy.store.redis.pipe import Pipe
 
 if TYPE_CHECKING:
@@ -500,11 +500,14 @@ class RedisStore(CounterStore):
         return live_record(await self._command("HGETALL", self.layout.record(uid)), self._offset, now)
 
     async def profile_size(self, profile: str, value: str | None, now: float) -> int:
-        """Calls in the key (its zset's ZCARD), or in any key of the profile (counters) (size.lua)."""
+        """Calls in the key, or in any key of the profile: counters and ZCARDs, O(1) (size.lua)."""
         lay = self.layout
-        reply = await self._counted("size", [lay.counts, lay.exp, lay.key(profile, value)],
-                                    [num(self._base(now)), "profile" if value is None else "key",
-                                     escape(profile), ""], 3, now)
+        if value is None:
+            mode, arg = "profile", escape(profile)
+        else:
+            mode, arg = "value", "k:" + kid(profile, value)
+        reply = await self._counted("size", [lay.counts, lay.exp, lay.key(profile, None)],
+                                    [num(self._base(now)), mode, arg, ""], 3, now)
         if not isinstance(reply, int):
             raise StoreError(f"unexpected size reply from redis: {reply!r}")
         return reply
@@ -578,8 +581,8 @@ class RedisStore(CounterStore):
         lay = self.layout
         limit = max(1, min(limit, MAX_PAGE))
         start = "(" + cursor[1:] if cursor else "-"
-        reply = await self._counted("values", [lay.values(profile), lay.exp],
-                                    [num(self._base(now)), start, limit, lay.value_key_base(profile), ""], 4, now)
+        reply = await self._counted("values", [lay.values(profile), lay.exp, lay.counts],
+                                    [num(self._base(now)), start, limit, "k:" + escape(profile) + "=", ""], 4, now)
         values, sizes = reply[2::2], reply[3::2]
         items = [(str(v), int(n)) for v, n in zip(values, sizes, strict=True)]
         nxt = "v" + str(values[-1]) if reply[1] and values else ""

@@ -53,16 +53,17 @@ end
 -- it under `reason` (a counters field, or nil); `undo` also takes back its `processed`.
 -- Touches keys named by the record, not in KEYS: its profile keys P..'k:'..kid, the value
 -- indexes P..'v:'..eprofile of those that empty, its node index P..'o:'..node (same hash tag).
+-- A key with a value has its size in counter 'k:'..kid (0: the field goes and the value leaves
+-- the profile's index); a profile's 'p:'/'x:' counters go down once per call.
 local function release(P, exp_key, counts_key, uid, rec, reason, undo)
   local list = items(rec.k or '')
   redis.call('ZREM', exp_key, uid)
   redis.call('ZREM', P .. 'o:' .. (list[1] or ''), uid)
-  local valued, none = {}, {}  -- eprofiles with a valued key / with their key without value
-  local order = {}
+  local fields, deltas, emptied = {}, {}, {}
+  local valued, none, order = {}, {}, {}  -- eprofiles with a valued key / with their key without value
   for i = 2, #list do
     local kid = list[i]
-    local key = P .. 'k:' .. kid
-    redis.call('ZREM', key, uid)
+    redis.call('ZREM', P .. 'k:' .. kid, uid)
     local eq = string.find(kid, '=', 1, true)
     if eq then
       local ep = string.sub(kid, 1, eq - 1)
@@ -70,14 +71,13 @@ local function release(P, exp_key, counts_key, uid, rec, reason, undo)
         valued[ep] = true
         order[#order + 1] = ep
       end
-      if redis.call('ZCARD', key) == 0 then  -- the key went 1 -> 0: its value leaves the index
-        redis.call('ZREM', P .. 'v:' .. ep, string.sub(kid, eq + 1))
-      end
+      fields[#fields + 1] = 'k:' .. kid  -- the key's counter; at 0 its value leaves the index
+      deltas[#fields] = -1
+      emptied[#fields] = {P .. 'v:' .. ep, string.sub(kid, eq + 1)}
     else
       none[kid] = true
     end
   end
-  local fields, deltas = {}, {}
   for _, ep in ipairs(order) do
     fields[#fields + 1] = 'p:' .. ep
     deltas[#fields] = -1
@@ -103,8 +103,12 @@ local function release(P, exp_key, counts_key, uid, rec, reason, undo)
     local set, del = {}, {}
     for i, f in ipairs(fields) do
       local v = (tonumber(cur[i]) or 0) + deltas[i]
-      if string.sub(f, 2, 2) == ':' and v <= 0 then  -- a profile's counter: gone at 0
+      if string.sub(f, 2, 2) == ':' and v <= 0 then  -- a key's or profile's counter: gone at 0
         del[#del + 1] = f
+        local e = emptied[i]
+        if e then
+          redis.call('ZREM', e[1], e[2])
+        end
       else
         set[#set + 1] = f
         set[#set + 1] = v

@@ -19,7 +19,8 @@
 --   fields ('p:'..eprofile for each profile the call joins with a value, 'x:'..eprofile if it
 --   also joins that profile's key without value), then c triples (plan index, key slot 1..n,
 --   limit), then nv pairs (variable name, value)
--- A key's size is the ZCARD of its zset (no sweep pending: see -2 below).
+-- A key's size: for a key with a value its counter 'k:'..kid in KEYS[3], for a key without value
+-- the ZCARD of its zset (exact: no sweep pending, see -2 below).
 -- Returns {status, blocked, size_1 .. size_n [, the held record (HGETALL form)]}:
 --   1 admitted (sizes include the call); 0 refused (blocked = plan index of the first full
 --   enforced limit); 2 duplicate: the call is held, nothing counted again, the admission now
@@ -39,6 +40,14 @@ local fields = {'epoch', 'seq', 'processed'}
 for j = 1, q do
   fields[3 + j] = ARGV[PA + j - 1]
 end
+local plen = #KEYS[3]  -- P..'n': a key's counter is its name from 'k:' on, string.sub(key, plen)
+local kf = {}  -- key index -> position of its counter in `fields` (keys with a value)
+for i = 1, n do
+  if ARGV[A + 2 * (i - 1)] ~= '0' then
+    fields[#fields + 1] = string.sub(KEYS[4 + i], plen)
+    kf[i] = #fields
+  end
+end
 local cur = redis.call('HMGET', KEYS[3], unpack(fields))
 if ARGV[9] ~= '' and cur[1] ~= ARGV[9] then
   return {-1, cur[1] or ''}
@@ -48,7 +57,11 @@ if not string.find(flags, 's', 1, true) and stale(KEYS[2], now) then
 end
 local out = {0, -1}
 for i = 1, n do
-  out[2 + i] = redis.call('ZCARD', KEYS[4 + i])
+  if kf[i] then
+    out[2 + i] = tonumber(cur[kf[i]]) or 0
+  else
+    out[2 + i] = redis.call('ZCARD', KEYS[4 + i])
+  end
 end
 
 local held = redis.call('HMGET', KEYS[1], 'd', 'n', 'e', 'c')
@@ -82,19 +95,22 @@ if not string.find(flags, 'f', 1, true) then
 end
 
 local seq = (tonumber(cur[2]) or 0) + 1
-for i = 1, n do
-  local at = A + 2 * (i - 1)
-  redis.call('ZADD', KEYS[4 + i], seq, uid)
-  local vslot = tonumber(ARGV[at])
-  if out[2 + i] == 0 and vslot > 0 then  -- the key goes 0 -> 1: its value joins the profile's index
-    redis.call('ZADD', KEYS[4 + n + vslot], 0, ARGV[at + 1])
-  end
-  out[2 + i] = out[2 + i] + 1
-end
 local set = {'seq', seq, 'processed', (tonumber(cur[3]) or 0) + 1}
 for j = 1, q do
   set[#set + 1] = fields[3 + j]
   set[#set + 1] = (tonumber(cur[3 + j]) or 0) + 1
+end
+for i = 1, n do
+  redis.call('ZADD', KEYS[4 + i], seq, uid)
+  if kf[i] then
+    if out[2 + i] == 0 then  -- the key goes 0 -> 1: its value joins the profile's index
+      local at = A + 2 * (i - 1)
+      redis.call('ZADD', KEYS[4 + n + tonumber(ARGV[at])], 0, ARGV[at + 1])
+    end
+    set[#set + 1] = fields[kf[i]]
+    set[#set + 1] = out[2 + i] + 1
+  end
+  out[2 + i] = out[2 + i] + 1
 end
 redis.call('HSET', KEYS[3], unpack(set))
 redis.call('ZADD', KEYS[2], ARGV[2], uid)
