@@ -601,3 +601,34 @@ async def test_tls_with_an_untrusted_server_fails_fast(tls_redis: TlsRedis) -> N
         assert isinstance(res, StoreError) and secs < 0.05
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize("pause", [0.2, 0.8])  # under / over the hang limit (connection kept / dropped)
+async def test_a_burst_of_unanswered_reserves_leaves_nothing_held(private_redis: RedisServer, pause: float) -> None:
+    """300 reserves on the wire when Redis stops: every caller gets StoreError within the bound;
+    once Redis runs again each one that was admitted late is undone: nothing stays held. (With
+    the connection dropped, the reserves still in our send buffer never reach Redis: their undos
+    find nothing.)"""
+    s = RedisStore(private_redis.url, timeout=0.05)
+    await s.start()
+    try:
+        stop_redis(private_redis)
+        t0 = time.monotonic()
+        res = await asyncio.gather(*(s.reserve(call(f"b{i}", f"a{i % 30}"), [TOTAL, acct(f"a{i % 30}", 10)],
+                                               T0, 300, f"t{i}") for i in range(300)), return_exceptions=True)
+        assert all(isinstance(r, StoreError) for r in res)
+        assert time.monotonic() - t0 < 0.05 + SLACK
+        await asyncio.sleep(pause)
+        cont_redis(private_redis)
+        await until_ok(s, 2.0)
+        await until(lambda: s.info()["undo_pending"] == 0, 3.0, "undos not sent")
+        deadline = time.monotonic() + 3
+        while await s.profile_size("total", None, T0) != 0:  # (the last undos' replies)
+            assert time.monotonic() < deadline, "reserves left held"
+            await asyncio.sleep(0.05)
+        assert s.undone > 0
+        assert await s.profile_size("account", None, T0) == 0
+        st = await s.stats(T0)
+        assert (st.processed_dialogs, st.early_dialogs) == (0, 0)
+    finally:
+        await s.close()

@@ -200,7 +200,7 @@ class RespConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(replyError=ReplyError, encoding="utf-8")
+        self._reader = hiredis.Reader(replyError=ReplyError, encoding="utf-8", errors="replace")
         self.on_reply: Callable[[Any], None] = _drop
         self.on_lost: Callable[[Exception | None], None] = _drop
         self.closed = False

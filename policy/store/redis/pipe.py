@@ -43,8 +43,10 @@ MAX_QUEUE_WAIT = 1.0
 MAX_PENDING_UNDO = 100_000
 #: Undos sent per flush, so a backlog never delays the operations of a tick by much.
 UNDO_PER_FLUSH = 64
-#: Deadline of an undo (not a caller's operation: it may take longer).
+#: Deadline of an undo (not a caller's operation: it may take longer), and the pause before
+#: a failed one is sent again.
 UNDO_TIMEOUT = 2.0
+UNDO_RETRY = 0.2
 #: Past this many entries, answered operations leave the deadline heap as new ones arrive.
 PRUNE_AT = 4096
 
@@ -213,6 +215,7 @@ class Pipe:
         if self.undo_parked and self.circuit.state == "up":
             for _ in range(min(UNDO_PER_FLUSH, len(self.undo_parked))):
                 self._send_undo(self.undo_parked.popleft())
+            # (_send_undo scheduled the next flush: the rest go a batch per tick)
         room = MAX_INFLIGHT - len(self._inflight)
         queue = self._queue
         if room <= 0 or not queue:
@@ -259,7 +262,8 @@ class Pipe:
         def done(f: asyncio.Future[Any]) -> None:
             if f.cancelled() or f.exception() is not None:
                 if not self.closed:
-                    self.undo_parked.append(undo)  # try again once Redis answers
+                    self.undo_parked.append(undo)  # try again once Redis answers, even if idle
+                    loop.call_later(UNDO_RETRY, self._schedule_flush)
                 return
             result = f.result()
             if isinstance(result, int) and result:
