@@ -357,8 +357,8 @@ class Circuit:
 
     - ``up``: connected; operations are sent.
     - ``suspect``: an operation's deadline passed while Redis had not answered a round trip
-      that began more than `timeout` ago (hung, SIGSTOP, a dead peer): operations fail at once
-      until a reply arrives (back to ``up``) or the connection is dropped (``down``).
+      that began more than `timeout` ago (hung, SIGSTOP, a dead peer): new operations fail at
+      once until a reply arrives (back to ``up``) or the connection is dropped (``down``).
     - ``down``: no connection; operations fail at once (the service answers them from the
       rules' ``on_store_error``) while this task reconnects off the request path, with jittered
       exponential backoff (25 ms doubling to 0.5 s). Each attempt (TCP, TLS, AUTH, SELECT,

@@ -10,9 +10,10 @@ on the one connection, replies come back in order, and nothing waits longer than
   is late*: the oldest unanswered command was written more than `timeout` ago and no reply
   bytes wait in the socket. A busy event loop (replies that arrived in time but were not read
   yet) is not a slow Redis. An operation queued `MAX_QUEUE_WAIT` in our own queue fails
-  regardless (we are overloaded). A late Redis fails every operation waiting on the
-  connection at once (they queue behind the late command) and makes the circuit ``suspect``
-  (new operations fail at once); no reply for `hang_timeout` drops the connection (``down``).
+  regardless (we are overloaded). A late Redis makes the circuit ``suspect``: new operations
+  fail at once, those already waiting keep their own deadline (a Redis stall a little longer
+  than `timeout`, common on a loaded machine, then fails only what really waited that long);
+  no reply for `hang_timeout` drops the connection (``down``).
 - **Undo.** A reserve that was written but whose caller never saw the answer (its deadline
   passed first, or the connection died) may still have admitted the call in Redis, while the
   service decided it without the store. Its (uid, token) is kept, and undo.lua takes back
@@ -372,18 +373,9 @@ class Pipe:
                     late, unread = False, True  # replies wait for us: our loop was busy
             if not late:
                 break
-            # Redis is late: what waits behind the late command on this connection cannot be
-            # answered sooner, so it all gets its answer now (the service's on_store_error)
-            # instead of each at its own deadline; replies that still come are used for undo.
-            err = StoreError(f"redis ({self.circuit.where}) did not answer within {self.timeout * 1000:.0f} ms")
-            for waiting in (inflight, self._queue):
-                for other in waiting:
-                    if not other.fut.done():
-                        self.errors += 1
-                        other.fut.set_exception(err)
-            if not op.fut.done():
-                self.errors += 1
-                op.fut.set_exception(err)
+            self.errors += 1
+            op.fut.set_exception(StoreError(f"redis ({self.circuit.where}) did not answer within "
+                                            f"{self.timeout * 1000:.0f} ms"))
             self.circuit.suspect(f"no reply within {self.timeout * 1000:.0f} ms")
         head = inflight[0] if inflight else None
         if head is not None and now - head.written >= self.hang_timeout and not unread \

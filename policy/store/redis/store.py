@@ -34,6 +34,7 @@ import hashlib
 import itertools
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -188,12 +189,11 @@ class RedisStore(CounterStore):
     def info(self) -> dict[str, Any]:
         """Health for `stats` and metrics (no I/O)."""
         c = self.circuit
-        loop_time = asyncio.get_event_loop().time() if c.down_since is not None else 0.0
         return {
             "state": "rebuilding" if self._rebuilding else c.state,
             "circuit": c.state,
             "reason": c.reason or None,
-            "down_for": round(loop_time - c.down_since, 3) if c.down_since is not None else None,
+            "down_for": round(time.monotonic() - c.down_since, 3) if c.down_since is not None else None,
             "where": c.where,
             "address": str(c.address) if c.address else None,
             "prefix": self.prefix,
@@ -209,6 +209,7 @@ class RedisStore(CounterStore):
             "ops": self._pipe.ops,
             "late_replies": self._pipe.late_replies,
             "undone": self.undone,
+            "handed_back": self.handed_back,
             "undo_pending": len(self._pipe.undo_parked),
         }
 
