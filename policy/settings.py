@@ -62,6 +62,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "callpolicy"
     store_timeout: float = 0.05
+    store_connect_timeout: float = 1.0  # Redis: (re)connecting, TLS handshake included (background)
     sweep_interval: float = 1.0
     redis_sentinels: list[str] = field(default_factory=list)
     redis_service: str = "mymaster"
@@ -184,6 +185,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "url": ("redis_url", str),
         "prefix": ("redis_prefix", str),
         "timeout": ("store_timeout", (int, float)),
+        "connect_timeout": ("store_connect_timeout", (int, float)),
         "sweep_interval": ("sweep_interval", (int, float)),
         "sentinels": ("redis_sentinels", list),
         "sentinel_service": ("redis_service", str),
@@ -441,8 +443,8 @@ def validate(s: Settings) -> None:
                 split_hostport(val)
             except ValueError as exc:
                 raise SettingsError(src, attr, str(exc)) from None
-    for attr in ("early_timeout", "default_timeout", "store_timeout", "watch_interval", "sweep_interval",
-                 "warn_interval", "partial_timeout", "fsync_interval"):
+    for attr in ("early_timeout", "default_timeout", "store_timeout", "store_connect_timeout", "watch_interval",
+                 "sweep_interval", "warn_interval", "partial_timeout", "fsync_interval"):
         if getattr(s, attr) <= 0:
             raise SettingsError(src, attr, "must be > 0")
     if s.max_timeout is not None and s.max_timeout <= 0:

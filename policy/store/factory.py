@@ -9,7 +9,8 @@ from policy.store.embedded import EmbeddedStore
 
 
 def make_store(settings: Settings, clock: Clock) -> CounterStore:
-    """The embedded store, or the Redis store for `redis`/a redis URL."""
+    """The embedded store, or the Redis store for `redis`/a redis URL (given the service's
+    clock: the Redis store measures its offset to Redis TIME on every connect)."""
     if settings.store == "embedded":
         return EmbeddedStore(
             snapshot_path=settings.path(settings.snapshot),
@@ -19,4 +20,4 @@ def make_store(settings: Settings, clock: Clock) -> CounterStore:
         )
     from policy.store.redis import RedisStore
 
-    return RedisStore.from_settings(settings)
+    return RedisStore.from_settings(settings, clock=clock)

@@ -5,12 +5,10 @@ an outage, and Redis restarted empty (when the Redis store has its data-loss hoo
 
 from __future__ import annotations
 
-import importlib
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
@@ -229,22 +227,8 @@ def test_reconcile_command_reports_the_node(make_stack: StackFactory) -> None:
 # -- Redis restarted empty ---------------------------------------------------------------------
 
 
-def _redis_store() -> Any:
-    try:
-        return importlib.import_module("policy.store.redis").RedisStore
-    except ImportError:
-        return None
-
-
-_RS = _redis_store()
-
-
 @pytest.mark.redis
-@pytest.mark.skipif(_RS is None or not hasattr(_RS, "on_data_loss"),
-                    reason="needs the Redis store's data-loss hook: policy.store.redis.RedisStore.on_data_loss "
-                           "(an async callback the store awaits when it finds its data gone, before trusting "
-                           "its counts) - it lands with the Redis branch")
-def test_redis_restarted_empty_under_load(make_stack: StackFactory) -> None:  # pragma: no cover - gated
+def test_redis_restarted_empty_under_load(make_stack: StackFactory) -> None:
     """acme holds its cap (3) on Redis; Redis restarts empty while acme keeps calling: once the
     store has rebuilt itself from Kamailio's dialog list (logged), no acme call is admitted."""
     redis = RedisServer().start()
