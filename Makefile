@@ -4,7 +4,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench bench-quick bench-redis bench-kamailio bench-radius clean venv
+FUZZ_SECONDS ?= 30
+
+.PHONY: fuzz run test lint bench bench-quick bench-redis bench-kamailio bench-radius clean venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check policy tests bench
+	$(BIN)/ruff check policy tests bench fuzz
 	$(BIN)/mypy policy
 
 # BENCH_ARGS: e.g. BENCH_ARGS=--quick (smoke test), --runs 5, --pin; see bench/bench.py --help
@@ -39,6 +41,10 @@ bench-kamailio: $(STAMP)
 
 bench-radius: $(STAMP)
 	$(BIN)/python bench/bench_radius.py $(BENCH_ARGS)
+
+fuzz: $(STAMP)
+	$(BIN)/pip install -q atheris
+	$(BIN)/python fuzz/run.py $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache .hypothesis
