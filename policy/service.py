@@ -139,6 +139,9 @@ class PolicyService:
             if not peer.may(req.ROLE) and not isinstance(req, P.Auth):
                 if peer.role is None:
                     raise RequestError("unauthenticated", "send {\"op\":\"auth\",\"token\":...} first")
+                if peer.transport == "udp":
+                    raise RequestError("forbidden", f"op {req.op!r} is not served over UDP (proxy ops only): "
+                                                    "ask over TCP or the Unix socket")
                 raise RequestError("forbidden", f"op {req.op!r} needs the {req.ROLE} role "
                                                 f"(this connection has {peer.role})")
             body = await self._ops[type(req)](req, peer)
