@@ -172,9 +172,9 @@ class Server:
             service.info_providers["reconcile"] = reconciler.info
             if hasattr(service.store, "on_data_loss"):  # the Redis store: rebuild from the proxies
                 setattr(service.store, "on_data_loss", reconciler.rebuild)  # noqa: B010
-            self.closers.append(await start_evapi(service, s))
+            self.closers.append(await start_evapi(service, s, spawn=self.supervise))
             self.closers.append(reconciler.close)
-            self.tasks.append(asyncio.create_task(reconciler.loop(s.evapi_reconcile_interval)))
+            self.supervise("reconcile", lambda: reconciler.loop(s.evapi_reconcile_interval))
             self.listening["evapi"] = list(dict.fromkeys(s.evapi_nodes))
         if s.radius_auth or s.radius_acct:
             from policy.transports.radius import start_radius

@@ -473,7 +473,10 @@ class EvapiNode:
             proto.close()
 
 
-async def start_evapi(service: Any, settings: Any) -> Callable[[], Awaitable[None]]:
+Spawn = Callable[[str, Callable[[], Awaitable[None]]], "asyncio.Task[None]"]
+
+
+async def start_evapi(service: Any, settings: Any, spawn: Spawn | None = None) -> Callable[[], Awaitable[None]]:
     """Connect to every node in `settings.evapi_nodes`; return the closer.
 
     Each node becomes a dialog source of `service.reconciler` (when there is one), which runs
@@ -489,7 +492,9 @@ async def start_evapi(service: Any, settings: Any) -> Callable[[], Awaitable[Non
     for node in nodes:
         if reconciler is not None:
             reconciler.add_source(node)
-        node.task = asyncio.create_task(node.run(), name=f"evapi {node.name}")
+        # the server's supervisor (`spawn`) logs and restarts a node loop that fails
+        node.task = (spawn(f"evapi {node.name}", node.run) if spawn is not None
+                     else asyncio.create_task(node.run(), name=f"evapi {node.name}"))
 
     def info() -> dict[str, Any]:
         return {"connected": sum(1 for n in nodes if n.connected),
