@@ -301,8 +301,8 @@ def test_evaluation_does_not_depend_on_earlier_evaluations(doc: tuple[str, dict[
 VOCAB = ["profiles", "no_value", "with_value", "classify", "attr", "field", "cases", "value", "regex", "default",
          "rule", "name", "match", "join", "limit", "profile", "max", "overrides", "overrides_file", "schedule",
          "days", "hours", "tz", "max_from", "ceiling", "deny", "code", "reason", "final", "shadow",
-         "on_store_error", "description", "time", "all", "any", "not", "rate", "per", "burst", *OPERATORS, "to_user", "account",
-         "type", "hour", "weekday", "attrs.x", "src_ip", "total", "r", "x"]
+         "on_store_error", "description", "time", "all", "any", "not", "rate", "per", "burst", *OPERATORS,
+         "to_user", "account", "type", "hour", "weekday", "attrs.x", "src_ip", "total", "r", "x"]
 WORDS = ["mon-fri", "sat", "08:00-18:00", "22:00-06:00", "24:00-01:00", "Europe/Berlin", "Nope/Zone", "{account}",
          "{type}", "{", "^0", "(", "total", "account", "type", "x.csv", "x.toml", "../x.csv", "", "10.0.0.0/8",
          "r", "intl", "attrs.x", "hour", "00", "emergency", "allow", "deny"]

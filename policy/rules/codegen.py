@@ -1,10 +1,10 @@
 """The generated evaluator: the compiled rules as one straight-line Python function.
 
 `generate(ruleset)` returns the source of `evaluate(r, now) -> (plan, rates, attrs)` and the
-constants it names (`rates` is a shared empty tuple when no rule has a rate). Conditions are inlined from each `Cond.code`; a rule with no dynamic
-part appends a prebuilt `PlanEntry`. Straight-line code measured ~4x faster than walking the
-compiled rules; the interpreter (`interp`) stays for explanations and is the reference the
-tests hold this to.
+constants it names (`rates` is a shared empty tuple when no rule has a rate). Conditions are
+inlined from each `Cond.code`; a rule with no dynamic part appends a prebuilt `PlanEntry` (or
+`RateEntry`). Straight-line code measured ~4x faster than walking the compiled rules; the
+interpreter (`interp`) stays for explanations and is the reference the tests hold this to.
 
 Time costs nothing unless the rules use it: only then does the function read `now` (the
 wall clock when None), take the minute of the week per zone (cached per minute), and set the

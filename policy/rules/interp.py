@@ -141,5 +141,5 @@ def interpret(rs: Ruleset, req: dict[str, str], explain: bool = False, now: floa
                                         list(range(rate_at, len(rates)))))
         if rule.final:
             break
-    out: Sequence[RateEntry] = rates if rs.uses_rates else NO_RATES
-    return Evaluation(plan, outcomes, attrs, out)
+    found: Sequence[RateEntry] = rates if rs.uses_rates else NO_RATES
+    return Evaluation(plan, outcomes, attrs, found)
