@@ -1,15 +1,19 @@
-"""What a call rate costs: Redis time per reserve.lua with and without rates in the plan, and
-the embedded store's reserve.
+"""What a call rate costs in the stores: Redis's own time per reserve.lua with and without rates
+in the plan, and the embedded store's reserve.
 
-    .venv/bin/python bench/bench_rates.py [--calls 20000]
+    .venv/bin/python bench/bench_rates.py [--rounds 5] [--requests 40000]
 
-A private `redis-server` on a free loopback port; the shipped rules' plan for a domestic call
-of an account (five profile keys, two limits), reserved through `RedisStore` 64 at a time,
-every call new and admitted (each its own account and user, so no cap is reached). Redis's own time per EVALSHA comes from `INFO commandstats`
-(`cmdstat_evalsha`: calls, usec) before and after each phase; the phases alternate (no rate,
-one rate, two rates, ...) three times and the median is reported, so a busy machine shifts
-them alike. Rates (never refusing): one of 1,000 buckets (a per-account CPS with 1,000 busy
-accounts) and, for two, also a platform-wide one (one bucket for every call).
+Redis: a private `redis-server` on a free loopback port runs `redis-benchmark` (20 clients,
+pipeline 16) sending EVALSHA of the store's reserve script with the keys and arguments
+`RedisStore.reserve_command` builds for the shipped rules' plan of a domestic call (five
+profile keys, two limits), Call-ID, user and account random per call (`__rand_int__`), so every
+call is new and admitted. Redis's time per call is `cmdstat_evalsha` (calls, usec) of `INFO
+commandstats` around each run. Variants (the rates never refuse): no rate; one bucket every call
+shares (a platform-wide rate: read and rewritten); one bucket per random value (a per-account
+rate: created every call); both. Variants alternate, `--rounds` times; min and median.
+
+Embedded: the same plan reserved in a loop (µs per reserve, the loop included), without a rate,
+with one and with two.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,101 +32,102 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from policy.rules import load_rules  # noqa: E402
-from policy.store.base import CallInfo, RateEntry  # noqa: E402
+from policy.store.base import CallInfo, PlanEntry, RateEntry  # noqa: E402
 from policy.store.embedded import EmbeddedStore  # noqa: E402
+from policy.store.redis.store import RedisStore, script_source  # noqa: E402
 from tests.helpers import RedisServer  # noqa: E402
 
-ACCOUNTS = 1000
+REQ = {"call_id": "rb-__rand_int__", "from": "sip:u__rand_int__@bench.example", "from_user": "u__rand_int__",
+       "from_domain": "bench.example", "to": "sip:0301234@bench.example", "to_user": "0301234",
+       "to_domain": "bench.example", "account": "acct__rand_int__"}
+BIG = 1_000_000  # rates that never refuse: every call is admitted and takes a token
+VARIANTS: dict[str, list[RateEntry]] = {
+    "no rate": [],
+    "1 rate, shared bucket": [RateEntry("platform-cps", None, float(BIG), BIG)],
+    "1 rate, new bucket": [RateEntry("account-cps", "acct__rand_int__", float(BIG), BIG)],
+    "2 rates (new + shared)": [RateEntry("account-cps", "acct__rand_int__", float(BIG), BIG),
+                               RateEntry("platform-cps", None, float(BIG), BIG)],
+}
 
 
-def evalsha_stats(port: int) -> tuple[int, int]:
+def cli(port: int, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args], capture_output=True,
+                          text=True, timeout=60, check=True).stdout.strip()
+
+
+def evalsha(port: int) -> tuple[int, int]:
     """(calls, usec) of EVALSHA so far."""
-    text = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), "INFO", "commandstats"],
-                          capture_output=True, text=True, timeout=30, check=True).stdout
-    m = re.search(r"cmdstat_evalsha:calls=(\d+),usec=(\d+)", text)
+    m = re.search(r"cmdstat_evalsha:calls=(\d+),usec=(\d+)", cli(port, "INFO", "commandstats"))
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def plan_for(i: int) -> tuple[CallInfo, list[object], str]:
-    account = f"acct{i}"  # every call its own account and user: no cap is ever reached
-    req = {"call_id": f"c{i}", "from": f"sip:u{i}@bench.example", "from_user": f"u{i}",
-           "from_domain": "bench.example", "to": "sip:0301234@bench.example", "to_user": "0301234",
-           "to_domain": "bench.example", "account": account}
-    return CallInfo(req["call_id"], req["from"], req["to"], account), RULES.evaluate(req).plan, f"a{i % ACCOUNTS}"
+def redis_runs(rounds: int, requests: int) -> dict[str, list[float]]:
+    """Redis µs per reserve.lua for each variant, `rounds` times."""
+    server = RedisServer().start()
+    try:
+        store = RedisStore(server.url, prefix="rb")
+        plan = load_rules(ROOT / "rules").evaluate(dict(REQ)).plan
+        call = CallInfo(REQ["call_id"], REQ["from"], REQ["to"], REQ["account"])
+        sha = cli(server.port, "SCRIPT", "LOAD", script_source("reserve"))
+        out: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(rounds):
+            for name, rates in VARIANTS.items():
+                keys, args = store.reserve_command(call, plan, time.time(), 300.0, rates=rates)
+                before = evalsha(server.port)
+                subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(server.port), "-n", str(requests),
+                                "-c", "20", "-P", "16", "-r", "100000000", "-q", "EVALSHA", sha, str(len(keys)),
+                                *keys, *(str(a) for a in args)], capture_output=True, timeout=600, check=True)
+                after = evalsha(server.port)
+                out[name].append((after[1] - before[1]) / max(1, after[0] - before[0]))
+                cli(server.port, "FLUSHALL")
+        return out
+    finally:
+        server.stop()
 
 
-RULES = load_rules(ROOT / "rules")
-
-
-def rates_for(account: str, n: int) -> list[RateEntry]:
-    out = []
-    if n >= 1:
-        out.append(RateEntry("account-cps", account, 1e6, 1_000_000))  # never refuses: every call admitted
-    if n >= 2:
-        out.append(RateEntry("platform-cps", None, 1e6, 1_000_000))
+async def embedded_runs(rounds: int, calls: int) -> dict[str, list[float]]:
+    """Embedded µs per reserve with 0, 1 and 2 rates."""
+    plan = [PlanEntry("total", None, None, False, "count-all"), PlanEntry("type", "domestic", None, False, "count-all"),
+            PlanEntry("domestic", None, None, False, "count-domestic"),
+            PlanEntry("account", "acme", BIG, False, "account-cap"), PlanEntry("user", "u", BIG, False, "user-cap")]
+    rates = {"no rate": [], "1 rate": [RateEntry("account-cps", "acme", float(BIG), BIG)],
+             "2 rates": [RateEntry("account-cps", "acme", float(BIG), BIG),
+                         RateEntry("platform-cps", None, float(BIG), BIG)]}
+    out: dict[str, list[float]] = {name: [] for name in rates}
+    for _ in range(rounds):
+        for name, rs in rates.items():
+            store = EmbeddedStore()
+            await store.start()
+            work = [CallInfo(f"c{i}", "sip:a@x", "sip:b@x", "acme") for i in range(calls)]
+            now = time.time()
+            t0 = time.perf_counter()
+            for c in work:
+                await store.reserve(c, plan, now, 300.0, "t", rates=rs)
+            out[name].append((time.perf_counter() - t0) / calls * 1e6)
+            await store.close()
     return out
 
 
-async def redis_phase(store: object, port: int, start: int, calls: int, rates: int) -> float:
-    """Redis usec per reserve.lua over `calls` new calls."""
-    from policy.store.redis import RedisStore
-
-    assert isinstance(store, RedisStore)
-    before = evalsha_stats(port)
-    now = time.time()
-    for base in range(start, start + calls, 64):
-        batch = []
-        for i in range(base, min(base + 64, start + calls)):
-            call, plan, account = plan_for(i)
-            batch.append(store.reserve(call, plan, now, 300.0, "t", rates=rates_for(account, rates)))  # type: ignore[arg-type]
-        results = await asyncio.gather(*batch)
-        assert all(r.admitted for r in results)
-    after = evalsha_stats(port)
-    return (after[1] - before[1]) / max(1, after[0] - before[0])
+def show(title: str, runs: dict[str, list[float]]) -> None:
+    print(title)
+    for name, values in runs.items():
+        print(f"  {name:24s} {min(values):6.2f} / {statistics.median(values):6.2f}")
 
 
-async def embedded_phase(start: int, calls: int, rates: int) -> float:
-    """Microseconds per embedded reserve."""
-    store = EmbeddedStore()
-    await store.start()
-    work = [plan_for(i) for i in range(start, start + calls)]
-    now = time.time()
-    t0 = time.perf_counter()
-    for call, plan, account in work:
-        await store.reserve(call, plan, now, 300.0, "t", rates=rates_for(account, rates))  # type: ignore[arg-type]
-    took = time.perf_counter() - t0
-    await store.close()
-    return took / calls * 1e6
-
-
-async def main() -> None:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=20_000, help="reserves per phase")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=40_000, help="EVALSHA per redis-benchmark run")
+    ap.add_argument("--calls", type=int, default=50_000, help="embedded reserves per run")
     args = ap.parse_args()
-    from policy.store.redis import RedisStore
-
-    server = RedisServer().start()
-    try:
-        store = RedisStore(server.url, prefix="br", timeout=2.0)
-        await store.start()
-        redis: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        emb: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        start = 0
-        for _ in range(args.rounds):
-            for n in (0, 1, 2):
-                redis[n].append(await redis_phase(store, server.port, start, args.calls, n))
-                emb[n].append(await embedded_phase(start, args.calls, n))
-                start += args.calls
-        await store.close()
-    finally:
-        server.stop()
-    print(f"reserve of the shipped rules' plan (5 keys, 2 limits), {args.calls:,} new calls per phase, "
-          f"min / median of {args.rounds}:")
-    for n, label in ((0, "no rate"), (1, "one rate (per account)"), (2, "two rates (+ platform-wide)")):
-        print(f"  {label:30s} Redis {min(redis[n]):6.2f} / {statistics.median(redis[n]):6.2f} us per reserve.lua   "
-              f"embedded {min(emb[n]):5.2f} / {statistics.median(emb[n]):5.2f} us per reserve")
+    if shutil.which("redis-benchmark") and shutil.which("redis-server"):
+        show(f"Redis µs per reserve.lua (shipped plan, 5 keys), min / median of {args.rounds}:",
+             redis_runs(args.rounds, args.requests))
+    else:
+        print("Redis: skipped (redis-server or redis-benchmark not installed)")
+    show(f"embedded µs per reserve (5 keys), min / median of {args.rounds}:",
+         asyncio.run(embedded_runs(args.rounds, args.calls)))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

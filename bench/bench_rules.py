@@ -61,7 +61,8 @@ name = "platform-cps"
 rate = { max = 200 }
 [[rule]]
 name = "user-cps"
-rate = { value = "{from_user}@{from_domain}", max = 2, schedule = [{ days = "mon-fri", hours = "08:00-18:00", max = 5 }] }
+rate = { value = "{from_user}@{from_domain}", max = 2, schedule = [
+  { days = "mon-fri", hours = "08:00-18:00", max = 5 }] }
 '''
 CHANNELS = '''
 [[rule]]

@@ -211,6 +211,58 @@ async def test_dry_run_lists_the_rates_and_takes_no_token(served: Served) -> Non
     await c.close()
 
 
+async def test_a_reload_keeps_the_buckets(served: Served) -> None:
+    """A reload keeps each (rule, value) bucket; a lower burst cuts it at the next check."""
+    c = await served.tcp()
+    assert (await c.call("check", **chk("r1", "zeta")))["rates"][0]["tokens"] == 3.0
+    await c.call("end", call_id="r1")
+    path = served.rules / "rates.toml"
+    path.write_text(path.read_text().replace("max = 1, per = 10, burst = 3 }", "max = 1, per = 10, burst = 1 }"))
+    assert (await c.call("reload"))["ok"]
+    r = await c.call("check", **chk("r2", "zeta"))
+    assert r["decision"] == "allow" and r["rates"][0] == {"rule": "account-cps", "value": "zeta", "rate": 0.1,
+                                                          "burst": 1, "tokens": 1.0}  # 2 left, cut to 1
+    await c.call("end", call_id="r2")
+    assert (await c.call("check", **chk("r3", "zeta")))["rule"] == "account-cps"
+    await c.close()
+
+
+def uncommented_examples(text: str) -> list[str]:
+    """The commented-out `[[rule]]` examples of a rule file, uncommented."""
+    out: list[str] = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line == "# [[rule]]":
+            block = []
+            for more in lines[i:]:
+                if not more.startswith("# "):
+                    break
+                block.append(more[2:])
+            out.append("\n".join(block) + "\n")
+    return out
+
+
+def test_the_shipped_rules_show_a_rate_and_a_schedule_that_work() -> None:
+    """rules/default.toml's commented rate and schedule examples compile as they are and do
+    what their comments say; the shipped behaviour has no rate."""
+    text = (ROOT / "rules" / "default.toml").read_text()
+    examples = uncommented_examples(text)
+    assert len(examples) == 2
+    rs = compile_sources([("default.toml", text + "".join(examples))])
+    cps, night = rs.by_name["account-cps"], rs.by_name["night-international"]
+    assert cps.rate is not None and (cps.rate.max, cps.rate.per, cps.rate.burst) == (10, 1.0, 20)
+    assert (cps.rate_code, cps.rate_reason) == (503, "Call rate exceeded")
+    assert night.schedule and night.code == 403
+    req = {"account": "acme", "to_user": "0044123", "from_user": "a", "from_domain": "x"}
+    evening = 1_700_000_000.0 + 3600  # a Tuesday, 23:13 UTC
+    assert [e.rule for e in rs.evaluate(dict(req), now=evening).rates] == ["account-cps"]
+    assert "night-international" in [e.rule for e in rs.evaluate(dict(req), now=evening).plan]
+    noon = evening - 11 * 3600
+    assert "night-international" not in [e.rule for e in rs.evaluate(dict(req), now=noon).plan]
+    shipped = compile_sources([("default.toml", text)])
+    assert not shipped.uses_rates and not shipped.uses_time
+
+
 # -- decision explanations (debug) ---------------------------------------------------------------
 
 
@@ -290,7 +342,8 @@ async def test_a_rate_rule_fails_closed_when_the_store_is_down(tmp_path: Path) -
     rules = tmp_path / "r.toml"
     rules.write_text('[profiles]\nno_value = ["total"]\n'
                      '[[rule]]\nname = "closed"\nmatch = { account = "a" }\nrate = { max = 5 }\n'
-                     '[[rule]]\nname = "open"\nmatch = { account = "b" }\nrate = { max = 5 }\non_store_error = "allow"\n'
+                     '[[rule]]\nname = "open"\nmatch = { account = "b" }\nrate = { max = 5 }\n'
+                     'on_store_error = "allow"\n'
                      '[[rule]]\nname = "shadowed"\nmatch = { account = "c" }\nrate = { max = 5 }\nshadow = true\n')
     svc = PolicyService(rules, DownStore(), clock=ManualClock())
     r = await svc.handle({"op": "check", **chk("1", "a")})
@@ -408,6 +461,25 @@ async def test_redis_buckets_are_hashes_that_expire_when_full(redis_url: str) ->
         assert cmd("PTTL", "{rt}:r:platform") > 99_000  # refused: the bucket was not written
         assert cmd("KEYS", "{rt}:r:*") == ["{rt}:r:acct-cps=acme", "{rt}:r:platform"] or \
             sorted(cmd("KEYS", "{rt}:r:*")) == ["{rt}:r:acct-cps=acme", "{rt}:r:platform"]
+    finally:
+        await s.close()
+
+
+@pytest.mark.redis
+async def test_an_undone_reserve_keeps_its_token(redis_url: str) -> None:
+    """A reserve whose reply came too late is undone (the call released); its token is not handed
+    back, so the bound holds whatever the proxy was told."""
+    from policy.store.redis import RedisStore
+
+    s = RedisStore(redis_url, prefix="ru", timeout=0.5)
+    await s.start()
+    try:
+        rate = [RateEntry("cps", "acme", 0.1, 1)]
+        assert (await s.reserve(rcall("late"), [], T0, 300, "tok-late", rates=rate)).admitted
+        assert await s._pipe.call(s._undo_command("late", "tok-late")) == 1  # what the pipe sends
+        assert await s.get_call("late", T0) is None
+        r = await s.reserve(rcall("next"), [], T0, 300, "t", rates=rate)
+        assert not r.admitted and r.rate_blocked == 0
     finally:
         await s.close()
 
