@@ -177,9 +177,9 @@ for j = 1, nr do
   if t >= 1 then  -- (a shadow rate without a token takes none)
     local at = RA + 3 * (j - 1)
     t = t - 1
+    local full_ms = math.ceil((tonumber(ARGV[at + 1]) - t) / tonumber(ARGV[at]) * 1000)
     redis.call('HSET', KEYS[RK + j], 't', string.format('%.17g', t), 'ts', string.format('%.17g', stamps[j]))
-    redis.call('PEXPIRE', KEYS[RK + j],
-               string.format('%d', math.ceil((tonumber(ARGV[at + 1]) - t) / tonumber(ARGV[at]) * 1000) + RATE_SLACK_MS))
+    redis.call('PEXPIRE', KEYS[RK + j], string.format('%d', full_ms + RATE_SLACK_MS))
   end
 end
 out[1] = 1
