@@ -49,6 +49,21 @@ name = "weekend"
 match = { weekday = { in = ["sat", "sun"] } }
 join = [{ profile = "total" }]
 '''
+# The shipped rules plus call rates: an account's (a value) and a platform-wide one (no value:
+# a prebuilt entry), and one with peak/off-peak windows.
+RATES = '''
+[[rule]]
+name = "account-cps"
+match = { account = { present = true } }
+rate = { value = "{account}", max = 10, per = 1, burst = 20 }
+[[rule]]
+name = "platform-cps"
+rate = { max = 200 }
+[[rule]]
+name = "user-cps"
+rate = { value = "{from_user}@{from_domain}", max = 2, schedule = [
+  { days = "mon-fri", hours = "08:00-18:00", max = 5 }] }
+'''
 CHANNELS = '''
 [[rule]]
 name = "channels"
@@ -112,6 +127,13 @@ def main() -> None:
         same = per_evaluate(timed, req, NOW)
         moving = per_evaluate(timed, req, NOW, step=61.0)
         print(f"  {name:18s} {same:5.2f}   (a new minute every call {moving:5.2f})")
+
+    rated = compile_sources([*sources, ("rates.toml", RATES)])
+    print(f"shipped + three call rates ({len(rated.rules)} rules), µs per evaluate:")
+    for name, req in REQUESTS.items():
+        fast = per_evaluate(rated, req, NOW)
+        ref = per_evaluate(rated, req, NOW, reps=5_000, interpret=True)
+        print(f"  {name:18s} {fast:5.2f}   (interpreter {ref:5.2f})")
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
 from policy.latency import LatencyHistogram
 from policy.notices import Notice, NoticeQueue
-from policy.plan import PlanEntry
+from policy.plan import PlanEntry, RateEntry
 from policy.ratelimit_log import RateLimitedLog
 from policy.rules import REQUEST_FIELDS, Ruleset, load_rules, request_fields, rule_files
 from policy.store.base import MAX_PAGE, CallInfo, CallRecord, CounterStore, DialogStats, ReserveResult, call_uid
@@ -40,6 +41,18 @@ _FIELD_ATTRS = tuple((name, "from_" if name == "from" else name) for name in REQ
 Handler = Callable[[Any, Peer], Awaitable[dict[str, Any]]]
 #: Ends the proxy reports (BYE, CANCEL, a failure); any other reason is a release we decided.
 PROXY_END_REASONS = frozenset({"bye", "cancel", "failed"})
+
+
+_NO_FIELDS: dict[str, Any] = {}
+
+
+def _debug_enabled() -> bool:
+    """Whether this process logs at debug level (structlog's filtering level, as configured now:
+    a fresh logger, not the module's, which may have been bound before the configuration)."""
+    try:
+        return bool(structlog.get_logger("policy.service").is_enabled_for(logging.DEBUG))
+    except AttributeError:  # a logger without levels: it logs everything
+        return True
 
 
 class Limits:
@@ -82,6 +95,9 @@ class PolicyService:
         self.last_reload_error: str | None = None
         self.info_providers: dict[str, Callable[[], Any]] = {}
         self.log_decision = logs.hot_event("policy.service", "decision")
+        #: Log `decision_explained` (every rule, whether it matched and why) for every check: only
+        #: at debug level, decided once here, so the hot path pays one attribute test otherwise.
+        self.explain_decisions = _debug_enabled()
         self.log_end = logs.hot_event("policy.service", "call_end", "debug")
         self.warnings = RateLimitedLog(log)  # what clients can cause: one line per interval, with a count
         self.last_dialogs: DialogStats | None = None  # refreshed by the sweep loop, for /metrics
@@ -202,17 +218,22 @@ class PolicyService:
                         req.from_tag, peer.node, self._vars(req.vars))
         if req.dry_run:
             return await self._dry_run(call, fields, ruleset, now)
-        plan = ruleset.evaluate(fields, now=now).plan
+        ev = ruleset.evaluate(fields, now=now)
+        plan = ev.plan
+        rates = ev.rates
         token = self.new_token()
         try:
-            res = await self.store.reserve(call, plan, now, self.early_timeout, token)
+            if rates:
+                res = await self.store.reserve(call, plan, now, self.early_timeout, token, rates=rates)
+            else:
+                res = await self.store.reserve(call, plan, now, self.early_timeout, token)
         except StoreError as exc:
-            return self._store_down(call, fields, plan, ruleset, exc, t0)
+            return self._store_down(call, fields, plan, ruleset, exc, t0, rates, now)
         if res.conflict:
             held = res.record
             raise RequestError("call_conflict", "this Call-ID and From-tag are held by a call with another "
                                f"account, From or To (held: account={held.account if held else ''!r})")
-        body, tallies = decision.decide(res, plan, ruleset)
+        body, tallies = decision.decide(res, plan, ruleset, rates=rates)
         outcome = body["decision"]
         if res.admitted:
             body["token"] = token
@@ -240,12 +261,23 @@ class PolicyService:
             duplicate=res.duplicate or None,
             shadow=[s["rule"] for s in shadow] or None,
             latency_ms=round(elapsed * 1000, 3),
+            **({"rate": decision.rate_limiting(res, rates)} if rates else _NO_FIELDS),
         )
+        if self.explain_decisions:
+            self._explain(call, fields, ruleset, now, body)
         return body
 
+    def _explain(self, call: CallInfo, fields: dict[str, str], ruleset: Ruleset, now: float,
+                 body: dict[str, Any]) -> None:
+        """The `decision_explained` debug line: every rule, whether it matched and why, each cap
+        and rate and where it came from (what `check --dry-run` shows), with the decision."""
+        log.debug("decision_explained", call_id=call.call_id, from_tag=call.from_tag or None,
+                  decision=body["decision"], code=body.get("code"), rule=body.get("rule"),
+                  store_error=body.get("store_error"), explain=ruleset.explain(fields, now))
+
     def _store_down(self, call: CallInfo, fields: dict[str, str], plan: list[PlanEntry], ruleset: Ruleset,
-                    exc: StoreError, t0: float) -> dict[str, Any]:
-        body, tallies = decision.store_down(plan, ruleset, str(exc))
+                    exc: StoreError, t0: float, rates: Sequence[RateEntry] = (), now: float = 0.0) -> dict[str, Any]:
+        body, tallies = decision.store_down(plan, ruleset, str(exc), rates)
         self.totals["store_" + body["decision"]] += 1
         for t in tallies:
             self.decisions[t] += 1
@@ -256,11 +288,14 @@ class PolicyService:
                     to_user=fields.get("to_user"), src_ip=fields.get("src_ip"), node=call.node or None,
                     decision=body["decision"], code=body.get("code"), rule=body.get("rule"),
                     store_error=str(exc), latency_ms=round(elapsed * 1000, 3))
+        if self.explain_decisions:
+            self._explain(call, fields, ruleset, now, body)
         return body
 
     async def _dry_run(self, call: CallInfo, fields: dict[str, str], ruleset: Ruleset, now: float) -> dict[str, Any]:
         ev = ruleset.evaluate(fields, explain=True, now=now)
         plan = ev.plan
+        rates = ev.rates
         sizes = [await self.store.profile_size(e.profile, e.value, now) for e in plan]
         held = await self.store.get_call(call.uid, now)
         blocked = None
@@ -271,7 +306,7 @@ class PolicyService:
                     break
         res = ReserveResult(held is not None or blocked is None, held is not None, blocked,
                             [s + (1 if held is None and blocked is None else 0) for s in sizes], held)
-        return decision.dry_run(res, plan, ruleset, ev.outcomes, ev.attrs)
+        return decision.dry_run(res, plan, ruleset, ev.outcomes, ev.attrs, rates)
 
     # -- call life ----------------------------------------------------------------------
 

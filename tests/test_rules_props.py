@@ -2,8 +2,8 @@
 
 - the generated evaluator gives exactly the interpreter's plan and attributes, for generated
   rule *shapes* (nested all/any/not, every operator, classifiers, time fields, schedules on
-  rules and limits, max_from, inline/file/table overrides, final, shadow), random requests
-  and random times;
+  rules, limits and rates, max_from, inline/file/table overrides, call rates with and without
+  a value, final, shadow), random requests and random times;
 - explanations are JSON-able and agree with the plan;
 - loading never raises anything but RuleError, whatever the TOML (or not-TOML) text.
 """
@@ -88,8 +88,8 @@ NETS = ["10.0.0.0/8", "192.0.2.0/24", "::/0"]
 
 
 @st.composite
-def window(draw: st.DrawFn, with_max: bool) -> dict[str, Any]:
-    """A schedule window table."""
+def window(draw: st.DrawFn, with_max: bool, with_burst: bool = False) -> dict[str, Any]:
+    """A schedule window table (rate windows: max >= 1, maybe a burst)."""
     w: dict[str, Any] = {}
     kind = draw(st.sampled_from(["days", "hours", "both"]))
     if kind in ("days", "both"):
@@ -99,7 +99,9 @@ def window(draw: st.DrawFn, with_max: bool) -> dict[str, Any]:
     if draw(st.booleans()):
         w["tz"] = draw(st.sampled_from(ZONES))
     if with_max:
-        w["max"] = draw(st.integers(0, 30))
+        w["max"] = draw(st.integers(1 if with_burst else 0, 30))
+    if with_burst and draw(st.booleans()):
+        w["burst"] = draw(st.integers(1, 40))
     return w
 
 
@@ -219,9 +221,21 @@ def ruleset_doc(draw: st.DrawFn) -> tuple[str, dict[str, str]]:
                 limit["max_from"] = draw(st.sampled_from(["attrs.x", "account"]))
                 limit["ceiling"] = draw(st.integers(0, 50))
             rule["limit"] = limit
+        if draw(st.integers(0, 2)) == 0:
+            rate: dict[str, Any] = {"max": draw(st.integers(1, 50))}
             if draw(st.booleans()):
-                rule["shadow"] = True
-        if draw(st.booleans()) or ("join" not in rule and "limit" not in rule):
+                rate["value"] = draw(st.sampled_from(templates))
+            if draw(st.booleans()):
+                rate["per"] = draw(st.sampled_from([1, 0.5, 60, 3600.0, 7]))
+            if draw(st.booleans()):
+                rate["burst"] = draw(st.integers(1, 100))
+            if draw(st.booleans()):
+                rate["schedule"] = draw(st.one_of(window(True, True),
+                                                  st.lists(window(True, True), min_size=1, max_size=3)))
+            rule["rate"] = rate
+        if ("limit" in rule or "rate" in rule) and draw(st.booleans()):
+            rule["shadow"] = True
+        if draw(st.booleans()) or ("join" not in rule and "limit" not in rule and "rate" not in rule):
             rule["final"] = True
         rules.append(rule)
     doc["rule"] = rules
@@ -255,12 +269,14 @@ def test_generated_evaluator_equals_the_interpreter_for_generated_shapes(
     for req, now in calls:
         fast = rs.evaluate(dict(req), now=now)
         ref = rs.interpret(dict(req), now=now)
-        assert (fast.plan, fast.attrs) == (ref.plan, ref.attrs), (text, req, now)
+        assert (fast.plan, list(fast.rates), fast.attrs) == (ref.plan, list(ref.rates), ref.attrs), (text, req, now)
         explained = rs.explain(req, now)
         json.dumps(explained)
         entries = [(e["profile"], e["value"], e["limit"]) for o in explained for e in o["entries"]]
         assert entries == [(e.profile, e.value, e.limit) for e in fast.plan]
-        assert {o["rule"] for o in explained if o["matched"]} >= {e.rule for e in fast.plan}
+        rates = [(o["rule"], e["value"], e["rate"], e["burst"]) for o in explained for e in o.get("rates", [])]
+        assert rates == [(e.rule, e.value, e.rate, e.burst) for e in fast.rates]
+        assert {o["rule"] for o in explained if o["matched"]} >= {e.rule for e in [*fast.plan, *fast.rates]}
 
 
 @settings(max_examples=100, deadline=None)
@@ -270,12 +286,14 @@ def test_evaluation_does_not_depend_on_earlier_evaluations(doc: tuple[str, dict[
     """The generated evaluator's per-minute clock cache never leaks one call's time into another."""
     text, files = doc
     rs = compile_sources([("r/rules.toml", text)], read=reader(files))
-    first = rs.evaluate(dict(req), now=now).plan
+    ev = rs.evaluate(dict(req), now=now)
+    first = (ev.plan, list(ev.rates))
     for other in (now + 30, now - 61, now + 86_400 * 3.5, now):
         rs.evaluate(dict(req), now=other)
-    assert rs.evaluate(dict(req), now=now).plan == first
-    fresh = compile_sources([("r/rules.toml", text)], read=reader(files))
-    assert fresh.evaluate(dict(req), now=now).plan == first
+    ev = rs.evaluate(dict(req), now=now)
+    assert (ev.plan, list(ev.rates)) == first
+    ev = compile_sources([("r/rules.toml", text)], read=reader(files)).evaluate(dict(req), now=now)
+    assert (ev.plan, list(ev.rates)) == first
 
 
 # -- load errors: only RuleError -----------------------------------------------------------------
@@ -283,8 +301,8 @@ def test_evaluation_does_not_depend_on_earlier_evaluations(doc: tuple[str, dict[
 VOCAB = ["profiles", "no_value", "with_value", "classify", "attr", "field", "cases", "value", "regex", "default",
          "rule", "name", "match", "join", "limit", "profile", "max", "overrides", "overrides_file", "schedule",
          "days", "hours", "tz", "max_from", "ceiling", "deny", "code", "reason", "final", "shadow",
-         "on_store_error", "description", "time", "all", "any", "not", *OPERATORS, "to_user", "account",
-         "type", "hour", "weekday", "attrs.x", "src_ip", "total", "r", "x"]
+         "on_store_error", "description", "time", "all", "any", "not", "rate", "per", "burst", *OPERATORS,
+         "to_user", "account", "type", "hour", "weekday", "attrs.x", "src_ip", "total", "r", "x"]
 WORDS = ["mon-fri", "sat", "08:00-18:00", "22:00-06:00", "24:00-01:00", "Europe/Berlin", "Nope/Zone", "{account}",
          "{type}", "{", "^0", "(", "total", "account", "type", "x.csv", "x.toml", "../x.csv", "", "10.0.0.0/8",
          "r", "intl", "attrs.x", "hour", "00", "emergency", "allow", "deny"]

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from policy.store.base import CallInfo, CounterStore, PlanEntry, call_uid
+from policy.store.base import CallInfo, CounterStore, PlanEntry, RateEntry, call_uid
 from policy.store.embedded import EmbeddedStore
 
 T0 = 1_800_000_000.0
@@ -332,3 +332,153 @@ async def test_every_expiry_is_reported_once(store: CounterStore) -> None:
     first = await store.sweep(T0 + 12)
     second = await store.sweep(T0 + 13)
     assert sorted(r.call_id for r in first + second) == ["a", "b"]
+
+
+# -- call rates ----------------------------------------------------------------------------
+#
+# Rates here refill slowly (one token every 10 s of the test's clock): the Redis buckets expire
+# on Redis's own clock once they would be full again (+1 s), which must not happen mid-test.
+
+
+def cps(value: str | None = "acme", rate: float = 0.1, burst: int = 3, shadow: bool = False,
+        rule: str = "acct-cps") -> RateEntry:
+    """A rate entry (default: one call every 10 s, bursts of 3)."""
+    return RateEntry(rule, value, rate, burst, shadow)
+
+
+async def test_rate_admits_a_burst_then_refills_with_the_clock(store: CounterStore) -> None:
+    """A full bucket admits `burst` calls at once; then one call per 1/rate seconds of `now`;
+    tokens are reported as they were before the call took one."""
+    rates = [cps()]
+    got = [await store.reserve(call(f"b{i}"), [TOTAL], T0, 300, "t", rates=rates) for i in range(4)]
+    assert [r.admitted for r in got] == [True, True, True, False]
+    assert [list(r.tokens) for r in got] == [[3.0], [2.0], [1.0], [0.0]]
+    assert [r.rate_blocked for r in got] == [None, None, None, 0]
+    refused = got[3]
+    assert refused.blocked is None and refused.record is None and refused.sizes == [3]
+    assert await store.get_call("b3", T0) is None
+    assert await store.profile_size("total", None, T0) == 3  # a refused call joins nothing
+    r = await store.reserve(call("c1"), [TOTAL], T0 + 5, 300, "t", rates=rates)
+    assert not r.admitted and r.rate_blocked == 0 and list(r.tokens) == [0.5]
+    r = await store.reserve(call("c2"), [TOTAL], T0 + 10, 300, "t", rates=rates)
+    assert r.admitted and list(r.tokens) == [1.0]
+    r = await store.reserve(call("c3"), [TOTAL], T0 + 10, 300, "t", rates=rates)
+    assert not r.admitted and list(r.tokens) == [0.0]
+    r = await store.reserve(call("c4"), [TOTAL], T0 + 1000, 300, "t", rates=rates)
+    assert r.admitted and list(r.tokens) == [3.0]  # refilled up to the burst, not beyond
+
+
+async def test_rate_never_admits_more_than_rate_times_window_plus_burst(store: CounterStore) -> None:
+    """A check every 0.25 s for 60 s against 0.5 calls/s, bursts of 4: in every window
+    [t_i, t_j] of admissions at most 0.5 * (t_j - t_i) + 4 calls, and in all 4 + 0.5 * 60."""
+    rates = [cps(rate=0.5, burst=4)]
+    admitted: list[float] = []
+    for i in range(241):
+        now = T0 + i * 0.25
+        r = await store.reserve(call(f"w{i}"), [], now, 300, "t", rates=rates)
+        if r.admitted:
+            admitted.append(now)
+    assert len(admitted) == 4 + 30
+    for i in range(len(admitted)):
+        for j in range(i, len(admitted)):
+            assert j - i + 1 <= 0.5 * (admitted[j] - admitted[i]) + 4
+
+
+async def test_concurrent_reserves_never_exceed_the_burst(store: CounterStore) -> None:
+    """Hundreds of concurrent checks at one instant against a full bucket admit exactly its burst."""
+    rates = [cps(burst=7)]
+    results = await asyncio.gather(*(store.reserve(call(f"k{i}"), [TOTAL], T0, 300, "t", rates=rates)
+                                     for i in range(300)))
+    assert sum(r.admitted for r in results) == 7
+    assert sum(r.rate_blocked == 0 for r in results) == 293
+    assert await store.profile_size("total", None, T0) == 7
+
+
+async def test_a_call_refused_by_a_limit_takes_no_token(store: CounterStore) -> None:
+    """All or nothing with a concurrency cap: the limit refuses, the rate keeps its token."""
+    plan = [acct("acme", 1)]
+    rates = [cps(burst=2)]
+    assert (await store.reserve(call("a"), plan, T0, 300, "t", rates=rates)).admitted
+    for cid in ("b", "c", "d"):
+        r = await store.reserve(call(cid), plan, T0, 300, "t", rates=rates)
+        assert (r.admitted, r.blocked, r.rate_blocked, list(r.tokens)) == (False, 0, None, [1.0])
+    await store.end("a", T0, "bye")
+    r = await store.reserve(call("e"), plan, T0, 300, "t", rates=rates)
+    assert r.admitted and list(r.tokens) == [1.0]
+    await store.end("e", T0, "bye")
+    r = await store.reserve(call("f"), plan, T0, 300, "t", rates=rates)
+    assert (r.admitted, r.blocked, r.rate_blocked) == (False, None, 0)  # now the rate refuses
+    assert await store.profile_size("account", "acme", T0) == 0
+
+
+async def test_a_call_refused_by_one_rate_takes_no_token_of_another(store: CounterStore) -> None:
+    """Two rates: the second is empty, so the call is refused and the first keeps its tokens;
+    both a limit and a rate refusing are both reported."""
+    trunk = cps(value=None, burst=1, rule="trunk-cps")
+    account = cps(burst=5)
+    assert (await store.reserve(call("a"), [], T0, 300, "t", rates=[account, trunk])).admitted
+    for cid in ("b", "c"):
+        r = await store.reserve(call(cid), [], T0, 300, "t", rates=[account, trunk])
+        assert (r.admitted, r.rate_blocked, list(r.tokens)) == (False, 1, [4.0, 0.0])
+    r = await store.reserve(call("d"), [acct("acme", 0)], T0, 300, "t", rates=[account, trunk])
+    assert (r.admitted, r.blocked, r.rate_blocked) == (False, 0, 1)
+    r = await store.reserve(call("e"), [], T0, 300, "t", rates=[account])
+    assert r.admitted and list(r.tokens) == [4.0]
+
+
+async def test_a_repeated_check_takes_no_token(store: CounterStore) -> None:
+    """A duplicate check of a held call is the same call: no bucket is read or drained."""
+    rates = [cps(burst=2)]
+    assert (await store.reserve(call("a"), [TOTAL], T0, 300, "t1", rates=rates)).admitted
+    for tok in ("t2", "t3", "t4"):
+        again = await store.reserve(call("a"), [TOTAL], T0, 300, tok, rates=rates)
+        assert again.admitted and again.duplicate and list(again.tokens) == [] and again.rate_blocked is None
+    r = await store.reserve(call("b"), [TOTAL], T0, 300, "t", rates=rates)
+    assert r.admitted and list(r.tokens) == [1.0]
+
+
+async def test_a_forced_reserve_takes_no_token(store: CounterStore) -> None:
+    """Reconciliation's forced adds are calls that started earlier: no token, even from an empty bucket."""
+    rates = [cps(burst=1)]
+    for cid in ("f1", "f2"):
+        r = await store.reserve(call(cid), [TOTAL], T0, 300, "t", force=True, rates=rates)
+        assert r.admitted and list(r.tokens) == []
+    r = await store.reserve(call("a"), [TOTAL], T0, 300, "t", rates=rates)
+    assert r.admitted and list(r.tokens) == [1.0]
+    r = await store.reserve(call("b"), [TOTAL], T0, 300, "t", force=True, rates=rates)
+    assert r.admitted  # over an empty bucket too
+    assert await store.profile_size("total", None, T0) == 4
+
+
+async def test_a_shadow_rate_never_refuses_and_reports_would_deny(store: CounterStore) -> None:
+    """A shadow rate takes a token when it has one; without one the call passes, tokens say < 1."""
+    rates = [cps(burst=1, shadow=True)]
+    a = await store.reserve(call("a"), [TOTAL], T0, 300, "t", rates=rates)
+    b = await store.reserve(call("b"), [TOTAL], T0 + 5, 300, "t", rates=rates)
+    c = await store.reserve(call("c"), [TOTAL], T0 + 10, 300, "t", rates=rates)
+    assert [(r.admitted, r.rate_blocked) for r in (a, b, c)] == [(True, None)] * 3
+    assert [list(r.tokens) for r in (a, b, c)] == [[1.0], [0.5], [1.0]]  # b took none: c finds a full one
+
+
+async def test_buckets_are_per_rule_and_value(store: CounterStore) -> None:
+    """Each (rule, value) has its own bucket; a rate without value is one bucket for the rule."""
+    for value in ("acme", "beta"):
+        assert (await store.reserve(call(f"{value}1"), [], T0, 300, "t", rates=[cps(value, burst=1)])).admitted
+        assert not (await store.reserve(call(f"{value}2"), [], T0, 300, "t", rates=[cps(value, burst=1)])).admitted
+    other = cps("acme", burst=1, rule="other-rule")
+    assert (await store.reserve(call("o1"), [], T0, 300, "t", rates=[other])).admitted
+    whole = cps(None, burst=1, rule="acme")  # no value: not the bucket of value "acme" of a rule
+    assert (await store.reserve(call("n1"), [], T0, 300, "t", rates=[whole])).admitted
+    assert not (await store.reserve(call("n2"), [], T0, 300, "t", rates=[whole])).admitted
+
+
+async def test_a_clock_behind_the_bucket_mints_no_tokens(store: CounterStore) -> None:
+    """An instance whose clock is behind the bucket's time refills nothing, and does not move
+    the bucket's time back (which would refill the same seconds twice)."""
+    rates = [cps(burst=1)]
+    assert (await store.reserve(call("a"), [], T0 + 10, 300, "t", rates=rates)).admitted
+    r = await store.reserve(call("b"), [], T0 + 2, 300, "t", rates=rates)
+    assert not r.admitted and list(r.tokens) == [0.0]
+    r = await store.reserve(call("c"), [], T0 + 15, 300, "t", rates=rates)
+    assert not r.admitted and list(r.tokens) == [0.5]  # refilled from T0 + 10, not from T0 + 2
+    assert (await store.reserve(call("d"), [], T0 + 20, 300, "t", rates=rates)).admitted

@@ -5,7 +5,7 @@ and `rule_files`, which read and stat files.
 - `conditions`: the operators (`eq`, `regex`, `cidr`, ...) and combinators, each giving the
   interpreter's test, the generated code and the description at once;
 - `schedule`: weekly time windows in a time zone, local time;
-- `model`: the compiled `Ruleset`, `Rule`, `Limit`, ..., and `Evaluation`;
+- `model`: the compiled `Ruleset`, `Rule`, `Limit`, `Rate`, ..., and `Evaluation`;
 - `compiler`: TOML -> model, every load error a `RuleError` naming file, rule and key;
 - `codegen`: the straight-line evaluator the hot path runs;
 - `interp`: the reference interpreter, with explanations;
@@ -17,7 +17,7 @@ Keys, meanings and load errors: docs/rules.md.
 from __future__ import annotations
 
 from policy.errors import RuleError
-from policy.plan import PlanEntry
+from policy.plan import PlanEntry, RateEntry
 from policy.rules.compiler import compile_sources
 from policy.rules.conditions import COMBINATORS, OPERATORS, Cond
 from policy.rules.fields import (
@@ -34,6 +34,7 @@ from policy.rules.model import (
     Evaluation,
     Join,
     Limit,
+    Rate,
     Rule,
     RuleOutcome,
     Ruleset,
@@ -56,6 +57,8 @@ __all__ = [
     "Join",
     "Limit",
     "PlanEntry",
+    "Rate",
+    "RateEntry",
     "Rule",
     "RuleError",
     "RuleOutcome",

@@ -8,8 +8,9 @@ Rule files (every `*.toml` of the rules directory, read in name order) hold:
 - `[[classify]]`: derive an attribute from a field by regular expressions, first match
   wins, with a default. Later classifiers and every later rule can use the attribute.
 - `[[rule]]`: `name`, optional `match`, `schedule`, `join`, `limit` (with `overrides`,
-  `overrides_file`, `schedule`, `max_from`/`ceiling`), `deny`, `final`, `shadow`,
-  `on_store_error`, `description`. Rules run in file order.
+  `overrides_file`, `schedule`, `max_from`/`ceiling`), `rate` (`value`, `max`, `per`,
+  `burst`, `schedule`), `deny`, `final`, `shadow`, `on_store_error`, `description`. Rules
+  run in file order.
 - `[overrides.RULE]`: per-value maxima for RULE's limit (e.g. `acme = 3`), so thousands
   of account caps can live in a file of their own.
 
@@ -20,6 +21,7 @@ are read through the `read` callback given to `compile_sources` (by default from
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import string
 import tomllib
@@ -40,7 +42,7 @@ from policy.rules.conditions import (
     type_name,
 )
 from policy.rules.fields import ATTR_NAME_RE, BUILTIN_FIELDS, TIME_FIELDS, is_attr_field
-from policy.rules.model import Classifier, Join, Limit, Rule, Ruleset, Template
+from policy.rules.model import RATE_CODE, RATE_REASON, Classifier, Join, Limit, Rate, Rule, Ruleset, Template
 from policy.rules.overrides import DataError, parse_overrides
 from policy.rules.schedule import DAY, DEFAULT_TZ, HOURS, TIMES, WEEKDAYS, Moment, Window, get_tz
 
@@ -69,6 +71,10 @@ _TIME_DOMAINS = {
     "time": Domain(frozenset(TIMES), "HH:MM, 00:00 to 23:59", True),
 }
 _RANGE_RE = re.compile(r"^([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})$")
+#: The longest `rate.per`: a day.
+MAX_PER = 86_400.0
+#: The largest `rate.max` and `rate.burst` (far beyond any call rate; keeps the arithmetic exact).
+MAX_RATE = 1_000_000
 
 
 def parse_days(arg: Any) -> frozenset[int]:
@@ -376,7 +382,7 @@ class _Compiler:
             ctx,
             "",
             raw,
-            ("name", "description", "match", "schedule", "join", "limit", "deny", "final", "shadow",
+            ("name", "description", "match", "schedule", "join", "limit", "rate", "deny", "final", "shadow",
              "on_store_error"),
         )
         name = raw["name"]
@@ -397,10 +403,14 @@ class _Compiler:
         limit = None
         if "limit" in raw:
             limit = self.limit(ctx, raw["limit"])
+        rate = None
+        if "rate" in raw:
+            rate = self.rate(ctx, raw["rate"])
         code, reason = 486, "Call limit reached"
+        rate_code, rate_reason = RATE_CODE, RATE_REASON
         if "deny" in raw:
-            if limit is None:
-                raise ctx.error("deny", "needs a limit (a rule without a limit never denies)")
+            if limit is None and rate is None:
+                raise ctx.error("deny", "needs a limit or a rate (a rule without either never denies)")
             deny = _expect(ctx, "deny", raw["deny"], dict, "a table")
             _check_keys(ctx, "deny.", deny, ("code", "reason"))
             if "code" in deny:
@@ -411,15 +421,18 @@ class _Compiler:
                 reason = _expect(ctx, "deny.reason", deny["reason"], str, "a string")
                 if not reason or "\n" in reason or "\r" in reason:
                     raise ctx.error("deny.reason", "must be one non-empty line")
+            # an explicit deny answers for whatever the rule refuses with: its limit or its rate
+            rate_code = code if "code" in deny else rate_code
+            rate_reason = reason if "reason" in deny else rate_reason
         final = _expect(ctx, "final", raw.get("final", False), bool, "a boolean")
         shadow = _expect(ctx, "shadow", raw.get("shadow", False), bool, "a boolean")
-        if shadow and limit is None:
-            raise ctx.error("shadow", "needs a limit (only limits can be shadowed)")
+        if shadow and limit is None and rate is None:
+            raise ctx.error("shadow", "needs a limit or a rate (only limits and rates can be shadowed)")
         on_err = _expect(ctx, "on_store_error", raw.get("on_store_error", "deny"), str, "a string")
         if on_err not in ("allow", "deny"):
             raise ctx.error("on_store_error", f"must be 'allow' or 'deny', not {on_err!r}")
-        if not joins and limit is None and not final:
-            raise ctx.error(None, "does nothing: give it a join, a limit or final = true")
+        if not joins and limit is None and rate is None and not final:
+            raise ctx.error(None, "does nothing: give it a join, a limit, a rate or final = true")
         desc = _expect(ctx, "description", raw.get("description", ""), str, "a string")
         return Rule(
             name=name,
@@ -434,6 +447,9 @@ class _Compiler:
             on_store_error=on_err,
             description=desc,
             schedule=schedule,
+            rate=rate,
+            rate_code=rate_code,
+            rate_reason=rate_reason,
         )
 
     def profile_ref(self, ctx: _Ctx, key: str, raw: Mapping[str, Any]) -> tuple[str, Template | None]:
@@ -492,6 +508,41 @@ class _Compiler:
         elif "ceiling" in raw:
             raise ctx.error("limit.ceiling", "bounds max_from: give max_from too, or leave ceiling out")
         return Limit(profile, value, cap, overrides, tuple(schedule), max_from, ceiling, tuple(sources))
+
+    def rate(self, ctx: _Ctx, raw: Any) -> Rate:
+        """`rate = { value = "{account}", max = 10, per = 1, burst = 20, schedule = [...] }`."""
+        _expect(ctx, "rate", raw, dict, "a table")
+        _check_keys(ctx, "rate.", raw, ("value", "max", "per", "burst", "schedule"))
+        value = self.template(ctx, "rate.value", raw["value"]) if "value" in raw else None
+        if "max" not in raw:
+            raise ctx.error("rate.max", "is required (calls admitted every `per` seconds)")
+        top = self.rate_count(ctx, "rate.max", raw["max"])
+        per = 1.0
+        if "per" in raw:
+            per = raw["per"]
+            if isinstance(per, bool) or not isinstance(per, int | float):
+                raise ctx.error("rate.per", f"must be a number of seconds, not {type_name(per)}")
+            if not math.isfinite(per) or not 0 < per <= MAX_PER:
+                raise ctx.error("rate.per", f"must be a number of seconds > 0 and <= {MAX_PER:g} (a day), not {per!r}")
+            per = float(per)
+        burst = self.rate_count(ctx, "rate.burst", raw["burst"]) if "burst" in raw else top
+        schedule: list[tuple[Window, int, int]] = []
+        if "schedule" in raw:
+            for key, window, table in self.windows(ctx, "rate.schedule", raw["schedule"], ("max", "burst")):
+                if "max" not in table:
+                    raise ctx.error(f"{key}.max", "is required (the rate inside this window)")
+                wmax = self.rate_count(ctx, f"{key}.max", table["max"])
+                wburst = self.rate_count(ctx, f"{key}.burst", table["burst"]) if "burst" in table else wmax
+                schedule.append((window, wmax, wburst))
+        return Rate(value, top, per, burst, tuple(schedule))
+
+    def rate_count(self, ctx: _Ctx, key: str, raw: Any) -> int:
+        n = _expect(ctx, key, raw, int, "an integer")
+        if not 1 <= n <= MAX_RATE:
+            hint = " (a rate of 0 admits nothing: to refuse every call use a limit with max = 0)" \
+                if n == 0 and key.endswith("max") else ""
+            raise ctx.error(key, f"must be between 1 and {MAX_RATE}, not {n}{hint}")
+        return int(n)
 
     def overrides_file(self, ctx: _Ctx, raw: Any) -> tuple[str, str, dict[str, tuple[int, int]]]:
         """Read and parse an overrides file (path relative to the rule's file): (path, ref, values)."""

@@ -2,15 +2,16 @@
 
 Slower than the generated evaluator and written to be obviously right: the tests hold the
 generated evaluator to it. With `explain=True` each rule gets a `RuleOutcome` saying whether
-it matched, which condition failed, and how each limit's cap was chosen.
+it matched, which condition failed, and how each limit's cap (and the rate) was chosen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from policy.plan import PlanEntry
-from policy.rules.model import Evaluation, Limit, Rule, RuleOutcome, parse_count
+from policy.plan import PlanEntry, RateEntry
+from policy.rules.model import NO_RATES, Evaluation, Limit, Rate, Rule, RuleOutcome, parse_count
 from policy.rules.schedule import HOURS, WEEKDAYS, Moment
 
 if TYPE_CHECKING:
@@ -42,6 +43,18 @@ def resolve_cap(lim: Limit, value: str | None, req: dict[str, str], moment: Mome
     return lim.max, f"{note}max"
 
 
+def resolve_rate(rate: Rate, moment: Moment) -> tuple[int, int, str]:
+    """The max and burst a rate gives this call, and why (the first schedule window the time
+    is in, else the rate's own)."""
+    for window, max_, burst in rate.schedule:
+        if moment.inside(window):
+            return max_, burst, f"schedule {window.desc}, local time {moment.describe(window.tz, window.zone)}"
+    if rate.schedule:
+        w = rate.schedule[0][0]
+        return rate.max, rate.burst, f"max: outside every schedule window, local time {moment.describe(w.tz, w.zone)}"
+    return rate.max, rate.burst, "max"
+
+
 def _local_times(rule: Rule, moment: Moment) -> str:
     zones = {w.tz: w.zone for w in rule.schedule}
     return " [local time " + ", ".join(moment.describe(tz, zone) for tz, zone in zones.items()) + "]"
@@ -68,6 +81,7 @@ def interpret(rs: Ruleset, req: dict[str, str], explain: bool = False, now: floa
             req[cl.attr] = val
             attrs[cl.attr] = val
     plan: list[PlanEntry] = []
+    rates: list[RateEntry] = []
     outcomes: list[RuleOutcome] = []
     for rule in rs.rules:
         failed = next((c for c in rule.conds if not c.test(req, moment)), None)
@@ -99,6 +113,19 @@ def interpret(rs: Ruleset, req: dict[str, str], explain: bool = False, now: floa
                 key = step.profile if value is None else f"{step.profile}={value}"
                 caps.append(f"{key}: {cap} ({why})")
             plan.append(PlanEntry(step.profile, value, cap, step.shadow, rule.name))
+        rate_at = len(rates)
+        rstep = rule.rate_step
+        if missing is None and rstep is not None:
+            rvalue = None
+            if rstep.template is not None:
+                rvalue = rstep.template.render(req)
+                if rvalue is None:
+                    missing = rstep.template.source
+            if missing is None:
+                max_, burst, why = resolve_rate(rstep.rate, moment)
+                rates.append(RateEntry(rule.name, rvalue, rstep.rate.per_second(max_), burst, rstep.shadow))
+                key = "" if rvalue is None else f" {rvalue}"
+                caps.append(f"rate{key}: {rstep.rate.describe(max_, burst)} ({why})")
         if missing is not None:
             del plan[start:]
             if explain:
@@ -110,7 +137,9 @@ def interpret(rs: Ruleset, req: dict[str, str], explain: bool = False, now: floa
                 why += _local_times(rule, moment)
             if rule.final:
                 why += " (final: later rules skipped)"
-            outcomes.append(RuleOutcome(rule.name, True, why, list(range(start, len(plan))), caps))
+            outcomes.append(RuleOutcome(rule.name, True, why, list(range(start, len(plan))), caps,
+                                        list(range(rate_at, len(rates)))))
         if rule.final:
             break
-    return Evaluation(plan, outcomes, attrs)
+    found: Sequence[RateEntry] = rates if rs.uses_rates else NO_RATES
+    return Evaluation(plan, outcomes, attrs, found)

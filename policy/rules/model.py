@@ -8,16 +8,22 @@ A `Ruleset` is built whole by the compiler; a reload builds a new one and swaps 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, tzinfo
 from typing import Any
 
-from policy.plan import PlanEntry
+from policy.plan import PlanEntry, RateEntry
 from policy.rules.conditions import Cond, Request
 from policy.rules.schedule import DEFAULT_TZ, Window
 
-FastEvaluator = Callable[[dict[str, str], "float | None"], tuple[list[PlanEntry], dict[str, str]]]
+FastEvaluator = Callable[[dict[str, str], "float | None"],
+                         tuple[list[PlanEntry], "Sequence[RateEntry]", dict[str, str]]]
+#: The rates of a plan that meets none (shared: no list is built when no rule has a rate).
+NO_RATES: tuple[RateEntry, ...] = ()
+#: What a rule answers when its rate refuses a call, unless its `deny` says otherwise.
+RATE_CODE = 503
+RATE_REASON = "Call rate exceeded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,35 @@ class Limit:
         return not self.schedule and self.max_from is None and not self.overrides
 
 
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A call rate: at most `max` new calls every `per` seconds, with bursts of `burst`.
+
+    A token bucket per rendered value (one per rule without `value`): `burst` tokens at most,
+    refilled at `max / per` a second. Inside the first `schedule` window the time is in, that
+    window's `max` and `burst` apply instead.
+    """
+
+    value: Template | None
+    max: int
+    per: float
+    burst: int
+    schedule: tuple[tuple[Window, int, int], ...] = ()  # (window, max, burst)
+
+    @property
+    def constant(self) -> bool:
+        """True when every call meets the same rate (no schedule)."""
+        return not self.schedule
+
+    def per_second(self, max_: int) -> float:
+        """Tokens a second for a `max` (the rule's or a window's)."""
+        return max_ / self.per
+
+    def describe(self, max_: int, burst: int) -> str:
+        """`10 per 1 s, burst 20`."""
+        return f"{max_} per {self.per:g} s, burst {burst}"
+
+
 def parse_count(raw: str | None) -> int | None:
     """A request field as a count of calls: ASCII digits only, else None (missing or bad)."""
     if not raw or not raw.isdigit() or not raw.isascii():
@@ -105,6 +140,24 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
+class RateStep:
+    """The rate entry a matching rule adds: prebuilt when it is the same for every call."""
+
+    template: Template | None
+    rate: Rate
+    shadow: bool
+    static: RateEntry | None
+
+    @classmethod
+    def make(cls, rate: Rate, shadow: bool, rule: str) -> RateStep:
+        """Build a step; a rate without value and without schedule gives the same entry every call."""
+        static = None
+        if rate.value is None and rate.constant:
+            static = RateEntry(rule, None, rate.per_second(rate.max), rate.burst, shadow)
+        return cls(rate.value, rate, shadow, static)
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """A compiled rule."""
 
@@ -121,14 +174,19 @@ class Rule:
     description: str = ""
     steps: tuple[Step, ...] = ()
     schedule: tuple[Window, ...] = ()  # the rule applies only inside one of these (its last condition)
+    rate: Rate | None = None
+    rate_code: int = RATE_CODE  # the answer when the rate refuses (`deny`, else 503)
+    rate_reason: str = RATE_REASON
+    rate_step: RateStep | None = None
 
     def with_steps(self) -> Rule:
-        """This rule with its precomputed plan steps (joins first, then the limit)."""
+        """This rule with its precomputed plan steps (joins first, then the limit; the rate apart)."""
         steps = [Step.make(j.profile, j.value, None, False, self.name) for j in self.joins]
         if self.limit is not None:
             lim = self.limit
             steps.append(Step.make(lim.profile, lim.value, lim, self.shadow, self.name))
-        return replace(self, steps=tuple(steps))
+        rate_step = None if self.rate is None else RateStep.make(self.rate, self.shadow, self.name)
+        return replace(self, steps=tuple(steps), rate_step=rate_step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,15 +216,20 @@ class RuleOutcome:
     matched: bool
     why: str
     entries: list[int] = field(default_factory=list)  # indexes into the plan
-    caps: list[str] = field(default_factory=list)  # how each limit's cap was chosen
+    caps: list[str] = field(default_factory=list)  # how each limit's cap (and the rate) was chosen
+    rates: list[int] = field(default_factory=list)  # indexes into the rates
 
-    def as_dict(self, plan: list[PlanEntry]) -> dict[str, Any]:
-        """JSON-able: rule, matched, why, entries (profile, value, limit) and caps."""
+    def as_dict(self, plan: Sequence[PlanEntry], rates: Sequence[RateEntry] = ()) -> dict[str, Any]:
+        """JSON-able: rule, matched, why, entries (profile, value, limit), rates (value, rate,
+        burst) and caps."""
         out: dict[str, Any] = {
             "rule": self.rule, "matched": self.matched, "why": self.why,
             "entries": [{"profile": plan[i].profile, "value": plan[i].value, "limit": plan[i].limit}
                         for i in self.entries],
         }
+        if self.rates:
+            out["rates"] = [{"value": rates[i].value, "rate": rates[i].rate, "burst": rates[i].burst}
+                            for i in self.rates]
         if self.caps:
             out["caps"] = list(self.caps)
         return out
@@ -174,19 +237,20 @@ class RuleOutcome:
 
 @dataclass(slots=True)
 class Evaluation:
-    """The plan for one call: which keys it joins and which limits it meets."""
+    """The plan for one call: which keys it joins, which limits it meets, which rates."""
 
     plan: list[PlanEntry]
     outcomes: list[RuleOutcome]
     attrs: dict[str, str]
+    rates: Sequence[RateEntry] = NO_RATES
 
     def explanation(self) -> list[dict[str, Any]]:
         """The outcomes as a JSON-able list (empty unless evaluated with `explain=True`)."""
-        return [o.as_dict(self.plan) for o in self.outcomes]
+        return [o.as_dict(self.plan, self.rates) for o in self.outcomes]
 
 
-def _no_rules(r: dict[str, str], now: float | None) -> tuple[list[PlanEntry], dict[str, str]]:
-    return [], {}
+def _no_rules(r: dict[str, str], now: float | None) -> tuple[list[PlanEntry], Sequence[RateEntry], dict[str, str]]:
+    return [], NO_RATES, {}
 
 
 @dataclass(frozen=True)
@@ -219,7 +283,12 @@ class Ruleset:
     def uses_time(self) -> bool:
         """Whether evaluations depend on the time (time fields or schedules)."""
         return self.time_fields or any(r.schedule or (r.limit is not None and bool(r.limit.schedule))
-                                       for r in self.rules)
+                                       or (r.rate is not None and bool(r.rate.schedule)) for r in self.rules)
+
+    @property
+    def uses_rates(self) -> bool:
+        """Whether some rule has a call rate (plans then carry rates)."""
+        return any(r.rate is not None for r in self.rules)
 
     def __post_init__(self) -> None:
         from policy.rules.codegen import generate
@@ -238,8 +307,8 @@ class Ruleset:
         and fills `outcomes`.
         """
         if not explain:
-            plan, attrs = self._fast(req, now)
-            return Evaluation(plan, [], attrs)
+            plan, rates, attrs = self._fast(req, now)
+            return Evaluation(plan, [], attrs, rates)
         return self.interpret(req, explain=True, now=now)
 
     def interpret(self, req: dict[str, str], explain: bool = False, now: float | None = None) -> Evaluation:

@@ -16,6 +16,16 @@ a 407 challenged), so a late notice can never release a later admission.
 Whole-profile sizes, per-value sizes and the dialog stats are counters kept with the
 reservations: reading them never walks the calls. Listings are paged.
 
+Call rates (`RateEntry`): a token bucket per (rule, value), checked in the same atomic step as
+the limits: `burst` tokens at most, `rate` more each second of `now`; an admitted call takes one
+token from each. So across every instance sharing a store, in any window of T seconds at most
+`rate * T + burst` calls pass a rate. Only an admission takes tokens: a refused check (by a
+limit or a rate) takes none (all or nothing, and a flood of refused attempts cannot starve the
+calls that fit), a repeated check of a held call takes none (it is the same call), and a forced
+reserve takes none (reconciliation adds calls that started earlier: they are not new calls
+now). A bucket that is full again is forgotten (it would be recreated full): idle keys cost no
+memory.
+
 Times are passed in (`now`), never read inside a store, so tests drive them with a clock.
 """
 
@@ -27,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from policy.plan import PlanEntry as PlanEntry  # re-exported: stores take plans
+from policy.plan import RateEntry as RateEntry
 
 #: End reasons counted in `failed_dialogs` (the call never became an answered dialog).
 FAILED_REASONS = frozenset({"cancel", "failed"})
@@ -136,6 +147,12 @@ class ReserveResult(NamedTuple):
     its slots (a repeated check): nothing was counted again and the admission now carries
     the new token. `conflict` says a call with this identity is held with another account,
     From or To: nothing changed, the call is not admitted, `record` is the held one.
+
+    With rates: `rate_blocked` is the index (into `rates`) of the first enforced rate whose
+    bucket had no whole token, when that refused the call (a refused call may have both
+    `blocked` and `rate_blocked`); `tokens[j]` is what `rates[j]`'s bucket held at `now`,
+    before this check took one (a shadow rate below 1 would have refused). Both are empty for
+    a duplicate, a conflict and a forced reserve (no bucket is read).
     """
 
     admitted: bool
@@ -144,6 +161,8 @@ class ReserveResult(NamedTuple):
     sizes: list[int]
     record: CallRecord | None
     conflict: bool = False
+    rate_blocked: int | None = None
+    tokens: Sequence[float] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,16 +224,21 @@ class CounterStore(abc.ABC):
     @abc.abstractmethod
     async def reserve(
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
-        force: bool = False,
+        force: bool = False, rates: Sequence[RateEntry] = (),
     ) -> ReserveResult:
-        """Admit the call into every key of `plan` if every enforced limit has room; else into none.
+        """Admit the call into every key of `plan` if every enforced limit has room and every
+        enforced rate a token; else into none, and take no token.
 
         A call that is already held (same `call.uid`) answers admitted with `duplicate=True`,
-        counts nothing again and takes the admission over: the record's token becomes `token`
-        (its lease is left as it is). If the held call has another account, From or To, the
-        answer is `conflict=True` and nothing changes. An admitted call is `early` with a
-        lease of `timeout` seconds. `force` admits it even over its limits (reconciliation
-        adds calls the proxy really has).
+        counts nothing again, takes no token and takes the admission over: the record's token
+        becomes `token` (its lease is left as it is). If the held call has another account,
+        From or To, the answer is `conflict=True` and nothing changes. An admitted call is
+        `early` with a lease of `timeout` seconds and takes one token from each rate's bucket
+        (a shadow rate's only if it has one). `force` admits it even over its limits and
+        ignores `rates` (reconciliation adds calls the proxy really has).
+
+        A bucket refills with the `now` of each check; a `now` earlier than the bucket's last
+        one refills nothing (instances whose clocks differ slightly never mint tokens).
         """
 
     @abc.abstractmethod

@@ -18,6 +18,13 @@ Durability (with a snapshot path; see `journal.py` and `snapshot.py` for the fil
 - at start: snapshot, then the journal segments in order (a torn last line is tolerated),
   leases that ended are dropped, and a fresh snapshot replaces the replayed segments;
 - one process per state: an exclusive flock on `S.lock` for the process's life.
+
+Call rates: a dict of token buckets, (rule, value) -> [tokens, time, full at], refilled with
+the `now` of each check; a bucket is forgotten once it is full again (a heap of those times, like
+the leases'), so idle keys take no memory. Buckets are not journaled: after a restart a bucket
+starts with what it would have gathered since the previous process last wrote its state (the
+newest snapshot or journal file), never with a fresh burst, so a restart cannot let more than
+`rate * T + burst` calls through in any window.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from policy.store.base import (
     DialogStats,
     Page,
     PlanEntry,
+    RateEntry,
     ReserveResult,
 )
 from policy.store.journal import Journal
@@ -57,6 +65,7 @@ from policy.store.snapshot import SNAPSHOT_VERSION, StateInUseError, StateLock
 log = structlog.get_logger("policy.store.embedded")
 
 ProfileKey = tuple[str, str | None]
+BucketKey = tuple[str, str | None]
 
 __all__ = ["SNAPSHOT_VERSION", "EmbeddedStore", "StateInUseError"]
 
@@ -90,6 +99,11 @@ class EmbeddedStore(CounterStore):
         self._processed = 0
         self._expired = 0
         self._failed = 0
+        self._buckets: dict[BucketKey, list[float]] = {}  # (rule, value) -> [tokens, ts, full_at]
+        self._bucket_heap: list[tuple[float, BucketKey]] = []  # (full_at, key): when to forget it
+        #: After a restart: when the previous process last wrote its state. A bucket it may have
+        #: drained starts with what it gathered since (None: a new bucket starts full).
+        self._rates_from: float | None = None
         self._snapshot_path = Path(snapshot_path) if snapshot_path else None
         self._snapshot_interval = snapshot_interval
         self._fsync_interval = fsync_interval
@@ -123,7 +137,11 @@ class EmbeddedStore(CounterStore):
         lock.acquire()  # StateInUseError (an OSError) names the path: `serve` cannot start
         self._lock = lock
         try:
-            self._restore(path, self._clock() if self._clock else time.time())
+            now = self._clock() if self._clock else time.time()
+            last = _last_written(path)
+            if last is not None:
+                self._rates_from = min(last, now)
+            self._restore(path, now)
         except BaseException:
             lock.release()
             raise
@@ -448,7 +466,7 @@ class EmbeddedStore(CounterStore):
 
     def info(self) -> dict[str, Any]:
         """Calls held, journal and snapshot figures, background-task restarts (cheap, no I/O)."""
-        out: dict[str, Any] = {"calls": len(self._calls)}
+        out: dict[str, Any] = {"calls": len(self._calls), "rate_buckets": len(self._buckets)}
         j = self._journal
         if self._snapshot_path is not None:
             out["snapshot_path"] = str(self._snapshot_path)
@@ -536,13 +554,69 @@ class EmbeddedStore(CounterStore):
     def _token_ok(self, rec: CallRecord, token: str | None) -> bool:
         return not token or rec.token == token
 
+    def _forget_buckets(self, now: float) -> None:
+        """Drop the buckets that are full again by `now` (a new one would start full)."""
+        heap = self._bucket_heap
+        buckets = self._buckets
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            b = buckets.get(key)
+            if b is not None and b[2] <= now:
+                del buckets[key]
+        if len(heap) > 2 * len(buckets) + 1024:
+            self._bucket_heap = [(b[2], k) for k, b in buckets.items()]
+            heapq.heapify(self._bucket_heap)
+
+    def _rate_tokens(self, rates: Sequence[RateEntry], now: float) -> tuple[list[float], list[float], int | None]:
+        """Each rate's tokens at `now` (refilled, not taken), the bucket times, and the first
+        enforced rate without a whole token."""
+        if self._bucket_heap and self._bucket_heap[0][0] <= now:
+            self._forget_buckets(now)
+        buckets = self._buckets
+        tokens: list[float] = []
+        times: list[float] = []
+        blocked = None
+        for j, (rule, value, rate, burst, shadow) in enumerate(rates):
+            b = buckets.get((rule, value))
+            if b is None:
+                since = self._rates_from
+                t = float(burst) if since is None else min(burst, max(0.0, now - since) * rate)
+                ts = now
+            else:
+                t, ts = b[0], b[1]
+                if now > ts:
+                    t = min(burst, t + (now - ts) * rate)
+                    ts = now
+                else:  # a clock behind the bucket's: no refill, and its time stays
+                    t = min(burst, t)
+            tokens.append(t)
+            times.append(ts)
+            if t < 1.0 and not shadow and blocked is None:
+                blocked = j
+        return tokens, times, blocked
+
+    def _take_tokens(self, rates: Sequence[RateEntry], tokens: list[float], times: list[float]) -> None:
+        """An admitted call takes a token from each bucket that has one."""
+        buckets = self._buckets
+        heap = self._bucket_heap
+        for j, (rule, value, rate, burst, _shadow) in enumerate(rates):
+            t = tokens[j]
+            if t < 1.0:
+                continue  # a shadow rate that would have refused: nothing to take
+            t -= 1.0
+            ts = times[j]
+            full_at = ts + (burst - t) / rate
+            key = (rule, value)
+            buckets[key] = [t, ts, full_at]
+            heapq.heappush(heap, (full_at, key))
+
     # -- operations --------------------------------------------------------------------
 
     async def reserve(
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
-        force: bool = False,
+        force: bool = False, rates: Sequence[RateEntry] = (),
     ) -> ReserveResult:
-        """Admit the call into every key of the plan, or into none."""
+        """Admit the call into every key of the plan and take a token of each rate, or do nothing."""
         if self._heap and self._heap[0][0] <= now:
             self._purge(now)
         uid = call.uid
@@ -568,7 +642,13 @@ class EmbeddedStore(CounterStore):
             joined.append(key)
             if limit is not None and n >= limit and not shadow and blocked is None and not force:
                 blocked = i
-        if blocked is not None:
+        tokens: list[float] = []
+        if rates and not force:
+            tokens, times, rate_blocked = self._rate_tokens(rates, now)
+            if blocked is not None or rate_blocked is not None:
+                return ReserveResult(False, False, blocked, sizes, None, False, rate_blocked, tokens)
+            self._take_tokens(rates, tokens, times)
+        elif blocked is not None:
             return ReserveResult(False, False, blocked, sizes, None)
         keys = list(dict.fromkeys(joined))
         rec = CallRecord(call.call_id, call.from_uri, call.to_uri, call.account, "early", now, None,
@@ -579,8 +659,8 @@ class EmbeddedStore(CounterStore):
         if self._journal is not None:
             self._journal.reserve(rec)
         if len(keys) != len(plan):  # a key listed twice: count the call once
-            return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec)
-        return ReserveResult(True, False, None, [n + 1 for n in sizes], rec)
+            return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec, False, None, tokens)
+        return ReserveResult(True, False, None, [n + 1 for n in sizes], rec, False, None, tokens)
 
     async def answer(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
         """Mark a held call answered and give it the answered-call lease."""
@@ -705,12 +785,26 @@ class EmbeddedStore(CounterStore):
     async def sweep(self, now: float) -> list[CallRecord]:
         """Drop ended leases, compact the expiry heap; the calls that expired since the last sweep."""
         self._purge(now)
+        self._forget_buckets(now)
         if len(self._heap) > 2 * len(self._calls) + 1024:
             self._heap = [(r.expires, r.uid) for r in self._calls.values()]
             heapq.heapify(self._heap)
         expired, self._expired_pending = self._expired_pending, []
         return expired
 
+
+
+def _last_written(path: Path) -> float | None:
+    """When the state at `path` was last written (the newest snapshot or journal file), or None
+    when there is none: the previous process took no token after that."""
+    newest = None
+    for p in [path, *(seg for _, seg in journal_mod.list_segments(path))]:
+        try:
+            mtime = p.stat().st_mtime
+        except OSError:
+            continue
+        newest = mtime if newest is None else max(newest, mtime)
+    return newest
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from policy.errors import StoreError
-from policy.store.base import CallInfo, CallRecord, PlanEntry
+from policy.store.base import CallInfo, CallRecord, PlanEntry, RateEntry
 from policy.store.redis.keys import CACHE_SIZE, KeyLayout, escape, kid
 
 #: Fixed ARGV of reserve.lua before the per-key arguments (see its header).
@@ -106,14 +106,15 @@ class _KeyInfo:
 class ReserveCommand:
     """KEYS and ARGV of one reserve.lua call, and how to read its reply."""
 
-    __slots__ = ("args", "keys", "profiles", "slots")
+    __slots__ = ("args", "keys", "profiles", "rates", "slots")
 
     def __init__(self, keys: list[str], args: list[Any], profiles: list[tuple[str, str | None]],
-                 slots: list[int]) -> None:
+                 slots: list[int], rates: int = 0) -> None:
         self.keys = keys
         self.args = args
         self.profiles = profiles  # the distinct keys, in plan order
         self.slots = slots  # for each plan entry, the index of its key among `profiles`
+        self.rates = rates  # rate buckets sent (their figures follow the sizes in the reply)
 
 
 class ReserveEncoder:
@@ -132,8 +133,9 @@ class ReserveEncoder:
         return info
 
     def encode(self, call: CallInfo, plan: Sequence[PlanEntry], base_now: float, timeout: float,
-               token: str, epoch: str, flags: str) -> ReserveCommand:
-        """The command for `call` with times already in Redis's base (`base_now`)."""
+               token: str, epoch: str, flags: str, rates: Sequence[RateEntry] = ()) -> ReserveCommand:
+        """The command for `call` with times already in Redis's base (`base_now`); `rates` go
+        last (their bucket keys after the value indexes, their triples after the variables)."""
         distinct: dict[tuple[str, str | None], int] = {}
         infos: list[_KeyInfo] = []
         slots: list[int] = []
@@ -187,4 +189,8 @@ class ReserveEncoder:
         args: list[Any] = [base_now, expires, timeout, uid, d, w, token, "".join(pieces), epoch, flags,
                            len(infos), len(values_keys), len(profile_fields), len(checks) // 3,
                            len(var_args) // 2, *per_key, *profile_fields, *checks, *var_args]
-        return ReserveCommand(keys, args, profiles, slots)
+        if rates:
+            for r in rates:
+                keys.append(layout.rate(r.rule, r.value))
+                args += (float(r.rate), r.burst, "s" if r.shadow else "")
+        return ReserveCommand(keys, args, profiles, slots, len(rates))

@@ -18,12 +18,15 @@ key                    type   holds
 ``P v:<eprofile>``     zset   a profile's non-empty values (all scored 0: lexicographic order)
 ``P o:<node>``         zset   the calls a node admitted, scored by admission ``seq``
 ``P x``                list   records of expired calls that no `sweep` has reported yet
+``P r:<rid>``          hash   one call-rate bucket: ``t`` its tokens, ``ts`` their time (Redis
+                              time); it expires once it would be full again (reserve.lua)
 =====================  =====  ====================================================================
 
 ``uid`` is the call's identity (``call_uid``: Call-ID, space, From-tag). ``eprofile`` is the
 profile name with ``%`` and ``=`` escaped (``%25``, ``%3D``); ``kid`` is ``eprofile`` for a key
 without value and ``eprofile=value`` for one with a value (the first ``=`` splits them, values
-are taken as they are), so (profile, value) -> key is one-to-one.
+are taken as they are), so (profile, value) -> key is one-to-one. ``rid`` is the same for a
+rate bucket: the rule's name escaped like a profile's, then ``=value`` when the rate has one.
 """
 
 from __future__ import annotations
@@ -85,6 +88,10 @@ class KeyLayout:
     def value_key_base(self, profile: str) -> str:
         """What a value is appended to for the zset of (profile, value)."""
         return self.p + "k:" + escape(profile) + "="
+
+    def rate(self, rule: str, value: str | None) -> str:
+        """The hash of one call-rate bucket (rule, value)."""
+        return self.p + "r:" + kid(rule, value)
 
     @staticmethod
     def profile_field(profile: str) -> str:

@@ -53,6 +53,7 @@ from policy.store.base import (
     DialogStats,
     Page,
     PlanEntry,
+    RateEntry,
     ReserveResult,
 )
 from policy.store.redis.codec import (
@@ -406,16 +407,17 @@ class RedisStore(CounterStore):
     # -- operations --------------------------------------------------------------------------
 
     def reserve_command(self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float,
-                        token: str = "bench") -> tuple[list[str], list[Any]]:
+                        token: str = "bench", rates: Sequence[RateEntry] = ()) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of reserve.lua for this call (the benchmark replays them)."""
-        cmd = self._encoder.encode(call, plan, self._base(now), float(timeout), token, self._epoch or "", "")
+        cmd = self._encoder.encode(call, plan, self._base(now), float(timeout), token, self._epoch or "", "", rates)
         return cmd.keys, cmd.args
 
     async def reserve(
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
-        force: bool = False,
+        force: bool = False, rates: Sequence[RateEntry] = (),
     ) -> ReserveResult:
-        """Admit the call into every key of the plan, or into none (reserve.lua)."""
+        """Admit the call into every key of the plan and take a token of each rate, or do
+        nothing (reserve.lua)."""
         if self._rebuilding and not force:
             raise StoreError(REBUILDING)
         pipe = self._pipe
@@ -428,7 +430,7 @@ class RedisStore(CounterStore):
         base = now + self._offset
         epoch = "" if force else (self._epoch or "")
         flags = "f" if force else ""
-        cmd = self._encoder.encode(call, plan, base, timeout, token, epoch, flags)
+        cmd = self._encoder.encode(call, plan, base, timeout, token, epoch, flags, () if force else rates)
         head = ("EVALSHA", self._sha["reserve"], len(cmd.keys), *cmd.keys)
         undo = (call.uid, token)
         start = deadline - self.timeout
@@ -452,15 +454,23 @@ class RedisStore(CounterStore):
         n = len(cmd.profiles)
         try:
             sizes = [int(reply[2 + slot]) for slot in cmd.slots]
+            rate_blocked = None
+            tokens: list[float] = []
+            if cmd.rates and status in (0, 1):
+                rb = int(reply[2 + n])
+                rate_blocked = rb if rb >= 0 else None
+                tokens = [float(t) for t in reply[3 + n:3 + n + cmd.rates]]
         except (TypeError, ValueError, IndexError) as exc:
             raise StoreError(f"unexpected reserve reply from redis: {exc!r}") from None
         if status == 1:
             rec = CallRecord(call.call_id, call.from_uri, call.to_uri, call.account, "early", now, None,
                              timeout, now + timeout, cmd.profiles, call.from_tag, call.node, token,
                              dict(call.vars) if call.vars else {})
-            return ReserveResult(True, False, None, sizes, rec)
+            return ReserveResult(True, False, None, sizes, rec, False, None, tokens)
         if status == 0:
-            return ReserveResult(False, False, int(reply[1]), sizes, None)
+            blocked = int(reply[1])
+            return ReserveResult(False, False, blocked if blocked >= 0 else None, sizes, None, False,
+                                 rate_blocked, tokens)
         held = decode_record(reply[2 + n:], self._offset)
         if status == 2:
             return ReserveResult(True, True, None, sizes, held)
