@@ -7,7 +7,6 @@ import gc
 import time
 from pathlib import Path
 
-from policy import logs
 from policy.auth import Peer
 from policy.server import freeze_loop
 from policy.service import PolicyService
@@ -21,7 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 async def test_the_request_path_makes_no_cyclic_garbage() -> None:
     """What freeze_loop relies on: checks, ends and bad requests leave nothing for the cyclic GC
     (everything they allocate is freed by reference counting)."""
-    logs.configure("critical", "json")
     svc = PolicyService(ROOT / "rules", EmbeddedStore())
     peer = Peer("tcp", "x", "admin")
     gc.collect()
