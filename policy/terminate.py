@@ -153,13 +153,14 @@ class Terminator:
         for r in reports:
             for d in r.get("dialogs", ()):
                 d["released"] = call_uid(d["call_id"], d["from_tag"]) in gone
-        body: dict[str, Any] = {"call_id": call_id, "held": rec is not None, "nodes": list(reports),
+        held = rec is not None or bool(gone)
+        body: dict[str, Any] = {"call_id": call_id, "held": held, "nodes": list(reports),
                                 "terminated": len(ended), "released": len(gone)}
         if rec is not None and rec.node not in self.nodes:
             body["admitted_by"] = rec.node
-        log.info("call_terminate", call_id=call_id, from_tag=from_tag, held=rec is not None, nodes=names,
+        log.info("call_terminate", call_id=call_id, from_tag=from_tag, held=held, nodes=names,
                  terminated=len(ended), released=len(gone),
-                 errors=[r["error"] for r in reports if "error" in r] or None, by=by)
+                 errors=[r["error"] for r in reports if "error" in r] or None, by=by or None)
         return body
 
     async def key(self, profile: str, value: str | None, wait: float, by: str | None) -> dict[str, Any]:
@@ -209,7 +210,7 @@ class Terminator:
         gone = await self._released(ended_uids, wait) if ended_uids else set()
         self.counters["calls"] += len(seen)
         log.info("profile_terminate", profile=profile, value=value, calls=len(seen), terminated=len(ended_uids),
-                 released=len(gone), skipped=len(skipped), errors=errors, by=by)
+                 released=len(gone), skipped=len(skipped), errors=errors, by=by or None)
         return {"profile": profile, "value": value, "calls": len(seen), "terminated": len(ended_uids),
                 "released": len(gone), "errors": errors, "skipped": len(skipped),
                 "skipped_calls": [{"call_id": r.call_id, "from_tag": r.from_tag, "node": r.node}
