@@ -38,9 +38,7 @@ class Cap:
 
     def describe(self) -> str:
         """'rule account-cap: max' (+ the per-call note), for tables and logs."""
-        text = f"rule {self.rule}: {self.how}"
-        if self.shadow:
-            text += " (shadow)"
+        text = f"rule {self.rule}{' (shadow: logs, never refuses)' if self.shadow else ''}: {self.how}"
         if self.per_call:
             text += f"; calls that carry {self.per_call} may have another cap"
         return text

@@ -89,7 +89,7 @@ class PreviewResult:
             out = [f"no profile key over its cap ({self.keys} keys looked at)"]
         else:
             out = [f"{self.count} profile key(s) over their cap by {self.calls_over} call(s) in all "
-                   f"({self.keys} keys looked at); new calls into them are refused until enough end:"]
+                   f"({self.keys} keys looked at); an enforced cap refuses new calls into its key until enough end:"]
             for o in self.over:
                 out.append(f"  {o.key}: {o.size} calls, cap {o.cap.limit}, over by {o.over}  ({o.cap.describe()})")
             if self.truncated:

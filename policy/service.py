@@ -566,6 +566,8 @@ class PolicyService:
                     entry.update(limit=pc.cap.limit, shadow=pc.cap.shadow)
                 offer(p, None, size, pc)
             elif pc is not None:  # a limited with-value profile: walk its values, bounded
+                if pc.cap is not None:
+                    entry["limit_each"] = pc.cap.limit  # a value without an override
                 values = 0
                 cursor = ""
                 while scanned < TOP_SCAN_MAX:

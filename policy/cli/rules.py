@@ -62,8 +62,7 @@ def cmd_check_rules(args: argparse.Namespace) -> int:
         print_json({"ok": True, "version": rs.version, "rules": len(rs.rules), "preview": result.to_json()})
         return 0
     print(summary)
-    print("against the running service's counts (calls already up are never cut; a key over its cap "
-          "refuses new calls until enough end):")
+    print("against the running service's counts (calls already up are never cut by new rules):")
     for line in result.lines():
         print(line)
     return 0

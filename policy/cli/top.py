@@ -87,7 +87,8 @@ def render(r: dict[str, Any], prev: dict[str, Any] | None, where: str) -> Group:
     for col in ("PROFILE", "CALLS", "CAP", "VALUES"):
         profiles.add_column(col, justify="left" if col == "PROFILE" else "right")
     for p in r["profiles"]:
-        profiles.add_row(p["profile"], str(p["size"]), str(p.get("limit", "-")), str(p.get("values", "-")))
+        cap = str(p["limit"]) if "limit" in p else (f"{p['limit_each']} each" if "limit_each" in p else "-")
+        profiles.add_row(p["profile"], str(p["size"]), cap, str(p.get("values", "-")))
 
     health = Table(title="health", title_justify="left", box=None, show_header=False, pad_edge=False)
     health.add_column(style="bold")
