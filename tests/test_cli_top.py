@@ -58,6 +58,10 @@ async def test_top_op_nearest_caps_and_bounded_walk(tmp_path: Path, monkeypatch:
         assert prof["account"]["limit_each"] == 10 and prof["account"]["values"] == 3
         assert r["dialogs"]["early_dialogs"] == 6 and r["decisions"]["allow"] == 6
         assert r["shadow"] == 0 and r["latency"]["count"] == 6 and not r["scan_truncated"]
+        # refreshes within TOP_CACHE_SECONDS share one walk of the values; the counters are fresh
+        await chk("zeta3", "zeta")
+        again = await svc.handle({"op": "top", "limit": 3})
+        assert again["nearest"][2]["size"] == 3 and again["decisions"]["allow"] == 7
         monkeypatch.setattr(policy.service, "TOP_SCAN_MAX", 2)
         monkeypatch.setattr(policy.service, "TOP_CACHE_SECONDS", 0.0)
         r = await svc.handle({"op": "top", "limit": 3})

@@ -166,6 +166,14 @@ def _leg(row: dict[str, Any], side: str, key: str) -> str:
     return str(value) if value is not None else ""
 
 
+def dialog_token(row: dict[str, Any]) -> str:
+    """The admission token the config keeps with a listed dialog (`$dlg_var(cp_token)`), or ""."""
+    for item in row.get("variables") or ():
+        if isinstance(item, dict) and isinstance(item.get("cp_token"), str):
+            return str(item["cp_token"])
+    return ""
+
+
 def end_request(row: dict[str, Any]) -> tuple[str, str, str, list[str] | None]:
     """How to end one listed dialog: (from_tag, state, action, params of the RPC or None).
 
@@ -463,7 +471,7 @@ class EvapiNode:
                     error = str(exc)
             log.info("evapi_dialog_end", node=self.name, call_id=call_id, from_tag=ftag, state=state,
                      action=action, error=error or None)
-            out.append(EndedDialog(str(row["call-id"]), ftag, state, action, error))
+            out.append(EndedDialog(str(row["call-id"]), ftag, state, action, error, dialog_token(row)))
         return out
 
     # -- connection life ----------------------------------------------------------------
