@@ -3,6 +3,7 @@ against a real `callpolicy serve` taking traffic."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -93,10 +94,8 @@ class Screen:
     def read(self, timeout: float = 0.2) -> None:
         ready, _, _ = select.select([self.master], [], [], timeout)
         if ready:
-            try:
+            with contextlib.suppress(OSError):  # the child closed the terminal
                 self.raw += os.read(self.master, 1 << 20)
-            except OSError:
-                pass
 
     @property
     def text(self) -> str:

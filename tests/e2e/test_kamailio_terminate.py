@@ -3,12 +3,13 @@ real Kamailio, real UAs) and the counts drop with Kamailio's own end notices.
 
 An answered call: `dlg.terminate_dlg` - both UAs get a BYE, the `dialog:end` notice (reason
 "admin") releases the counts (or, in the run in ~20 where Kamailio 5.6.3 skips that notice
-because the caller's 200 for its BYE came back first, the service's own release after the RPC,
-logged `terminate_released`: either way the count is 0 when `terminate` answers). A ringing call: `tm.cancel` - the callee gets a CANCEL, the caller
-a 487, the `dialog:failed` notice releases the counts. (Kamailio 5.6 sends no BYE for an early
-dialog: `dlg.terminate_dlg`/`dlg.end_dlg` on one log "terminating non-confirmed dialogs not
-supported", still run `dialog:failed` and leave the call ringing - a call up but not counted;
-that is why early dialogs are cancelled.)"""
+because a 200 for its BYE came back first, the service's own release after the RPC, logged
+`terminate_released`: either way the count is 0 when `terminate` answers).
+A ringing call: `tm.cancel` - the callee gets a CANCEL, the caller a 487, the `dialog:failed`
+notice releases the counts. (Kamailio 5.6 sends no BYE for an early dialog: `dlg.terminate_dlg`
+/ `dlg.end_dlg` on one log "terminating non-confirmed dialogs not supported", still run
+`dialog:failed` and leave the call ringing - a call up but not counted; that is why early
+dialogs are cancelled.)"""
 
 from __future__ import annotations
 
