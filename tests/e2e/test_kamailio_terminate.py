@@ -94,6 +94,8 @@ def test_terminate_answered_calls_both_sides_get_a_bye(make_stack: StackFactory)
         assert {e["action"] for e in log_events(st.svc, "evapi_dialog_end")} == {"bye"}
         assert bob.bye() == 200
         wait_for(lambda: profile_size(st.port, "total") == 0 and st.kam.active_dialogs() == 0, 5, "all calls over")
+        # a caller's own BYE is still reason bye: the "admin" flag lives only around the RPC
+        assert (bob.call_id, "bye") in {(e["call_id"], e["reason"]) for e in log_events(st.svc, "call_end")}
 
         r = cli("terminate", "no-such-call@127.0.0.1", "--server", srv)
         assert r.returncode == 1 and "no dialog no-such-call@127.0.0.1 ended: no node has it" in r.stdout
