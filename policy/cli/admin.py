@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -112,7 +113,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def _profile_values(args: argparse.Namespace) -> int:
     if args.value is not None:
-        print("callpolicy: `profile values` takes a profile only (its values are what it lists)")
+        print("callpolicy: `profile values` takes a profile only (its values are what it lists)", file=sys.stderr)
         return 2
     with client(args) as c:
         values, err = _pages(c, "profile_values", "values", None, profile=args.profile)
@@ -144,7 +145,7 @@ def cmd_end(args: argparse.Namespace) -> int:
     The calls stay up in the proxy: `terminate` ends them there."""
     if args.profile is None:
         if args.target is None:
-            print("callpolicy: end CALL-ID, or end --profile PROFILE [VALUE]")
+            print("callpolicy: end CALL-ID, or end --profile PROFILE [VALUE]", file=sys.stderr)
             return 2
         with client(args) as c:
             r = c.request("release", call_id=args.target, from_tag=args.from_tag)
@@ -193,7 +194,7 @@ def cmd_terminate(args: argparse.Namespace) -> int:
     """Ask the Kamailio that holds a call (or every call in a profile key) to end it."""
     if args.profile is None:
         if args.target is None:
-            print("callpolicy: terminate CALL-ID, or terminate --profile PROFILE VALUE")
+            print("callpolicy: terminate CALL-ID, or terminate --profile PROFILE VALUE", file=sys.stderr)
             return 2
         with client(args, timeout=args.timeout + args.wait) as c:
             r = c.request("terminate", call_id=args.target, from_tag=args.from_tag, wait=args.wait)

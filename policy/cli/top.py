@@ -109,7 +109,8 @@ def render(r: dict[str, Any], prev: dict[str, Any] | None, where: str) -> Group:
             health.add_row(f"node {name}", state)
     rec = r.get("reconcile")
     if isinstance(rec, dict) and rec.get("runs") is not None:
-        health.add_row("reconcile", f"{rec.get('runs')} runs")
+        health.add_row("reconcile", f"{rec['runs']} runs, {rec.get('reconciled_released', 0)} released, "
+                                    f"{rec.get('reconciled_added', 0)} added, {rec.get('errors', 0)} errors")
     if r.get("scan_truncated"):
         health.add_row("note", f"only the first {r['values_scanned']} values were looked at")
     return Group(head, Text(""), counts, Text(""), near, Text(""), profiles, Text(""), health)

@@ -13,6 +13,7 @@ dialogs are cancelled.)"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -67,6 +68,11 @@ def test_terminate_answered_calls_both_sides_get_a_bye(make_stack: StackFactory)
         assert [c.invite() for c in calls] == [200, 200, 200], st.dump()
         assert profile_size(st.port, "account", "acme") == 2 and profile_size(st.port, "account", "bob") == 1
         wait_for(lambda: profile_size(st.port, "total") == 3 and st.kam.active_dialogs() == 3, 5, "3 calls up")
+
+        top = cli("top", "--once", "--server", srv)
+        assert top.returncode == 0 and re.search(r"account\s+acme\s+2/3", top.stdout), top.stdout + top.stderr
+        assert re.search(rf"node {re.escape(st.kam.evapi)}\s+connected", top.stdout), top.stdout
+        assert re.search(r"reconcile\s+\d+ runs, 0 released, 0 added, 0 errors", top.stdout), top.stdout
 
         r = cli("terminate", calls[0].call_id, "--server", srv)
         assert r.returncode == 0, r.stdout + r.stderr + st.dump()
