@@ -102,7 +102,7 @@ class PolicyService:
         self.terminator = Terminator(self)  # evapi nodes register with it: `terminate` ends calls in them
         self.last_preview: PreviewResult | None = None
         self._preview_task: asyncio.Task[PreviewResult | None] | None = None
-        self._caps: tuple[tuple[int, float], dict[str, ProfileCaps]] | None = None
+        self._caps: tuple[tuple[str, float], dict[str, ProfileCaps]] | None = None
         self._top_cache: tuple[float, int, dict[str, Any]] | None = None
         self.on_call_end: list[Callable[[CallRecord, str, float], None]] = []
         self._watch_sig: tuple[tuple[str, int, int], ...] | None = None
@@ -528,7 +528,7 @@ class PolicyService:
         return body
 
     def _caps_now(self, now: float) -> dict[str, ProfileCaps]:
-        key = (id(self.ruleset), now // 60)  # schedule windows are whole minutes
+        key = (self.ruleset.version, now // 60)  # the version hashes every rule and data file; windows are minutes
         if self._caps is None or self._caps[0] != key:
             self._caps = (key, profile_caps(self.ruleset, now))
         return self._caps[1]
