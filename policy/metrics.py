@@ -16,6 +16,8 @@ Per-value series are bounded: a with-value profile gets `callpolicy_profile_valu
 only for the values named in the rules' overrides, the values at >= `near_limit` of their
 limit, and the `top_n` biggest - at most `max_values` per profile. Every other value is
 only in the profile's total (`callpolicy_profile_size`) and count (`callpolicy_profile_values`).
+The `_limit` gauges are the caps in force at the sample (`policy.caps`: overrides, the
+schedule window of the time, `max`).
 
 Each family comes from what the service or a provider exposes; a provider that is not
 there (no evapi nodes, no RADIUS, no loop-lag probe) yields nothing. docs/operations.md
@@ -45,6 +47,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from policy import __version__
+from policy.caps import ProfileCaps, profile_caps
 from policy.errors import StoreError
 from policy.latency import LatencyHistogram
 from policy.store.base import MAX_PAGE, DialogStats
@@ -73,45 +76,6 @@ class Snapshot:
     notices: dict[str, Any]
     providers: dict[str, Any]
     latency: LatencyHistogram
-
-
-@dataclass
-class Cap:
-    """What the rules say a profile's keys may hold (for the `_limit` gauges)."""
-
-    default: int | None = None  # the smallest enforced `max` (shadow ones if no rule enforces)
-    overrides: dict[str, int] = field(default_factory=dict)
-    shadow: bool = False
-
-    def limit_for(self, value: str | None) -> int | None:
-        """The cap of one value."""
-        if value is not None and value in self.overrides:
-            return self.overrides[value]
-        return self.default
-
-
-def profile_caps(ruleset: Any) -> dict[str, Cap]:
-    """Per profile: the smallest cap any rule puts on it (enforced rules first; shadow ones if none).
-
-    Approximate where rules are: a rule's conditions and schedule are not looked at, and
-    with several rules limiting one profile each value gets the smallest of their caps.
-    """
-    enforced: dict[str, list[Any]] = {}
-    shadow: dict[str, list[Any]] = {}
-    for rule in getattr(ruleset, "rules", ()):
-        lim = getattr(rule, "limit", None)
-        if lim is None:
-            continue
-        (shadow if getattr(rule, "shadow", False) else enforced).setdefault(lim.profile, []).append(lim)
-    caps: dict[str, Cap] = {}
-    for profile in set(enforced) | set(shadow):
-        lims = enforced.get(profile) or shadow[profile]
-        is_shadow = profile not in enforced
-        default = min(int(lim.max) for lim in lims)
-        names = {v for lim in lims for v in getattr(lim, "overrides", {})}
-        overrides = {v: min(int(lim.overrides.get(v, lim.max)) for lim in lims) for v in names}
-        caps[profile] = Cap(default, overrides, is_shadow)
-    return caps
 
 
 @dataclass
@@ -185,7 +149,7 @@ class MetricsState:
         rs = svc.ruleset
         now = svc.clock.now()
         sample = ProfileSample(time.time())
-        caps = profile_caps(rs)
+        caps = profile_caps(rs, now)
         for p in sorted(rs.profiles):
             sample.sizes[p] = await store.profile_size(p, None, now)
         for p in sorted(rs.no_value):
@@ -197,7 +161,7 @@ class MetricsState:
         self.profiles = sample
         return sample
 
-    async def _sample_values(self, profile: str, cap: Cap | None, now: float, sample: ProfileSample) -> None:
+    async def _sample_values(self, profile: str, cap: ProfileCaps | None, now: float, sample: ProfileSample) -> None:
         store = self.service.store
         named: dict[str, int] = dict.fromkeys(cap.overrides, 0) if cap else {}
         near: list[tuple[float, str, int]] = []  # min-heaps, bounded

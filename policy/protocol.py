@@ -161,7 +161,24 @@ class Release(Request, tag="release", kw_only=True, frozen=True):
 
 
 class Reload(Request, tag="reload", kw_only=True, frozen=True):
-    """Reload the rules now."""
+    """Reload the rules now; the reply's `preview` lists the profile keys over their new caps."""
+
+
+class Top(Request, tag="top", kw_only=True, frozen=True):
+    """One refresh of `callpolicy top`: counters, dialogs, health, the keys nearest their caps."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+
+
+class Terminate(Request, tag="terminate", kw_only=True, frozen=True):
+    """Ask the proxy that holds a call (`call_id`, `from_tag` unless any), or every call in a
+    profile key, to end it (BYE/CANCEL); `wait` seconds for the releases its notices bring."""
+
+    call_id: str | None = None
+    from_tag: str | None = None
+    profile: str | None = None
+    value: str | None = None
+    wait: Annotated[float, msgspec.Meta(ge=0, le=30)] = 2.0
 
 
 class Reconcile(Request, tag="reconcile", kw_only=True, frozen=True):
@@ -173,10 +190,10 @@ class Reconcile(Request, tag="reconcile", kw_only=True, frozen=True):
 
 AnyRequest = (
     Check | Answer | Refresh | End | SetVar | Ping | Auth | Stats | ProfileSize | ProfileList
-    | ProfileValues | Release | Reload | Reconcile
+    | ProfileValues | Release | Reload | Reconcile | Top | Terminate
 )
 OPS: tuple[type[Request], ...] = (Check, Answer, Refresh, End, SetVar, Ping, Auth, Stats, ProfileSize,
-                                  ProfileList, ProfileValues, Release, Reload, Reconcile)
+                                  ProfileList, ProfileValues, Release, Reload, Reconcile, Top, Terminate)
 OP_NAMES = tuple(str(t.__struct_config__.tag) for t in OPS)
 _decoder = msgspec.json.Decoder(AnyRequest)
 _ECHO = ("id", "tindex", "tlabel")

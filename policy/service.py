@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import os
@@ -25,14 +26,17 @@ import structlog
 from policy import decision, logs
 from policy import protocol as P
 from policy.auth import LOCAL, Peer, Tokens
+from policy.caps import ProfileCaps, profile_caps
 from policy.clock import Clock, SystemClock
 from policy.errors import RequestError, RuleError, StoreError
 from policy.latency import LatencyHistogram
 from policy.notices import Notice, NoticeQueue
 from policy.plan import PlanEntry, RateEntry
+from policy.preview import Preview, PreviewResult
 from policy.ratelimit_log import RateLimitedLog
 from policy.rules import REQUEST_FIELDS, Ruleset, load_rules, request_fields, rule_files
 from policy.store.base import MAX_PAGE, CallInfo, CallRecord, CounterStore, DialogStats, ReserveResult, call_uid
+from policy.terminate import Terminator
 
 log = structlog.get_logger("policy.service")
 
@@ -41,6 +45,12 @@ _FIELD_ATTRS = tuple((name, "from_" if name == "from" else name) for name in REQ
 Handler = Callable[[Any, Peer], Awaitable[dict[str, Any]]]
 #: Ends the proxy reports (BYE, CANCEL, a failure); any other reason is a release we decided.
 PROXY_END_REASONS = frozenset({"bye", "cancel", "failed"})
+#: `top`: most per-value sizes one refresh reads (over every with-value profile), and how long
+#: a computed overview of the profiles is reused (several `top` screens cost one walk).
+TOP_SCAN_MAX = 100_000
+TOP_CACHE_SECONDS = 0.9
+#: The reload preview's log line lists at most this many over-limit keys (most over first).
+PREVIEW_LOG_ITEMS = 20
 
 
 _NO_FIELDS: dict[str, Any] = {}
@@ -105,6 +115,11 @@ class PolicyService:
         self.notices = NoticeQueue(store, self.clock.now, max_age=max(default_timeout, self.limits.max_timeout),
                                    on_end=self.ended)
         self.reconciler: Any = None  # policy.reconcile.Reconciler, when proxies can be asked
+        self.terminator = Terminator(self)  # evapi nodes register with it: `terminate` ends calls in them
+        self.last_preview: PreviewResult | None = None
+        self._preview_task: asyncio.Task[PreviewResult | None] | None = None
+        self._caps: tuple[tuple[str, float], dict[str, ProfileCaps]] | None = None
+        self._top_cache: tuple[float, int, dict[str, Any]] | None = None
         self.on_call_end: list[Callable[[CallRecord, str, float], None]] = []
         self._watch_sig: tuple[tuple[str, int, int], ...] | None = None
         # admission tokens: unique per process start and per admission, short on the wire
@@ -125,6 +140,8 @@ class PolicyService:
             P.Release: self.op_release,
             P.Reload: self.op_reload,
             P.Reconcile: self.op_reconcile,
+            P.Top: self.op_top,
+            P.Terminate: self.op_terminate,
         }
 
     # -- entry points ---------------------------------------------------------------------
@@ -504,12 +521,123 @@ class PolicyService:
         return body
 
     async def op_reload(self, req: P.Reload, peer: Peer) -> dict[str, Any]:
-        """Reload the rules now; a broken file is refused and the old rules stay."""
+        """Reload the rules now; a broken file is refused and the old rules stay. The reply's
+        `preview` lists the profile keys over their new caps (`policy.preview`)."""
         try:
             self.reload()
         except RuleError as exc:
             raise RequestError("rules_invalid", str(exc)) from None
-        return {"rules_version": self.ruleset.version, "rules_loaded": len(self.ruleset.rules)}
+        body: dict[str, Any] = {"rules_version": self.ruleset.version, "rules_loaded": len(self.ruleset.rules)}
+        task = self._preview_task
+        if task is not None:
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # this request was cancelled, not the preview
+                result = None  # superseded by a later reload
+            if result is not None:
+                body["preview"] = result.to_json()
+        return body
+
+    async def op_top(self, req: P.Top, peer: Peer) -> dict[str, Any]:
+        """One refresh of `callpolicy top`: counters, dialogs, health and the profile keys nearest
+        their caps (the per-value walk is bounded and shared by refreshes within a second)."""
+        now = self.clock.now()
+        dialogs = await self.store.stats(now)
+        self.last_dialogs = dialogs
+        hist = self.check_latency
+        body: dict[str, Any] = {
+            "time": time.time(),
+            "uptime": round(time.time() - self.started, 3),
+            "rules_version": self.ruleset.version,
+            "rules_loaded": len(self.ruleset.rules),
+            "dialogs": dialogs.to_json(),
+            "decisions": dict(sorted(self.totals.items())),
+            "shadow": sum(n for (_rule, outcome), n in self.decisions.items() if outcome == "would_deny"),
+            "latency": {"count": hist.count, "sum": hist.sum},
+            "store": self.store.name,
+            "store_info": self.store.info(),
+            "notices": self.notices.info(),
+        }
+        for name, provider in self.info_providers.items():
+            body[name] = provider()
+        body.update(await self._overview(req.limit, now))
+        return body
+
+    def _caps_now(self, now: float) -> dict[str, ProfileCaps]:
+        key = (self.ruleset.version, now // 60)  # the version hashes every rule and data file; windows are minutes
+        if self._caps is None or self._caps[0] != key:
+            self._caps = (key, profile_caps(self.ruleset, now))
+        return self._caps[1]
+
+    async def _overview(self, limit: int, now: float) -> dict[str, Any]:
+        cached = self._top_cache
+        mono = time.monotonic()
+        if cached is not None and mono - cached[0] < TOP_CACHE_SECONDS and cached[1] >= limit:
+            return {**cached[2], "nearest": cached[2]["nearest"][:limit]}
+        rs, store = self.ruleset, self.store
+        caps = self._caps_now(now)
+        near: list[tuple[float, int, str, str, dict[str, Any]]] = []  # a min-heap of the `limit` nearest
+
+        def offer(profile: str, value: str | None, size: int, pc: ProfileCaps | None) -> None:
+            cap = pc.cap_for(value) if pc is not None else None
+            if cap is None or size <= 0:
+                return
+            ratio = size / cap.limit if cap.limit else float("inf")
+            item = (ratio, size, profile, value or "", {"profile": profile, "value": value, "size": size,
+                                                         "limit": cap.limit, "rule": cap.rule, "shadow": cap.shadow})
+            if len(near) < limit:
+                heapq.heappush(near, item)
+            elif item[:4] > near[0][:4]:
+                heapq.heapreplace(near, item)
+
+        profiles = []
+        scanned = 0
+        truncated = False
+        for p in sorted(rs.profiles):
+            size = await store.profile_size(p, None, now)
+            pc = caps.get(p)
+            entry: dict[str, Any] = {"profile": p, "size": size}
+            if p in rs.no_value:
+                if pc is not None and pc.cap is not None:
+                    entry.update(limit=pc.cap.limit, shadow=pc.cap.shadow)
+                offer(p, None, size, pc)
+            elif pc is not None:  # a limited with-value profile: walk its values, bounded
+                if pc.cap is not None:
+                    entry["limit_each"] = pc.cap.limit  # a value without an override
+                values = 0
+                cursor = ""
+                while scanned < TOP_SCAN_MAX:
+                    page = await store.profile_values(p, now, cursor, min(MAX_PAGE, TOP_SCAN_MAX - scanned))
+                    for value, vsize in page.items:
+                        offer(p, value, vsize, pc)
+                    values += len(page.items)
+                    scanned += len(page.items)
+                    if not page.cursor:
+                        break
+                    cursor = page.cursor
+                    await asyncio.sleep(0)
+                else:
+                    truncated = True
+                entry["values"] = values
+            profiles.append(entry)
+        over = {"profiles": profiles, "values_scanned": scanned, "scan_truncated": truncated,
+                "nearest": [e[4] for e in sorted(near, key=lambda e: e[:4], reverse=True)]}
+        self._top_cache = (mono, limit, over)
+        return over
+
+    async def op_terminate(self, req: P.Terminate, peer: Peer) -> dict[str, Any]:
+        """End a call (or every call in a profile key) in the proxy that holds it (`policy.terminate`)."""
+        if req.call_id is not None:
+            if req.profile is not None:
+                raise RequestError("bad_field", "give 'call_id' or 'profile', not both")
+            self._uid(req.call_id, req.from_tag or "")  # bounds the fields
+            return await self.terminator.call(req.call_id, req.from_tag, req.wait, peer.name)
+        if req.profile is None:
+            raise RequestError("missing_field", "'call_id' or 'profile' is required")
+        self._profile_arg(req.profile, req.value)
+        return await self.terminator.key(req.profile, req.value, req.wait, peer.name)
 
     async def op_reconcile(self, req: P.Reconcile, peer: Peer) -> dict[str, Any]:
         """Compare the store with the proxies' dialog lists now and repair (or only report) it."""
@@ -553,7 +681,49 @@ class PolicyService:
         self.last_reload_error = None
         log.info("rules_reloaded", version=new.version, previous=old, rules=len(new.rules),
                  files=[Path(f).name for f in new.files])
+        self._start_preview(new)
         return new
+
+    def _start_preview(self, ruleset: Ruleset) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # reloaded outside the loop (a synchronous caller): no sizes to compare with
+        if self._preview_task is not None and not self._preview_task.done():
+            self._preview_task.cancel()  # superseded by this reload
+        self._preview_task = loop.create_task(self._log_preview(ruleset), name="reload preview")
+
+    async def preview(self, ruleset: Ruleset, max_items: int = 50) -> PreviewResult:
+        """The profile keys over `ruleset`'s caps now, from the store (paged, a page per loop turn)."""
+        now = self.clock.now()
+        pv = Preview(ruleset, now, max_items)
+        store = self.store
+        for p in pv.whole_profiles():
+            pv.add(p, None, await store.profile_size(p, None, now))
+        for p in pv.value_profiles():
+            cursor = ""
+            while True:
+                page = await store.profile_values(p, now, cursor, MAX_PAGE)
+                pv.add_values(p, page.items)
+                if not page.cursor:
+                    break
+                cursor = page.cursor
+                await asyncio.sleep(0)
+        return pv.finish()
+
+    async def _log_preview(self, ruleset: Ruleset) -> PreviewResult | None:
+        """The `reload_preview` log line (warning when keys are over their caps)."""
+        try:
+            result = await self.preview(ruleset)
+        except StoreError as exc:
+            log.warning("reload_preview_failed", version=ruleset.version, error=str(exc))
+            return None
+        self.last_preview = result
+        (log.warning if result.count else log.info)(
+            "reload_preview", version=ruleset.version, over=result.count, calls_over=result.calls_over,
+            keys=result.keys, over_limit=[o.to_json() for o in result.over[:PREVIEW_LOG_ITEMS]],
+            truncated=result.count > PREVIEW_LOG_ITEMS or None)
+        return result
 
     def _signature(self) -> tuple[tuple[str, int, int], ...]:
         sig = []

@@ -38,7 +38,11 @@ Replies are written as soon as each is ready. `TCP_NODELAY` is set on connect an
 after every read (Kamailio sets neither; without the quick ACK its writes wait ~20 ms).
 
 Each node is a `policy.reconcile.DialogSource`: after every successful authentication it asks
-the reconciler (`service.reconciler`) to compare its dialog list with the store.
+the reconciler (`service.reconciler`) to compare its dialog list with the store. It is also a
+`policy.terminate.DialogEnder`: `end_dialogs` reads the dialog (`dlg.dlg_list`) and ends it
+with `dlg.terminate_dlg CALLID FROMTAG TOTAG` when confirmed (a BYE to both sides; Kamailio
+5.6 sends BYE only for a confirmed dialog), with `tm.cancel CALLID CSEQ` when early (a CANCEL
+to the callee, whose 487 goes back to the caller).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from policy.auth import Peer
 from policy.errors import ProtocolError, RequestError
 from policy.reconcile import DialogDetail, DialogSourceError, LiveDialog
 from policy.settings import split_hostport
+from policy.terminate import EndedDialog
 from policy.wire import Framing, StreamDecoder, encode
 
 log = structlog.get_logger("policy.transports.evapi")
@@ -147,6 +152,47 @@ def parse_dialog(result: Any) -> DialogDetail | None:
     return DialogDetail(result["call-id"], str(from_tag or ""),
                         _STATES.get(int(result.get("state") or 0), "ended"), float(result.get("init_ts") or 0),
                         request, variables.get("cp_token", ""))
+
+
+def dialog_rows(result: Any) -> list[dict[str, Any]]:
+    """`dlg.dlg_list CALLID [FROMTAG]` -> its dialogs: none ({}), one (an object) or several (a list)."""
+    rows = result if isinstance(result, list) else [result]
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("call-id"), str)]
+
+
+def _leg(row: dict[str, Any], side: str, key: str) -> str:
+    leg = row.get(side)
+    value = leg.get(key) if isinstance(leg, dict) else None
+    return str(value) if value is not None else ""
+
+
+def dialog_token(row: dict[str, Any]) -> str:
+    """The admission token the config keeps with a listed dialog (`$dlg_var(cp_token)`), or ""."""
+    for item in row.get("variables") or ():
+        if isinstance(item, dict) and isinstance(item.get("cp_token"), str):
+            return str(item["cp_token"])
+    return ""
+
+
+def end_request(row: dict[str, Any]) -> tuple[str, str, str, list[str] | None]:
+    """How to end one listed dialog: (from_tag, state, action, params of the RPC or None).
+
+    Confirmed (3, 4): `dlg.terminate_dlg [callid, fromtag, totag]` (BYE both ways); early
+    (1, 2): `tm.cancel [callid, cseq]` (CANCEL downstream); deleted (5): nothing, it is ending.
+    """
+    call_id = str(row["call-id"])
+    from_tag = _leg(row, "caller", "tag")
+    code = int(row.get("state") or 0)
+    state = _STATES.get(code, "ended")
+    if code in (3, 4):
+        return from_tag, state, "bye", [call_id, from_tag, _leg(row, "callee", "tag")]
+    if code in (1, 2):
+        cseq = _leg(row, "caller", "cseq").split(" ", 1)[0] or "1"
+        return from_tag, state, "cancel", [call_id, cseq]
+    return from_tag, state, "none", None
+
+
+_END_METHODS = {"bye": "dlg.terminate_dlg", "cancel": "tm.cancel"}
 
 
 # -- the connection ------------------------------------------------------------------------
@@ -409,6 +455,25 @@ class EvapiNode:
         params = [call_id, from_tag] if from_tag else [call_id]
         return parse_dialog(await self._rpc("dlg.dlg_list", params))
 
+    # -- DialogEnder ----------------------------------------------------------------------
+
+    async def end_dialogs(self, call_id: str, from_tag: str) -> list[EndedDialog]:
+        """End this node's dialogs with the Call-ID (and From-tag unless ""): BYE or CANCEL."""
+        params = [call_id, from_tag] if from_tag else [call_id]
+        out = []
+        for row in dialog_rows(await self._rpc("dlg.dlg_list", params)):
+            ftag, state, action, rpc_params = end_request(row)
+            error = ""
+            if rpc_params is not None:
+                try:
+                    await self._rpc(_END_METHODS[action], rpc_params)
+                except DialogSourceError as exc:
+                    error = str(exc)
+            log.info("evapi_dialog_end", node=self.name, call_id=call_id, from_tag=ftag, state=state,
+                     action=action, error=error or None)
+            out.append(EndedDialog(str(row["call-id"]), ftag, state, action, error, dialog_token(row)))
+        return out
+
     # -- connection life ----------------------------------------------------------------
 
     async def _connect(self) -> EvapiProtocol:
@@ -489,9 +554,12 @@ async def start_evapi(service: Any, settings: Any, spawn: Spawn | None = None) -
                        evapi_max_message=getattr(settings, "evapi_max_message", None),
                        on_ready=reconciler.trigger if reconciler is not None else None)
              for name in dict.fromkeys(settings.evapi_nodes)]
+    terminator = getattr(service, "terminator", None)
     for node in nodes:
         if reconciler is not None:
             reconciler.add_source(node)
+        if terminator is not None:
+            terminator.add_node(node)
         # the server's supervisor (`spawn`) logs and restarts a node loop that fails
         node.task = (spawn(f"evapi {node.name}", node.run) if spawn is not None
                      else asyncio.create_task(node.run(), name=f"evapi {node.name}"))
@@ -504,6 +572,9 @@ async def start_evapi(service: Any, settings: Any, spawn: Spawn | None = None) -
 
     async def close() -> None:
         svc.info_providers.pop("evapi", None)
+        for node in nodes:
+            if terminator is not None:
+                terminator.remove_node(node.name)
         await asyncio.gather(*(n.close() for n in nodes))
         log.info("evapi_stopped", nodes=[n.name for n in nodes])
 
