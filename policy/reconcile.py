@@ -291,6 +291,7 @@ class Reconciler:
         req = self._request(detail)
         try:
             fields = svc.call_fields(req)
+            fields["node"] = source.name  # the node that really has the call
         except RequestError as exc:
             log.warning("reconcile_skipped", node=source.name, call_id=d.call_id, from_tag=d.from_tag or None,
                         error=exc.message)

@@ -200,11 +200,13 @@ class PolicyService:
             raise RequestError("bad_field", f"{name!r} is longer than {self.limits.max_field} characters")
         return value
 
-    def call_fields(self, req: P.CallFields) -> dict[str, str]:
-        """The rule-visible fields of a call (`policy.rules.request_fields`), lengths bounded."""
+    def call_fields(self, req: P.CallFields, peer: Peer | None = None) -> dict[str, str]:
+        """The rule-visible fields of a call (`policy.rules.request_fields`), lengths bounded;
+        `node` is where it came from (the peer's node, else its token's name)."""
         self._bounded("from_tag", req.from_tag)
         given = {name: getattr(req, attr) for name, attr in _FIELD_ATTRS}
-        return request_fields(req.call_id, given, req.attrs, self.limits.max_field)
+        node = (peer.node or peer.name) if peer is not None and peer is not LOCAL else ""
+        return request_fields(req.call_id, given, req.attrs, self.limits.max_field, node)
 
     def _vars(self, given: dict[str, str] | None) -> dict[str, str] | None:
         if not given:
@@ -228,7 +230,7 @@ class PolicyService:
     async def op_check(self, req: P.Check, peer: Peer) -> dict[str, Any]:
         """May this call start? Reserve its slots, or say which limit has no room."""
         t0 = time.perf_counter()
-        fields = self.call_fields(req)
+        fields = self.call_fields(req, peer)
         ruleset = self.ruleset
         now = self.clock.now()
         call = CallInfo(req.call_id, fields.get("from", ""), fields.get("to", ""), fields.get("account", ""),
@@ -353,7 +355,7 @@ class PolicyService:
         created = False
         if rec is None and req.create:
             # accounting-only platforms: count a call we never checked, without enforcing caps
-            fields = self.call_fields(req)
+            fields = self.call_fields(req, peer)
             plan = self.ruleset.evaluate(fields, now=now).plan
             call = CallInfo(req.call_id, fields.get("from", ""), fields.get("to", ""), fields.get("account", ""),
                             req.from_tag, peer.node, self._vars(req.vars))

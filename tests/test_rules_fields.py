@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policy.errors import RequestError
-from policy.rules import BUILTIN_FIELDS, REQUEST_FIELDS, TIME_FIELDS, URI_FIELDS, load_rules, request_fields
+from policy.rules import (
+    BUILTIN_FIELDS,
+    PEER_FIELDS,
+    REQUEST_FIELDS,
+    TIME_FIELDS,
+    URI_FIELDS,
+    load_rules,
+    request_fields,
+)
 from policy.rules.fields import is_attr_field
 from tests.test_rules import ROOT
 
@@ -17,7 +25,7 @@ from tests.test_rules import ROOT
 def test_the_lists_fit_together() -> None:
     """call_id + the request fields; every URI's user/domain is a request field; time is apart."""
     assert BUILTIN_FIELDS[0] == "call_id"
-    assert BUILTIN_FIELDS[1:] == REQUEST_FIELDS
+    assert BUILTIN_FIELDS[1:] == (*REQUEST_FIELDS, *PEER_FIELDS)
     for uri, user, domain in URI_FIELDS:
         assert {uri, user, domain} <= set(REQUEST_FIELDS)
     assert not set(TIME_FIELDS) & set(BUILTIN_FIELDS)

@@ -23,6 +23,7 @@ from policy.rules.conditions import COMBINATORS, OPERATORS, Cond
 from policy.rules.fields import (
     ATTR_PREFIX,
     BUILTIN_FIELDS,
+    PEER_FIELDS,
     REQUEST_FIELDS,
     TIME_FIELDS,
     URI_FIELDS,
@@ -48,6 +49,7 @@ __all__ = [
     "BUILTIN_FIELDS",
     "COMBINATORS",
     "OPERATORS",
+    "PEER_FIELDS",
     "REQUEST_FIELDS",
     "TIME_FIELDS",
     "URI_FIELDS",

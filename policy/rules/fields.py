@@ -31,8 +31,12 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "account",
     "src_ip",
 )
+#: Fields the service fills from where a check came, not from the check: `node` is the proxy
+#: node or named client that sent it (an evapi node's address, `radius:<client>`, a token's
+#: name; empty for an anonymous local client), so a rule can cap the calls each one holds.
+PEER_FIELDS: tuple[str, ...] = ("node",)
 #: Every field a rule can read from the request itself.
-BUILTIN_FIELDS: tuple[str, ...] = ("call_id", *REQUEST_FIELDS)
+BUILTIN_FIELDS: tuple[str, ...] = ("call_id", *REQUEST_FIELDS, *PEER_FIELDS)
 #: (uri field, its user field, its domain field).
 URI_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("from", "from_user", "from_domain"),
@@ -56,7 +60,7 @@ def is_attr_field(name: str) -> bool:
 
 
 def request_fields(call_id: str, given: Mapping[str, str | None], attrs: Mapping[str, str] | None = None,
-                   max_field: int = 0) -> dict[str, str]:
+                   max_field: int = 0, node: str = "") -> dict[str, str]:
     """The rule-visible fields of a call: `call_id`, the given string fields (`None` = absent;
     names from `REQUEST_FIELDS`), user/domain split out of the URIs unless given, and
     `attrs.NAME` for each entry of `attrs`. Types are the protocol's business (it decodes
@@ -82,4 +86,6 @@ def request_fields(call_id: str, given: Mapping[str, str | None], attrs: Mapping
         for name, val in req.items():
             if len(val) > max_field:
                 raise RequestError("bad_field", f"{name!r} is longer than {max_field} characters")
+    if node:
+        req["node"] = node
     return req
