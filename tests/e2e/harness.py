@@ -122,7 +122,10 @@ class Kamailio:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kamailio exited {self.proc.returncode}:\n{self.log()[-4000:]}")
-            return (self.dir / "kamailio_ctl").exists() and self.rpc_ok("core.uptime")
+            # the ctl socket answers before every process has its sockets: evapi listens in the
+            # EvAPI dispatcher, which may come up a moment later
+            return ((self.dir / "kamailio_ctl").exists() and self.rpc_ok("core.uptime")
+                    and tcp_listening(self.evapi_port))
 
         wait_for(up, timeout, "kamailio to start")
         return self
@@ -250,6 +253,18 @@ class Uas:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def tcp_listening(port: int) -> bool:
+    """Whether a socket LISTENs on TCP `port` (read from /proc/net/tcp: no connection is made)."""
+    want = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                parts = line.split()
+                if parts[1].endswith(want) and parts[3] == "0A":  # 0A = TCP_LISTEN
+                    return True
+    return False
 
 
 def udp_bound(port: int) -> bool:
