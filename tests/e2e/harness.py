@@ -54,6 +54,9 @@ class Kamailio:
     Subclasses running another config override `policy_defines()` (how it reaches callpolicy).
     """
 
+    #: whether its config loads evapi (start() then also waits for the evapi port)
+    listens_evapi = True
+
     def __init__(self, upstream_port: int, *, fail_open: bool = False, timeout_ms: int = 500,
                  children: int = 4, sip_port: int | None = None, evapi_port: int | None = None,
                  debug: int = 2, cfg: Path = CFG, defines: Sequence[str] = (),
@@ -125,7 +128,7 @@ class Kamailio:
             # the ctl socket answers before every process has its sockets: evapi listens in the
             # EvAPI dispatcher, which may come up a moment later
             return ((self.dir / "kamailio_ctl").exists() and self.rpc_ok("core.uptime")
-                    and tcp_listening(self.evapi_port))
+                    and (not self.listens_evapi or tcp_listening(self.evapi_port)))
 
         wait_for(up, timeout, "kamailio to start")
         return self

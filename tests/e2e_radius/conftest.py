@@ -101,6 +101,8 @@ class RadiusService:
 class Kamailio(harness.Kamailio):
     """The harness's Kamailio running kamailio-radius.cfg, radcli pointed at the service."""
 
+    listens_evapi = False  # the RADIUS config has no evapi
+
     def __init__(self, upstream_port: int, auth_port: int, acct_port: int, *, fail_open: bool = False,
                  children: int = 8, cfg: Path = CFG) -> None:
         super().__init__(upstream_port, fail_open=fail_open, children=children, cfg=cfg)
