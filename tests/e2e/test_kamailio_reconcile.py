@@ -5,6 +5,7 @@ an outage, and Redis restarted empty (when the Redis store has its data-loss hoo
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -250,8 +251,11 @@ def test_redis_restarted_empty_under_load(make_stack: StackFactory) -> None:
             wait_size(st.port, "account", "acme", 3, INTERVAL + 3)  # rebuilt from Kamailio's dialogs
             answered_after: list[int] = []
             while not load.done():
-                answered_after.append(profile_size(st.port, "account", "acme"))
+                # a poll the loaded Redis answers too late (store_error) proves nothing either way
+                with contextlib.suppress(AssertionError):
+                    answered_after.append(profile_size(st.port, "account", "acme"))
                 time.sleep(0.1)
+            assert answered_after, "no size could be read while the load ran"
             load.result()
             held.result()
         assert max(answered_after) <= 3, answered_after
