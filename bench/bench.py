@@ -21,7 +21,11 @@ Every reply is checked (see loadgen.py); any error or lost reply is printed, mar
 and makes the bench exit with status 1. `bench/results.json` gets everything (runs, medians,
 errors, settings, machine).
 
-    .venv/bin/python bench/bench.py [--quick] [--only embedded,redis,radius] [--runs 3] [--pin]
+Around every service run the bench reads the service's `stats` (loop-lag probe, compactions):
+the loop's longest stall per scenario and the headline (bench/lag.py). The Redis section ends
+with the outage phases (bench/faults.py): Redis up, SIGSTOPped, SIGKILLed, restarted empty.
+
+    .venv/bin/python bench/bench.py [--quick] [--only embedded,redis,outages,radius] [--runs 3] [--pin]
 """
 
 from __future__ import annotations
