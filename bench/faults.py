@@ -128,8 +128,13 @@ def phase_problems(name: str, p: dict[str, Any], bound_ms: float) -> list[str]:
     if p["lost"]:
         probs.append(f"{p['lost']} lost replies")
     if p["slow_other"]:
+        lp = p.get("loop") or {}
+        why = ""
+        if lp.get("max_ms") is not None:
+            why = (f" (the phase's loop lag max {lp['max_ms']:.0f} ms, busy max {lp['busy_max_ms']:.0f} ms"
+                   + (": the OS did not run the service" if lp["busy_max_ms"] < 0.5 * lp["max_ms"] else "") + ")")
         probs.append(f"{p['slow_other']} checks answered later than store.timeout ({bound_ms:g} ms) from the "
-                     "scheduled send, outside the first store.timeout of the fault")
+                     f"scheduled send, outside the first store.timeout of the fault{why}")
     if p["answers"]["unexpected"]:
         bad = {k: v["n"] for k, v in p["outcomes"].items() if k not in (OK_KIND, OUTAGE_KIND) or
                (name == "up" and k == OUTAGE_KIND)}
@@ -150,8 +155,8 @@ class Outages:
         shipped = tomllib.loads((ROOT / "service.toml").read_text())
         self.timeout_ms = float(shipped.get("store", {}).get("timeout", 0.05)) * 1000.0
         self.new_redis: RedisServer | None = None
-        self.fault_at = min(FAULT_AT, self.seconds / 4)  # seconds into the phase
-        self.restart_at = min(RESTART_AT, self.seconds / 3)
+        self.fault_at = round(min(FAULT_AT, self.seconds / 4), 3)  # seconds into the phase
+        self.restart_at = round(min(RESTART_AT, self.seconds / 3), 3)
 
     def loadgen_argv(self, start_at: float) -> list[str]:
         a = self.b.args

@@ -97,9 +97,11 @@ def test_slow_replies_the_fault_explains() -> None:
     assert [x[1] for x in held] == [0.24, 0.30] and other == 3
     assert faults.split_slow(slow_at, 4, None, 50.0) == ([], 4)  # no fault in the phase
     p = {"lost": 1, "slow_other": 3, "answers": {"unexpected": 2},
-         "outcomes": {"check:ok": {"n": 5}, "check:error:x": {"n": 2}}}
+         "outcomes": {"check:ok": {"n": 5}, "check:error:x": {"n": 2}},
+         "loop": {"max_ms": 440.0, "busy_max_ms": 5.0}}
     probs = faults.phase_problems("stopped", p, 50.0)
     assert len(probs) == 3 and "{'check:error:x': 2}" in probs[2]
+    assert "3 checks answered later" in probs[1] and "the OS did not run the service" in probs[1]
     assert faults.phase_problems("up", {"lost": 0, "slow_other": 0, "answers": {"unexpected": 0},
                                         "outcomes": {}}, 50.0) == []
 
