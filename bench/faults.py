@@ -121,6 +121,21 @@ def split_slow(slow_at: list[list[Any]], slow: int, window: tuple[float, float] 
     return held, slow - len(held)
 
 
+def slow_cause(p: dict[str, Any], bound_ms: float) -> str:
+    """What the phase's figures say about late replies: the service's loop late (its own work,
+    or the OS not running it), or on time (the time went to Redis or the generator)."""
+    lp = p.get("loop") or {}
+    lag = (p.get("send_lag") or {}).get("max")
+    gen = f", the generator sent up to {lag:.0f} ms late" if isinstance(lag, (int, float)) else ""
+    mx, busy = lp.get("max_ms"), lp.get("busy_max_ms")
+    if mx is None or busy is None:
+        return f"no loop figures{gen}"
+    head = f"the phase's loop lag max {mx:.0f} ms, busy max {busy:.0f} ms{gen}"
+    if mx >= 0.5 * bound_ms:
+        return head + (": the OS did not run the service" if busy < 0.5 * mx else ": the service's own work")
+    return head + ": the loop was on time, the wait was elsewhere (Redis, the generator, the machine)"
+
+
 def phase_problems(name: str, p: dict[str, Any], bound_ms: float) -> list[str]:
     """What in a phase is a failure: lost replies, replies over the bound that the fault does
     not explain, unexpected answers."""
@@ -128,11 +143,7 @@ def phase_problems(name: str, p: dict[str, Any], bound_ms: float) -> list[str]:
     if p["lost"]:
         probs.append(f"{p['lost']} lost replies")
     if p["slow_other"]:
-        lp = p.get("loop") or {}
-        why = ""
-        if lp.get("max_ms") is not None:
-            why = (f" (the phase's loop lag max {lp['max_ms']:.0f} ms, busy max {lp['busy_max_ms']:.0f} ms"
-                   + (": the OS did not run the service" if lp["busy_max_ms"] < 0.5 * lp["max_ms"] else "") + ")")
+        why = f" ({slow_cause(p, bound_ms)})"
         probs.append(f"{p['slow_other']} checks answered later than store.timeout ({bound_ms:g} ms) from the "
                      f"scheduled send, outside the first store.timeout of the fault{why}")
     if p["answers"]["unexpected"]:

@@ -102,6 +102,11 @@ def test_slow_replies_the_fault_explains() -> None:
     probs = faults.phase_problems("stopped", p, 50.0)
     assert len(probs) == 3 and "{'check:error:x': 2}" in probs[2]
     assert "3 checks answered later" in probs[1] and "the OS did not run the service" in probs[1]
+    p["loop"] = {"max_ms": 6.0, "busy_max_ms": 2.0}
+    p["send_lag"] = {"max": 1.5}
+    assert "the loop was on time" in faults.slow_cause(p, 50.0) and "up to 2 ms late" in faults.slow_cause(p, 50.0)
+    p["loop"] = {"max_ms": 120.0, "busy_max_ms": 110.0}
+    assert faults.slow_cause(p, 50.0).endswith("the service's own work")
     assert faults.phase_problems("up", {"lost": 0, "slow_other": 0, "answers": {"unexpected": 0},
                                         "outcomes": {}}, 50.0) == []
 
