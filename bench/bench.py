@@ -21,7 +21,11 @@ Every reply is checked (see loadgen.py); any error or lost reply is printed, mar
 and makes the bench exit with status 1. `bench/results.json` gets everything (runs, medians,
 errors, settings, machine).
 
-    .venv/bin/python bench/bench.py [--quick] [--only embedded,redis,radius] [--runs 3] [--pin]
+Around every service run the bench reads the service's `stats` (loop-lag probe, compactions):
+the loop's longest stall per scenario and the headline (bench/lag.py). The Redis section ends
+with the outage phases (bench/faults.py): Redis up, SIGSTOPped, SIGKILLed, restarted empty.
+
+    .venv/bin/python bench/bench.py [--quick] [--only embedded,redis,outages,radius] [--runs 3] [--pin]
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
+from faults import report as outages_report  # noqa: E402
+from lag import report as lag_report  # noqa: E402
+from lag import summarize_runs as summarize_loop  # noqa: E402
+
 from tests.helpers import LineClient, RedisServer, free_port  # noqa: E402
 
-SECTIONS = ("embedded", "redis", "radius")
+SECTIONS = ("embedded", "redis", "outages", "radius")  # outages run inside redis when both are chosen
 RADIUS_SECRET = "bench-secret"
 
 
@@ -244,18 +252,28 @@ class Bench:
         raise RuntimeError(f"{name}: no free port after 3 tries")
 
     def snapshotted(self, svc: Proc, fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-        """fn, plus whether the service wrote its periodic snapshot while fn ran (file mtime)."""
+        """fn, plus the service's loop figures over the run (bench/lag.py) and whether it
+        compacted its journal into the snapshot while fn ran (stats `compactions`; else the
+        snapshot file's mtime: the compaction renames a new file over it)."""
         path = svc.workdir / "run" / "snapshot.json"
+        observed = self.observed([svc], fn)
 
         def run() -> dict[str, Any]:
             t0 = time.time()
-            r = fn()
-            with contextlib.suppress(OSError):
-                r["snapshot_in_run"] = path.stat().st_mtime >= t0
+            r = observed()
+            if "snapshot_in_run" not in r:
+                with contextlib.suppress(OSError):
+                    r["snapshot_in_run"] = path.stat().st_mtime >= t0
             r.setdefault("snapshot_in_run", False)
             return r
 
         return run
+
+    def observed(self, svcs: list[Proc], fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+        """fn, plus r["loop"]: the services' loop-lag figures over the run (bench/lag.py)."""
+        from lag import observe
+
+        return observe([p.info["unix"] for p in svcs], fn)
 
     def stop(self, proc: Proc) -> None:
         proc.stop()
@@ -382,6 +400,10 @@ class Bench:
         snap = ""
         if "snapshot_in_run" in r:
             snap = "  snapshot in run" if r["snapshot_in_run"] else "  NO snapshot in run"
+        lp = r.get("loop")
+        if lp and lp.get("available"):
+            snap += (f"  loop max {_ms(lp['max_ms'])} ms busy {_ms(lp['busy_max_ms'])} ms "
+                     f"stalls {lp['stalls']}")
         print(f"  {s['label']:<44} run {i + 1}: {r['rate']:>9,.0f}/s{p99}  "
               f"CPU gen {cpu.get('generator_core', 0):.0%} servers {svc or '-'} "
               f"others {cpu.get('other_cores', 0):.0%}{snap}{bad}", flush=True)
@@ -489,12 +511,13 @@ class Bench:
             base = self.base_closed("tcp")
             self.rounds([(base[0], base[1], "closed", base[2], {}),
                          ("redis_tcp", f"Redis, 1 process, TCP {a.conns}x{a.depth}", "closed",
-                          lambda: closed_with_redis_time(tcp, pids), {"baseline": base[0]}),
-                         ("redis_tcp_2proc", f"Redis, 2 processes 1 port, TCP {a.conns}x{a.depth}", "closed", two,
-                          {"baseline": base[0]})])
+                          self.observed([svc], lambda: closed_with_redis_time(tcp, pids)), {"baseline": base[0]}),
+                         ("redis_tcp_2proc", f"Redis, 2 processes 1 port, TCP {a.conns}x{a.depth}", "closed",
+                          self.observed([s2a, s2b], two), {"baseline": base[0]})])
             for rate in a.rates_redis:
                 self.measure(f"redis_open{rate:.0f}", f"Redis, 1 process, open loop @ {rate:,.0f}/s", "open",
-                             lambda rate=rate: self.open(tcp, pids, rate), self.base_open(rate))
+                             self.observed([svc], lambda rate=rate: self.open(tcp, pids, rate)),
+                             self.base_open(rate))
 
             def phases() -> dict[str, Any]:
                 tag = self.tag()
@@ -521,12 +544,28 @@ class Bench:
             s = self.scenario("redis_scripts", "Redis time per script (INFO commandstats)", "scripts")
             for _ in range(a.runs):
                 s["runs"].append(phases())
+            if a.outage_seconds > 0:  # last: Redis is killed and replaced by an empty one
+                from faults import run_outages
+
+                for p in procs[1:]:  # the idle two-process pair would only add reconnect noise
+                    self.stop(p)
+                del procs[1:]
+                run_outages(self, redis, svc)
         finally:
             for p in reversed(procs):
                 self.stop(p)
             redis.stop()
             self.redis = None
             shutil.rmtree(redis.dir, ignore_errors=True)
+
+    def section_outages(self) -> None:
+        """Redis outage phases on their own service (`--only outages`); with the Redis section
+        chosen too they run at its end, on its service."""
+        if "redis" in self.args.sections or self.args.outage_seconds <= 0:
+            return
+        from faults import section
+
+        section(self)
 
     def section_radius(self) -> None:
         a = self.args
@@ -590,7 +629,9 @@ def summarize(b: Bench) -> dict[str, Any]:
     for key, s in b.scen.items():
         runs = s["runs"]
         sm: dict[str, Any] = {k: v for k, v in s.items() if k != "runs"}
-        if s["kind"] == "info":
+        if s["kind"] in ("info", "outages"):
+            if s["kind"] == "outages":
+                sm["runs"] = runs
             out[key] = sm
             continue
         errs: Counter[str] = Counter()
@@ -612,6 +653,9 @@ def summarize(b: Bench) -> dict[str, Any]:
             sm["other_cores"] = _stat([r["cpu"].get("other_cores") for r in runs])
             if s["kind"] == "open":  # how late the generator itself sent the checks
                 sm["send_lag_p99"] = _stat([r["send_lag"]["p99"] for r in runs])
+        loop = summarize_loop(runs)
+        if loop is not None:
+            sm["loop"] = loop
         if key == "redis_tcp":
             sm["redis_usec_per_evalsha"] = _stat([r["redis_scripts"]["usec_per_call"] for r in runs])
         if key == "redis_tcp_2proc":
@@ -731,8 +775,11 @@ def report(b: Bench, out: dict[str, Any], machine: dict[str, Any], settings: dic
             s["cores_allow"] = False
         else:
             s["cores_allow"] = True
+    for n in lag_report(out, a.held):
+        b.notes.append(n)
+    problems += outages_report(out)
     for s in out.values():
-        if s["kind"] == "info":
+        if s["kind"] in ("info", "outages"):
             continue
         if s["error_count"] or s["lost"]:
             problems.append(f"{s['label']}: {s['error_count']} errors {s['errors']}, {s['lost']} lost")
@@ -802,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates-embedded", default="2000", help="open-loop offered pairs/s, embedded store")
     ap.add_argument("--rates-redis", default="1000,2000", help="open-loop offered pairs/s, Redis store")
     ap.add_argument("--phase-calls", type=int, default=10_000, help="calls per Redis script-timing phase")
+    ap.add_argument("--outage-rate", type=float, default=500.0, help="offered checks/s in the Redis outage phases")
+    ap.add_argument("--outage-seconds", type=float, default=4.0, help="length of each outage phase (0: skip them)")
     ap.add_argument("--radius-window", type=int, default=32)
     ap.add_argument("--redis-benchmark", action="store_true", help="also run redis-benchmark on reserve.lua")
     ap.add_argument("--pin", action="store_true", help="pin servers to the last CPU, everything else to the others")
@@ -814,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = min(args.warmup, 0.5)
         args.held = min(args.held, 5000)
         args.phase_calls = min(args.phase_calls, 1000)
+        args.outage_seconds = min(args.outage_seconds, 2.0)
     if args.runs < 1:
         ap.error("--runs must be >= 1")
     args.rates_embedded = [float(x) for x in args.rates_embedded.split(",") if x]
@@ -822,12 +872,14 @@ def main(argv: list[str] | None = None) -> int:
     for x in sections:
         if x not in SECTIONS:
             ap.error(f"--only: unknown section {x!r}")
+    args.sections = sections
     shipped = tomllib.loads((ROOT / "service.toml").read_text())
     settings = {
         "held": args.held, "runs": args.runs, "seconds": args.seconds, "open_seconds": args.open_seconds,
         "warmup": args.warmup, "conns": args.conns, "depth": args.depth, "udp_window": args.udp_window,
         "open_conns": args.open_conns, "hold": args.hold, "rates_embedded": args.rates_embedded,
         "rates_redis": args.rates_redis, "phase_calls": args.phase_calls, "radius_window": args.radius_window,
+        "outage_rate": args.outage_rate, "outage_seconds": args.outage_seconds,
         "pinned": bool(args.pin), "quick": args.quick, "sections": sections,
         "snapshot_interval": shipped.get("store", {}).get("snapshot_interval", 10.0),
         "service_toml": "the shipped service.toml; listeners on free loopback ports, metrics off"

@@ -60,13 +60,19 @@ def attr(code: int, value: bytes) -> bytes:
     return bytes((code, len(value) + 2)) + value
 
 
-def access_request(ident: int, auth: bytes, tag: bytes, n: int) -> bytes:
+def access_request(ident: int, auth: bytes, tag: bytes, n: int, secret: bytes | None = None) -> bytes:
     """An Access-Request for call n of the run `tag`: User-Name (the account), Acct-Session-Id
-    (the Call-ID, as loadgen names calls), Calling/Called-Station-Id, NAS-IP-Address."""
+    (the Call-ID, as loadgen names calls), Calling/Called-Station-Id, NAS-IP-Address; with
+    `secret`, signed with a Message-Authenticator (RFC 3579: HMAC-MD5 of the packet with the
+    attribute zeroed), which the service requires of every client by default."""
     attrs = (attr(1, b"%bra%d" % (tag, n)) + attr(44, call_id(tag, n))
              + attr(31, b"sip:%bru%d@bench.example" % (tag, n)) + attr(30, b"sip:6002@bench.example")
              + attr(4, b"\x7f\x00\x00\x01"))
-    return struct.pack("!BBH", ACCESS_REQUEST, ident, 20 + len(attrs)) + auth + attrs
+    if secret is None:
+        return struct.pack("!BBH", ACCESS_REQUEST, ident, 20 + len(attrs)) + auth + attrs
+    attrs += attr(MESSAGE_AUTHENTICATOR, b"\x00" * 16)
+    pkt = struct.pack("!BBH", ACCESS_REQUEST, ident, 20 + len(attrs)) + auth + attrs
+    return pkt[:-16] + hmac.new(secret, pkt, "md5").digest()
 
 
 def attributes(data: bytes) -> list[tuple[int, bytes, int]] | None:
@@ -192,7 +198,7 @@ def radius_closed(addr: tuple[str, int], secret: bytes, seconds: float, window: 
         ident = side.free.popleft()
         if side is auth:
             req_auth = os.urandom(16)
-            data = access_request(ident, req_auth, btag, call)
+            data = access_request(ident, req_auth, btag, call, secret)
         else:
             data = acct_stop(ident, btag, call, secret)
             req_auth = data[4:20]

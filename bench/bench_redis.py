@@ -15,6 +15,10 @@ the service, then (each figure the median of the runs, next to the baseline's):
   spread the connections, and whether this machine has the cores for two services, Redis
   and the generator at once.
 
+- last, the outage phases (`bench/faults.py`): open-loop checks at 500/s with Redis up,
+  SIGSTOPped, SIGKILLed, then restarted empty: latency against `store.timeout`, CPU per check
+  against the up phase, the answers the rules give without the store, the loop's stalls.
+
 `--redis-benchmark` adds `redis-benchmark` running the store's own reserve script (EVALSHA,
 same keys and arguments as a bench check): what Redis alone does with it here.
 """

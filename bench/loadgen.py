@@ -103,6 +103,7 @@ def auth_request(token: str) -> bytes:
 # -- reply checking --------------------------------------------------------------------------
 
 OK = "ok"
+SLOW_KEPT = 1000  # slow replies listed one by one (the count goes on)
 
 
 def reply_kind(op: str, reply: Any, rid: int | None = None) -> str:
@@ -393,6 +394,10 @@ class Run:
         self.tokens: dict[int, Any] = {}
         self.token_key = token_key
         self.measuring = False
+        self.kind = OK  # the kind of the last reply checked
+        self.bound: float | None = None  # seconds: replies slower than this are counted (`slow`)
+        self.slow = Counter[str]()
+        self.slow_at: list[tuple[str, int, float]] = []  # (op, call, latency) of the first slow replies
 
     def new_call(self) -> int:
         """The next call number."""
@@ -411,9 +416,14 @@ class Run:
     def on_reply(self, rid: int, k: int, n: int, reply: Any, latency: float) -> bool:
         """Check one reply; True when the call goes on (or completed). Tallies everything."""
         op = self.ops[k]
-        kind = reply_kind(op, reply, rid)
-        if self.measuring and rid % self.sample == 0:
-            self.hists[op].add(latency)
+        kind = self.kind = reply_kind(op, reply, rid)
+        if self.measuring:
+            if rid % self.sample == 0:
+                self.hists[op].add(latency)
+            if self.bound is not None and latency > self.bound:
+                self.slow[op] += 1
+                if len(self.slow_at) < SLOW_KEPT:
+                    self.slow_at.append((op, n, latency))
         if kind != OK:
             self.errors[f"{op}:{kind}"] += 1
             if self.tokens:
@@ -432,6 +442,8 @@ class Run:
     def result(self, **extra: Any) -> dict[str, Any]:
         """The JSON result common to every mode."""
         errors = sum(self.errors.values())
+        if self.bound is not None:
+            extra["slow"] = {"bound_ms": self.bound * 1000.0, **{op: self.slow[op] for op in self.ops}}
         return {"ops": self.ops, "tag": self.tag.decode(), "sent": dict(zip(self.ops, self.sent, strict=True)),
                 "latency_sampled_1_in": self.sample,
                 "completed": self.completed, "completed_all": self.completed_all,
@@ -662,11 +674,20 @@ def udp_closed(target: Target, socks: int, window: int, ops: Sequence[str], tag:
 
 def stream_open(target: Target, conns: int, rate: float, seconds: float, tag: str, *, hold: float = 1.0,
                 warmup: float = 1.0, lost_after: float = 2.0, pids: Sequence[int] = (),
-                auth_token: str | None = None) -> dict[str, Any]:
+                auth_token: str | None = None, ops: Sequence[str] = ("check", "end"),
+                start_at: float | None = None, bound: float | None = None) -> dict[str, Any]:
     """Open loop over TCP/Unix: check+end calls at `rate` per second for warmup+seconds, each
-    timed from its scheduled send (see the module text)."""
+    timed from its scheduled send (see the module text). `ops=("check",)`: checks only (the
+    admitted calls stay held). `start_at`: the first check is due at this wall-clock time
+    (`time.time()`), so a caller can line events up with the schedule. `bound` (seconds):
+    replies slower than this are counted (`slow`). The result's `outcomes` give, per reply
+    kind, how many and the first and last scheduled time (seconds after `start_wall`)."""
     precise_timers()
-    run = Run(("check", "end"), tag, "bench")
+    if tuple(ops) not in (("check", "end"), ("check",)):
+        raise ValueError("open loop: ops are check,end or check")
+    run = Run(ops, tag, "bench")
+    run.bound = bound
+    outcomes: dict[str, list[float]] = {}  # kind -> [count, first, last scheduled offset]
     cpu = CpuWindow(pids)
     cs = [Conn(target.connect()) for _ in range(conns)]
     by_sock = {c.sock: c for c in cs}
@@ -677,6 +698,9 @@ def stream_open(target: Target, conns: int, rate: float, seconds: float, tag: st
     lag = Hist()  # how late this generator sent each check
     ends: list[tuple[float, int, int]] = []  # heap of (due, call, connection index)
     t0 = time.perf_counter() + 0.05
+    if start_at is not None:
+        t0 = time.perf_counter() + max(start_at - time.time(), 0.0)
+    start_wall = time.time() + (t0 - time.perf_counter())
     if auth_token:
         for c in cs:
             c.out += auth_request(auth_token) + b"\n"
@@ -685,6 +709,7 @@ def stream_open(target: Target, conns: int, rate: float, seconds: float, tag: st
     i = 0
     measuring_from = t0 + first_measured * interval
     t_sched_end = t0 + total * interval
+    tail = (hold if len(run.ops) > 1 else 0.0) + lost_after  # after the last check: its end, then lost
     started = False
     while True:
         now = time.perf_counter()
@@ -711,13 +736,13 @@ def stream_open(target: Target, conns: int, rate: float, seconds: float, tag: st
         for c in cs:
             c.flush()
         pending = any(c.inflight for c in cs)
-        if i >= total and not ends and (not pending or now >= t_sched_end + hold + lost_after):
+        if i >= total and not ends and (not pending or now >= t_sched_end + tail):
             break
         next_due = t0 + i * interval if i < total else math.inf
         if ends:
             next_due = min(next_due, ends[0][0])
         if next_due == math.inf:
-            next_due = t_sched_end + hold + lost_after
+            next_due = t_sched_end + tail
         rl = [c.sock for c in cs if not c.closed]
         wl = [c.sock for c in cs if c.out and not c.closed]
         if not rl:
@@ -741,7 +766,18 @@ def stream_open(target: Target, conns: int, rate: float, seconds: float, tag: st
                         run.errors["auth:" + reply_kind("auth", reply, None)] += 1
                     continue
                 run.measuring = n >= first_measured
-                if run.on_reply(rid, k, n, reply, now - due) and k == 0:
+                goes_on = run.on_reply(rid, k, n, reply, now - due)
+                key = f"{run.ops[k]}:{run.kind}"
+                if run.kind == "store_error":  # and the decision the rules gave without the store
+                    key += f":{reply.get('decision')}"
+                seen = outcomes.get(key)
+                if seen is None:
+                    outcomes[key] = [1, due - t0, due - t0]
+                else:
+                    seen[0] += 1
+                    seen[1] = min(seen[1], due - t0)
+                    seen[2] = max(seen[2], due - t0)
+                if goes_on and k == 0 and len(run.ops) > 1:
                     # the end is due `hold` after the scheduled check, never before its answer
                     heapq.heappush(ends, (max(due + hold, now), n, conn_index[s]))
     cpu.stop()
@@ -759,7 +795,12 @@ def stream_open(target: Target, conns: int, rate: float, seconds: float, tag: st
     return run.result(mode="open", transport=target.kind, conns=conns, offered_rate=rate, window_s=seconds,
                       hold_s=hold, offered=offered,
                       rate=round(run.completed / seconds, 1) if seconds else 0.0,
-                      send_lag=lag.summary(), cpu=cpu.result)
+                      send_lag=lag.summary(), cpu=cpu.result, start_wall=round(start_wall, 6),
+                      outcomes={k: {"n": int(v[0]), "first_s": round(v[1], 4), "last_s": round(v[2], 4)}
+                                for k, v in sorted(outcomes.items())},
+                      # the slow replies: [op, scheduled s after start_wall, latency ms]
+                      slow_at=[[op, round(n * interval, 4), round(lat * 1000.0, 3)] for op, n, lat in run.slow_at
+                               if op == "check"])
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -793,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--rate", type=float, default=2000.0, help="calls (check+end) offered per second")
     o.add_argument("--seconds", type=float, default=12.0)
     o.add_argument("--hold", type=float, default=1.0, help="seconds from a check to its end")
+    o.add_argument("--ops", default="check,end", help="check,end (default) or check (checks only, calls stay held)")
+    o.add_argument("--start-at", type=float, help="wall-clock time (epoch seconds) the first check is due")
+    o.add_argument("--bound-ms", type=float, help="count replies slower than this (result: slow)")
     r = sub.add_parser("radius", help="RADIUS Access-Requests, closed loop (see bench_radius.py)")
     r.add_argument("--auth", required=True, help="HOST:PORT of the RADIUS auth listener")
     r.add_argument("--acct", help="HOST:PORT of the acct listener: end each allowed call with a Stop")
@@ -831,9 +875,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if target.kind == "udp":
                 raise SystemExit("open loop: --tcp or --unix")
+            ops = tuple(x for x in args.ops.split(",") if x)
+            if ops not in (("check", "end"), ("check",)):
+                raise SystemExit("--ops: check,end or check")
             res = stream_open(target, args.conns, args.rate, args.seconds, args.tag, hold=args.hold,
                               warmup=args.warmup, lost_after=args.lost_after, pids=args.pid,
-                              auth_token=args.auth_token)
+                              auth_token=args.auth_token, ops=ops, start_at=args.start_at,
+                              bound=args.bound_ms / 1000.0 if args.bound_ms is not None else None)
     sys.stdout.write(orjson.dumps(res).decode() + "\n")
     print(describe(res), file=sys.stderr)
     return 0

@@ -17,6 +17,14 @@ scheduler's making only in `max_ms`.
 
 `current()` returns the probe a process started with `start(register=True)`, so the server,
 `stats` and the metrics endpoint can all read the same one.
+
+Reading never resets anything, so any number of readers can share the probe. To know the
+longest stall of a given stretch of time (a bench run, an outage) without a reset, `read()`
+also lists the last `history` wall-clock seconds (`per_second`: `[second, max_ms,
+busy_max_ms, stalls, samples]`, oldest first, the current second last; wall clock from the
+injected `clock`): a reader that noted when its stretch began and ended takes the rows of
+those seconds (`window()`). A firing counts in the second it happened, so a stall that spans
+a second boundary lands in the later one.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import asyncio
 import time
 from collections import deque
 from typing import Any
+
+from policy.clock import Clock, SystemClock
 
 _current: LoopLagProbe | None = None
 
@@ -37,10 +47,14 @@ def current() -> LoopLagProbe | None:
 class LoopLagProbe:
     """Measure how late a periodic timer fires on the running loop."""
 
-    def __init__(self, interval: float = 0.01, window: int = 1000, stall: float = 0.010) -> None:
+    def __init__(self, interval: float = 0.01, window: int = 1000, stall: float = 0.010,
+                 history: int = 120, clock: Clock | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
+        if history < 1:
+            raise ValueError("history must be >= 1 second")
         self.interval = interval
+        self.clock: Clock = clock or SystemClock()  # wall clock of the per-second history only
         self.stall = stall  # a firing later than this counts as a stall
         self.stalls = 0
         self.last_lag = 0.0
@@ -49,6 +63,8 @@ class LoopLagProbe:
         self.total_lag = 0.0
         self.max_busy = 0.0  # seconds of loop-thread CPU between two firings, since start
         self._recent: deque[float] = deque(maxlen=window)
+        # one row per wall-clock second: [second, max lag, max busy, stalls, samples]
+        self._seconds: deque[list[Any]] = deque(maxlen=history)
         self._cpu_mark = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,6 +102,7 @@ class LoopLagProbe:
         self.total_lag = 0.0
         self.max_busy = 0.0
         self._recent.clear()
+        self._seconds.clear()
 
     def _arm(self) -> None:
         assert self._loop is not None
@@ -108,6 +125,18 @@ class LoopLagProbe:
         if lag > self.max_lag:
             self.max_lag = lag
         self._recent.append(lag)
+        sec = int(self.clock.now())
+        rows = self._seconds
+        if not rows or rows[-1][0] != sec:
+            rows.append([sec, lag, busy, 0, 0])
+        row = rows[-1]
+        if lag > row[1]:
+            row[1] = lag
+        if busy > row[2]:
+            row[2] = busy
+        if lag > self.stall:
+            row[3] += 1
+        row[4] += 1
         self._arm()
 
     def read(self) -> dict[str, Any]:
@@ -127,7 +156,25 @@ class LoopLagProbe:
             "lag_max_seconds": round(recent[-1], 6) if recent else 0.0,
             "stalls": self.stalls,
             "stall_threshold_seconds": self.stall,
+            "per_second": [[sec, round(lag * 1000.0, 3), round(busy * 1000.0, 3), stalls, n]
+                           for sec, lag, busy, stalls, n in self._seconds],
         }
+
+
+def window(per_second: list[list[Any]], start: float, end: float) -> dict[str, Any]:
+    """The figures of the seconds from `start` to `end` (wall clock, `time.time()`) out of a
+    `read()["per_second"]`: longest lag and busy time, stalls, samples, and whether the history
+    still covered all of it (`complete`: rows older than `history` seconds are gone)."""
+    first, last = int(start), int(end)
+    rows = [r for r in per_second if first <= r[0] <= last]
+    return {
+        "max_ms": max((r[1] for r in rows), default=None),
+        "busy_max_ms": max((r[2] for r in rows), default=None),
+        "stalls": sum(r[3] for r in rows),
+        "samples": sum(r[4] for r in rows),
+        "seconds": last - first + 1,
+        "complete": bool(per_second) and per_second[0][0] <= first and per_second[-1][0] >= last,
+    }
 
 
 def _pct(ordered: list[float], q: float) -> float:

@@ -180,3 +180,20 @@ def test_radius_request_uses_the_loadgen_call_id() -> None:
     attrs = bench_radius.attributes(pkt)
     assert attrs is not None
     assert dict((t, v) for t, v, _ in attrs)[44] == loadgen.call_id(b"rt", 77)
+
+
+def test_radius_request_is_signed_with_a_message_authenticator() -> None:
+    """RFC 3579: HMAC-MD5 over the packet with the attribute zeroed (the service drops unsigned
+    Access-Requests by default)."""
+    secret = b"bench-secret"
+    auth = bytes(range(16))
+    pkt = bench_radius.access_request(3, auth, b"rt", 77, secret)
+    attrs = bench_radius.attributes(pkt)
+    assert attrs is not None
+    [(_, mac, off)] = [a for a in attrs if a[0] == bench_radius.MESSAGE_AUTHENTICATOR]
+    zeroed = pkt[:off] + bytes(16) + pkt[off + 16:]
+    assert hmac.compare_digest(hmac.new(secret, zeroed, "md5").digest(), mac)
+    assert struct.unpack("!H", pkt[2:4])[0] == len(pkt) and pkt[4:20] == auth
+    assert bench_radius.MESSAGE_AUTHENTICATOR not in [t for t, _, _ in
+                                                       bench_radius.attributes(
+                                                           bench_radius.access_request(3, auth, b"rt", 77)) or []]

@@ -66,6 +66,11 @@ class Radius:
 
     def start(self) -> Radius:
         self.svc.start()
+        # the TCP listener answers ping before the RADIUS front end is registered (it starts
+        # after the listeners): wait for it, or a test's first `stats` may come too early
+        deadline = time.monotonic() + 10.0
+        while "radius" not in self.call("stats") and time.monotonic() < deadline:
+            time.sleep(0.02)
         return self
 
     def stop(self) -> None:
