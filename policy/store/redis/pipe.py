@@ -69,6 +69,10 @@ class Op:
         self.retried = False
 
 
+#: Seconds an operation keeps of its `timeout` for the service to answer after giving up.
+ANSWER_MARGIN = 0.004
+
+
 class Pipe:
     """Operations to Redis over one connection: batched, bounded in time, undone when lost."""
 
@@ -77,6 +81,9 @@ class Pipe:
                  on_undone: Callable[[str, int], None], on_broken: Callable[[], None] | None = None) -> None:
         self.circuit = circuit
         self.timeout = timeout
+        # an operation gives up a little before `timeout`, so the service's answer (which
+        # follows on_store_error) still leaves within `store.timeout` of the request
+        self.budget = timeout - min(ANSWER_MARGIN, timeout * 0.1)
         self.hang_timeout = hang_timeout
         self._undo_command = undo_command
         self._reload_commands = reload_commands
@@ -180,7 +187,7 @@ class Pipe:
         fut: asyncio.Future[Any] = loop.create_future()
         now = loop.time()
         if deadline is None:
-            deadline = now + self.timeout
+            deadline = now + self.budget
         op = Op(data, fut, now, deadline, undo)
         self._queue.append(op)
         self._track(op)
@@ -368,7 +375,7 @@ class Pipe:
                 continue
             if late is None:
                 head = inflight[0] if inflight else None
-                late = head is not None and now - head.written >= self.timeout
+                late = head is not None and now - head.written >= self.budget
                 if late and conn is not None and conn.unread():
                     late, unread = False, True  # replies wait for us: our loop was busy
             if not late:
@@ -391,7 +398,7 @@ class Pipe:
             elif unread:
                 at = now + 0.001
             elif head is not None:
-                at = max(head.written + self.timeout, now + 0.001)
+                at = max(head.written + self.budget, now + 0.001)
             else:
                 at = now + self.timeout / 5
         if head is not None:
