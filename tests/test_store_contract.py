@@ -14,16 +14,22 @@ from policy.store.embedded import EmbeddedStore
 T0 = 1_800_000_000.0
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
-    """Each backend in turn; the Redis one on a private redis-server."""
+    """Each backend in turn; the Redis one on a private redis-server, the cluster one on the
+    session's private Redis Cluster (3 primaries + 3 replicas), each with a prefix of its own."""
     if request.param == "embedded":
         s: CounterStore = EmbeddedStore()
-    else:
+    elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
         from policy.store.redis import RedisStore
 
         s = RedisStore(url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.5)
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        from policy.store.redis.cluster import RedisClusterStore
+
+        s = RedisClusterStore(cluster.url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.5)
     await s.start()
     yield s
     await s.close()
