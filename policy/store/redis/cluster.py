@@ -15,10 +15,10 @@ of atomic steps, each on one slot, in one fixed order (docs/redis.md, "Redis Clu
 3. **commit**, in the call's shard: the pending record becomes a held call, counted in the
    shard's counters and indexes.
 
-A refusal after an earlier limit key took the call is counted in `cross_slot_conflicts`: while
-this call held that key for a moment, another call that needed only it may have been refused
-although one atomic step would have admitted it (two calls racing for the last places of two
-keys). A crash between steps leaves a pending record (its lock ends after `LOCK_LEASE`, then a
+A refusal after an earlier limit key gave the call its last place is counted in
+`cross_slot_conflicts`: while this call held that place for a moment, another call that needed
+it may have been refused although one atomic step would have admitted it (two calls racing for
+the last places of two keys). A crash between steps leaves a pending record (its lock ends after `LOCK_LEASE`, then a
 sweep releases what it lists) and entries with the call's lease (each key drops them when the
 lease ends); a lost write (a failover) is repaired by `repair` and reconciliation.
 
@@ -538,12 +538,7 @@ class RedisClusterStore(CounterStore):
 
     async def _all(self, cmds: Sequence[tuple[int, bytes]], deadline: float | None) -> list[Any]:
         """Send commands (slot, packed) at once, then wait for every reply (redirects followed)."""
-        futs: list[tuple[int, bytes, asyncio.Future[Any] | StoreError]] = []
-        for slot, data in cmds:
-            try:
-                futs.append((slot, data, self._map.send(slot, data, deadline)))
-            except StoreError as exc:
-                futs.append((slot, data, exc))
+        futs = [(slot, data, self._send(slot, data, deadline)) for slot, data in cmds]
         out = []
         failed: StoreError | None = None
         for slot, data, fut in futs:
@@ -620,10 +615,14 @@ class RedisClusterStore(CounterStore):
             return await self._map.recover(exc, slot, data, deadline)
 
     def _send(self, slot: int, data: bytes, deadline: float | None) -> asyncio.Future[Any] | StoreError:
+        """A command's future (its error marked as seen: a caller that stops at an earlier failure
+        leaves it unread), or the error that kept it from being sent."""
         try:
-            return self._map.send(slot, data, deadline)
+            fut = self._map.send(slot, data, deadline)
         except StoreError as exc:
             return exc
+        fut.add_done_callback(_consume)
+        return fut
 
     def _base(self, now: float) -> float:
         return float(now) + self._offset
@@ -662,7 +661,12 @@ class RedisClusterStore(CounterStore):
         begin = self._pack("cluster_begin", [sh.record(uid), sh.locks, sh.counts],
                            [num(base), uid, token, d, w, k, lease, num(timeout), num(base + LOCK_LEASE), owner,
                             epoch])
+        # with the begin, a look at every key's size: a key already full refuses the call before it
+        # takes any place (so it holds no other key's last place for nothing); the sizes are also
+        # the answer to a duplicate
+        looks = [(key.slot, _packed("ZCOUNT", key.name, f"({num(base)}", "+inf")) for key in p.keys]
         for attempt in itertools.count():
+            peeks = [(slot, data, self._send(slot, data, deadline)) for slot, data in looks]
             reply = await self._call(sh.slot, begin, deadline)
             status = reply[0]
             if status == 1:
@@ -682,16 +686,27 @@ class RedisClusterStore(CounterStore):
                 self._epoch_check(sh, epoch, reply[1], "reserve")
                 raise StoreError(REBUILDING)
             held = decode_record(reply[1:], self._offset)
-            current = await self._sizes(p, base, deadline)
+            current = [int(await self._reply(slot, data, fut, deadline)) for slot, data, fut in peeks]
             if status == 2:
                 return ReserveResult(True, True, None, [current[i] for i in p.slots], held)
             return ReserveResult(False, False, None, [current[i] for i in p.slots], held, True)
+        try:
+            seen = [int(await self._reply(slot, data, fut, deadline)) for slot, data, fut in peeks]
+        except BaseException:
+            self._rollback(sh, uid, token, owner, p, [], deadline)
+            raise
+        if not force and any(seen[i] >= (p.limits[i] or 0) for i in p.limited):
+            self.refused += 1
+            self._rollback(sh, uid, token, owner, p, [], deadline)
+            blocked = next(j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
+                           and seen[p.slots[j]] >= e.limit)
+            return ReserveResult(False, False, blocked, [seen[i] for i in p.slots], None)
         # the profile keys, then the commit
         flag = "1" if force else ""
         sizes: list[int | None] = [None] * len(p.keys)
         stepped: list[int] = []  # keys whose step was sent (may have added the call)
         refused: int | None = None
-        taken = 0  # keys with a limit that took the call
+        last_place = 0  # keys with a limit whose last place this call took
         try:
             first = p.counting + p.limited[:1]
             pending = []
@@ -707,8 +722,8 @@ class RedisClusterStore(CounterStore):
                 if r[0] == 0:
                     refused = i
                     stepped.remove(i)
-                elif p.limits[i] is not None:
-                    taken += 1
+                elif p.limits[i] is not None and sizes[i] == p.limits[i]:
+                    last_place += 1
             if refused is None:
                 for i in p.limited[1:]:
                     key = p.keys[i]
@@ -720,13 +735,14 @@ class RedisClusterStore(CounterStore):
                         refused = i
                         stepped.remove(i)
                         break
-                    taken += 1
+                    if sizes[i] == p.limits[i]:
+                        last_place += 1
         except BaseException:
             self._rollback(sh, uid, token, owner, p, stepped, deadline)
             raise
         if refused is not None:
             self.refused += 1
-            if taken:
+            if last_place:  # it held the last place of an earlier key for a moment: see the docstring
                 self.cross_slot_conflicts += 1
             self._rollback(sh, uid, token, owner, p, stepped, deadline)
             for i in stepped:
@@ -742,11 +758,10 @@ class RedisClusterStore(CounterStore):
                     for i in missing:
                         sizes[i] = 0
             full = [int(s or 0) for s in sizes]
-            blocked = next((j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
-                            and full[p.slots[j]] >= e.limit), None)
-            if blocked is None:  # (the refusing key's own limit, if nothing else is full now)
-                blocked = next(j for j, e in enumerate(plan) if p.slots[j] == refused and e.limit is not None
-                               and not e.shadow)
+            first_full = next((j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
+                               and full[p.slots[j]] >= e.limit), None)
+            blocked = first_full if first_full is not None else next(  # (else the refusing key's own)
+                j for j, e in enumerate(plan) if p.slots[j] == refused and e.limit is not None and not e.shadow)
             return ReserveResult(False, False, blocked, [full[i] for i in p.slots], None)
         commit = self._commit_command(sh, call, uid, owner, p, base + timeout, epoch)
         try:
@@ -1258,6 +1273,11 @@ class RedisClusterStore(CounterStore):
 
 def _packed(*cmd: Any) -> bytes:
     return bytes(hiredis.pack_command(cmd))
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _hash(flat: Sequence[Any]) -> dict[str, str]:
