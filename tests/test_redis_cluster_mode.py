@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import re
 import shutil
@@ -20,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import hiredis
 import pytest
@@ -27,14 +29,17 @@ from redis.cluster import key_slot as redis_py_key_slot
 
 from policy.clock import ManualClock, SystemClock
 from policy.errors import StoreError
+from policy.reconcile import Reconciler
+from policy.service import PolicyService
 from policy.settings import Settings, load_settings
-from policy.store.base import CallInfo, PlanEntry
+from policy.store.base import CallInfo, PlanEntry, call_uid
 from policy.store.factory import make_store
 from policy.store.redis.cluster import LOCK_LEASE, SCRIPTS, RedisClusterStore, cluster_script_source
 from policy.store.redis.cluster_layout import SHARDS, SLOTS, ClusterLayout, key_slot, shard_of
 from policy.store.redis.cluster_map import parse_cluster_url
 from tests.cluster import RedisClusterNodes
 from tests.helpers import ROOT, ServiceProcess
+from tests.test_reconcile import N1, FakeSource, peer
 from tests.test_redis_cluster import check, fire, size, stats
 
 pytestmark = pytest.mark.redis
@@ -663,3 +668,182 @@ def fresh_cluster() -> Iterator[RedisClusterNodes]:
     finally:
         cluster.stop()
 
+
+
+class Proxy(FakeSource):
+    """The proxy's truth for the failover test: every call it has up (the reconciler reads it)."""
+
+    def keep(self, cid: str, msg: dict[str, Any], token: str) -> None:
+        self.put(cid, "ft", state="early", init_ts=time.time(), token=token,
+                 request={k: v for k, v in msg.items() if k != "op"})
+
+
+async def test_failover_under_load_keeps_every_cap(fresh_cluster: RedisClusterNodes) -> None:
+    """A primary is killed under load (store timeout 50 ms, the shipped rules): its replica takes
+    over; meanwhile every check is answered within the bound, those the store could not decide
+    from the rules' on_store_error (account caps deny 503, emergency allows); the store notices the
+    failover, refuses checks while it repairs itself and reconciles with the proxy, and then the
+    counts are exactly the proxy's calls. No counted admission ever takes a cap over."""
+    clock = SystemClock()
+    store = RedisClusterStore(fresh_cluster.url, prefix="fo", timeout=0.05, clock=clock)
+    service = PolicyService(ROOT / "rules", store, clock=clock)
+    proxy = Proxy(N1)
+    rec = Reconciler(service, grace=1.0)
+    rec.add_source(proxy)
+    service.reconciler = rec
+    store.on_data_loss = rec.rebuild
+    await store.start()
+    caps = {"acme": 3, **{f"b{i}": 10 for i in range(4)}}
+    decisions: list[tuple[float, float, dict[str, Any]]] = []
+    stop = asyncio.Event()
+    seq = itertools.count()
+
+    async def worker(w: int) -> None:
+        rnd = random.Random(w)
+        while not stop.is_set():
+            n = next(seq)
+            account = rnd.choice(list(caps))
+            to = "112" if n % 10 == 0 else "2000"
+            msg = {"op": "check", "call_id": f"c{n}", "from_tag": "ft", "from": f"sip:u{n}@example.com",
+                   "to": f"sip:{to}@example.com", "account": account}
+            t0 = time.monotonic()
+            r = await service.handle(msg, peer(N1))
+            decisions.append((t0, time.monotonic() - t0, r))
+            assert r["ok"], r
+            if r["decision"] == "allow":
+                proxy.keep(f"c{n}", msg, r.get("token", ""))
+            held = [k for k in proxy.live if rnd.random() < 0.05]
+            for cid, ft in held[:1]:  # calls end now and then
+                e = await service.handle({"op": "end", "call_id": cid, "from_tag": ft}, peer(N1))
+                if e.get("ok") and not e.get("queued"):
+                    proxy.live.pop((cid, ft), None)
+            await asyncio.sleep(0.002)
+
+    workers = [asyncio.create_task(worker(w)) for w in range(6)]
+    try:
+        await asyncio.sleep(1.5)
+        victim = fresh_cluster.primaries()[0]
+        killed_at = time.monotonic()
+        fresh_cluster.kill(victim)
+        deadline = killed_at + 30
+        while time.monotonic() < deadline:  # until the store is back and trusted
+            await asyncio.sleep(0.1)
+            if store.info()["failovers"] and not store.info()["rebuilding"] and store.info()["state"] == "up":
+                break
+        back_at = time.monotonic()
+        assert store.info()["failovers"] == 1 and store.rebuilds >= 1, store.info()
+        await asyncio.sleep(1.5)  # and more load on the new primary
+    finally:
+        stop.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+    for w in workers:
+        assert w.exception() is None, w.exception()
+    try:
+        errors = [(t, dt, r) for t, dt, r in decisions if "store_error" in r]
+        assert errors and all(t >= killed_at - 0.2 for t, _, _ in errors), "store errors before the kill"
+        for _, dt, r in decisions:
+            assert dt < 0.05 + 0.35, (dt, r)  # every check answered within the bound
+        for _, _, r in errors:
+            sos = any(p.get("profile") == "emergency" for p in r.get("profiles", [])) or r.get("rule") is None
+            assert (r["decision"], r.get("code")) == (("allow", None) if sos else ("deny", 503)), r
+        counted = [r for _, _, r in decisions if r["decision"] == "allow" and "store_error" not in r]
+        assert counted and max(t for t, _, r in decisions if "store_error" not in r) > back_at
+        await rec.run()  # the periodic reconciliation, once the load stopped
+        now = clock.now()
+        held = [await store.get_call(call_uid(cid, ft), now) for cid, ft in proxy.live]
+        assert all(h is not None for h in held)  # the proxy's calls are all counted
+        assert await store.profile_size("total", None, now) == len(proxy.live)
+        for account in caps:
+            up = sum(1 for h in held if h is not None and h.account == account
+                     and ("emergency", None) not in h.profiles)
+            assert await store.profile_size("account", account, now) == up
+        print(f"\nfailover: {len(decisions)} checks, {len(errors)} answered from on_store_error over "
+              f"{max(t for t, _, _ in errors) - killed_at:.2f} s after the kill; back (repaired, "
+              f"reconciled) {back_at - killed_at:.2f} s after it; repair {store.last_repair}; "
+              f"reconciler {rec.info()['reconciled_added']} added, {rec.info()['reconciled_released']} released")
+    finally:
+        await store.close()
+
+
+def store_info(svc: ServiceProcess) -> dict[str, Any] | None:
+    """`stats` -> store_info, or None while the store cannot give its stats."""
+    c = svc.client()
+    try:
+        r = c.call("stats")
+    finally:
+        c.close()
+    return r["store_info"] if r.get("ok") else None
+
+
+def test_serve_storm_with_a_primary_killed_mid_way(fresh_cluster: RedisClusterNodes, relaxed: Path) -> None:
+    """Three `serve` on a cluster, storms on the shipped caps, a primary SIGKILLed mid-way: checks
+    the store cannot decide follow on_store_error (503 for account/user caps, allow for emergency),
+    the replica takes over, the instances repair and trust their counts again; no counted
+    admission takes a cap over (beyond a call whose admission the dying primary never replicated:
+    counted, reported), sizes and lists agree cluster-wide, everything is 0 after the ends."""
+    procs = serve_three(fresh_cluster.url, relaxed)
+    try:
+        msgs_all: list[dict[str, Any]] = []
+        replies: dict[str, Any] = {}
+        rnd = random.Random(11)
+        victim = fresh_cluster.primaries()[1]
+        killed = False
+        for rnd_no in range(60):
+            msgs = ([check(f"r{rnd_no}-acme-{i}", user=f"ua{rnd_no}-{i}", account="acme") for i in range(10)]
+                    + [check(f"r{rnd_no}-b{i % 5}-{i}", user=f"ub{rnd_no}-{i}", account=f"b{i % 5}")
+                       for i in range(20)]
+                    + [check(f"r{rnd_no}-al-{i}", user="alice") for i in range(5)]
+                    + [check(f"r{rnd_no}-sos-{i}", user=f"us{rnd_no}-{i}", to="112", account="acme")
+                       for i in range(3)])
+            rnd.shuffle(msgs)
+            msgs_all += msgs
+            replies.update(fire(procs, msgs, conns_each=2))
+            if rnd_no == 5:
+                fresh_cluster.kill(victim)
+                killed = True
+            if killed and rnd_no > 10:
+                infos = [store_info(p) for p in procs]
+                if all(i and i["failovers"] and i["state"] == "up" for i in infos):
+                    break
+            time.sleep(0.1)
+        infos = [stats(p)["store_info"] for p in procs]
+        assert all(i["failovers"] >= 1 and i["state"] == "up" for i in infos), infos
+        errors = [r for r in replies.values() if "store_error" in r]
+        assert errors
+        for r in errors:
+            sos = r.get("rule") is None
+            assert (r["decision"], r.get("code")) == (("allow", None) if sos else ("deny", 503)), r
+        fire(procs, [check("after", user="after", account="b0")])  # checks are counted again
+        counted = {cid for cid, r in replies.items() if r["decision"] == "allow" and "store_error" not in r}
+        c = procs[0].client()
+        try:
+            held: set[str] = set()
+            cursor = ""
+            while True:
+                page = c.call("profile_list", profile="total", cursor=cursor)
+                held |= {x["call_id"] for x in page["calls"]}
+                cursor = page.get("cursor") or ""
+                if not cursor:
+                    break
+        finally:
+            c.close()
+        lost = counted - held
+        extra = held - counted - {cid for cid, r in replies.items() if r["decision"] == "allow"} - {"after"}
+        assert not extra, extra
+        assert len(lost) <= 5, lost  # admissions the dying primary never replicated (reported)
+        for account, cap in (("acme", 3), *((f"b{i}", 10) for i in range(5))):
+            mine = [cid for cid in counted if f"-{account}-" in cid and "-sos-" not in cid]
+            assert len(mine) - len(lost) <= cap, (account, len(mine))
+            listed = len([cid for cid in held if f"-{account}-" in cid and "-sos-" not in cid])
+            assert size(procs[1], "account", account) == listed <= cap
+        assert size(procs[2], "user", "alice@example.com") <= 4
+        assert size(procs[2], "total") == len(held)
+        print(f"\nkilled primary: {len(msgs_all)} checks, {len(errors)} from on_store_error, "
+              f"{len(lost)} counted admissions lost with the primary; repairs: "
+              f"{[i['last_repair'] for i in infos]}")
+        fire(procs, [{"op": "end", "call_id": m["call_id"]} for m in msgs_all] + [{"op": "end", "call_id": "after"}])
+        for profile in ("account", "user", "emergency", "total", "type", "local"):
+            assert size(procs[0], profile) == 0, profile
+    finally:
+        for p in procs:
+            p.stop()

@@ -298,6 +298,8 @@ class ClusterMap:
         shape = tuple(ranges)
         self._known = list(dict.fromkeys(known))
         if shape == self._shape:
+            for node_id, reps in replicas.items():  # replicas show up once they are in sync
+                self._replicas.setdefault(node_id, set()).update(reps)
             return
         old = self.slots
         slots: list[NodeLink | None] = [None] * SLOTS
@@ -315,15 +317,23 @@ class ClusterMap:
         failover = False
         moved = 0
         if self._shape:
+            primary_ids = {r[4] for r in self._shape}
             for s in range(SLOTS):
                 was, now = old[s], slots[s]
                 if was is not now:
                     moved += 1
-                    if was is not None and now is not None and now.node_id in self._replicas.get(was.node_id, ()):
+                    # a replica of the old owner took the slot over (or, not knowing its replicas,
+                    # a node that served no slot while the old owner was unreachable)
+                    if was is not None and now is not None and (
+                            now.node_id in self._replicas.get(was.node_id, ())
+                            or (not was.up and now.node_id not in primary_ids)):
                         failover = True
         self.slots = slots
         first = not self._shape
         self._shape = shape
+        for node_id, reps in self._replicas.items():
+            if node_id in replicas:
+                replicas[node_id] |= reps - {node_id}
         self._replicas = replicas
         for addr, link in list(self.links.items()):
             if addr not in used:
