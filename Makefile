@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench bench-quick bench-redis bench-kamailio bench-radius clean venv
+.PHONY: run test lint bench bench-quick bench-redis bench-cluster bench-kamailio bench-radius clean venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-quick: $(STAMP)
 
 bench-redis: $(STAMP)
 	$(BIN)/python bench/bench_redis.py $(BENCH_ARGS)
+
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/bench_cluster.py $(BENCH_ARGS)
 
 bench-kamailio: $(STAMP)
 	$(BIN)/python bench/bench_kamailio.py

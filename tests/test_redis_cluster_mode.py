@@ -559,6 +559,11 @@ def conflicts(procs: list[ServiceProcess]) -> tuple[int, int]:
     return sum(i["cross_slot_conflicts"] for i in infos), sum(i["refused"] for i in infos)
 
 
+def retried(procs: list[ServiceProcess]) -> int:
+    """Reserves tried again after a refusal at a step, over every instance."""
+    return sum(stats(p)["store_info"]["retried"] for p in procs)
+
+
 def test_cluster_many_instances_one_cap(three: list[ServiceProcess]) -> None:
     msgs = [check(f"beta-{i}", user=f"u{i}", account="beta") for i in range(300)]
     replies = fire(three, msgs)
@@ -617,7 +622,7 @@ def test_cluster_mixed_storm_on_the_shipped_caps(three: list[ServiceProcess]) ->
         c.close()
     assert sorted(x["call_id"] for x in listed) == sorted(acme)
     assert len(every) == size(svc, "user")
-    assert values == {"acme": len(acme), "beta": 10}
+    assert values == {"beta": 10, **({"acme": len(acme)} if acme else {})}
     print(f"\ncross-slot conflicts: {found} of {len(msgs)} checks ({refused} refused)")
     fire(three, [{"op": "end", "call_id": m["call_id"]} for m in msgs])
     for profile, value in [("account", None), ("user", None), ("emergency", None), ("total", None),
@@ -633,6 +638,7 @@ def test_cluster_contention_measures_cross_slot_conflicts(three: list[ServicePro
     every round; how often a call was refused after taking another cap's last place is measured
     (and printed): docs/redis.md quotes it."""
     total = 0
+    free = 0  # places left free in a round although calls that fit them were refused
     for rnd in range(5):
         msgs = ([check(f"r{rnd}-acme-{i}", user=f"a{i % 2}", account="acme") for i in range(40)]
                 + [check(f"r{rnd}-u-{i}", user=f"a{i % 2}") for i in range(40)])
@@ -647,10 +653,12 @@ def test_cluster_contention_measures_cross_slot_conflicts(three: list[ServicePro
             assert len(mine) <= 4
             assert size(three[0], "user", f"a{u}@example.com") == len(mine)
         assert size(three[0], "account", "acme") == len(acme)
+        free += 8 - len(ok)  # a0 and a1 have 4 places each, and enough calls to fill them
         fire(three, [{"op": "end", "call_id": m["call_id"]} for m in msgs])
         assert size(three[0], "total") == 0
     found, refused = conflicts(three)
-    print(f"\ncross-slot conflicts: {found} in {total} checks ({found / total:.1%}; {refused} refused)")
+    print(f"\ncross-slot conflicts: {found} in {total} checks ({found / total:.1%}; {refused} refused, "
+          f"{retried(three)} tried again); places left free: {free} of 40")
     assert found <= refused
 
 

@@ -56,6 +56,7 @@ from policy.store.base import (
     PlanEntry,
     ReserveResult,
 )
+from policy.store.redis.cluster_batch import KeyBatcher
 from policy.store.redis.cluster_layout import SHARDS, ClusterLayout, Shard, node_member, node_prefix
 from policy.store.redis.cluster_map import SCHEME, ClusterMap, NodeLink, parse_cluster_url, parse_seeds
 from policy.store.redis.codec import decode_record, maybe_record, num, pack_items, unpack_items
@@ -181,6 +182,7 @@ class RedisClusterStore(CounterStore):
                                connect_timeout=connect_timeout, log=log, prepare=self._prepare,
                                reload_commands=self._reload_commands, on_change=self._map_changed)
         self._keys: dict[tuple[str, str | None], _Key] = {}
+        self._batch = KeyBatcher(self._map, lambda: self._sha["cluster_step"])
         self._offset = 0.0
         self._reference: NodeLink | None = None  # the primary whose TIME is cluster time
         self._epochs: list[str | None] = [None] * SHARDS
@@ -202,6 +204,7 @@ class RedisClusterStore(CounterStore):
         self.last_repair: dict[str, Any] | None = None
         self.cross_slot_conflicts = 0
         self.refused = 0
+        self.retried = 0
         self.rollbacks = 0
         self.undone = 0
         self.handed_back = 0
@@ -251,6 +254,7 @@ class RedisClusterStore(CounterStore):
             "last_repair": self.last_repair,
             "cross_slot_conflicts": self.cross_slot_conflicts,
             "refused": self.refused,
+            "retried": self.retried,
             "rollbacks": self.rollbacks,
             "undone": self.undone,
             "handed_back": self.handed_back,
@@ -285,6 +289,7 @@ class RedisClusterStore(CounterStore):
         self._tasks.clear()
         self._catching.clear()
         self._rebuild_task = None
+        await self._batch.close()
         await self._map.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -641,12 +646,24 @@ class RedisClusterStore(CounterStore):
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
         force: bool = False,
     ) -> ReserveResult:
-        """Admit the call into every key of the plan, or into none: begin, steps, commit."""
+        """Admit the call into every key of the plan, or into none: begin, steps, commit. A call
+        refused at a step (the key filled up after its look: other reserves in flight held its
+        places) is tried once more, from the begin, if the deadline allows."""
         if self._rebuilding and not force:
             raise StoreError(REBUILDING)
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self.timeout
+        res = await self._attempt(call, plan, now, timeout, token, force, start, deadline, True)
+        if res is None:
+            self.retried += 1
+            res = await self._attempt(call, plan, now, timeout, token, force, start, deadline, False)
+        assert res is not None
+        return res
+
+    async def _attempt(self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
+                       force: bool, start: float, deadline: float, may_retry: bool) -> ReserveResult | None:
+        loop = asyncio.get_running_loop()
         now, timeout = float(now), float(timeout)
         base = now + self._offset
         lease = num(base + timeout)
@@ -664,9 +681,9 @@ class RedisClusterStore(CounterStore):
         # with the begin, a look at every key's size: a key already full refuses the call before it
         # takes any place (so it holds no other key's last place for nothing); the sizes are also
         # the answer to a duplicate
-        looks = [(key.slot, _packed("ZCOUNT", key.name, f"({num(base)}", "+inf")) for key in p.keys]
+        batch = self._batch
         for attempt in itertools.count():
-            peeks = [(slot, data, self._send(slot, data, deadline)) for slot, data in looks]
+            peeks = [batch.look(key.name, key.slot, base) for key in p.keys]
             reply = await self._call(sh.slot, begin, deadline)
             status = reply[0]
             if status == 1:
@@ -686,24 +703,24 @@ class RedisClusterStore(CounterStore):
                 self._epoch_check(sh, epoch, reply[1], "reserve")
                 raise StoreError(REBUILDING)
             held = decode_record(reply[1:], self._offset)
-            current = [int(await self._reply(slot, data, fut, deadline)) for slot, data, fut in peeks]
+            current = [await f for f in peeks]
             if status == 2:
                 return ReserveResult(True, True, None, [current[i] for i in p.slots], held)
             return ReserveResult(False, False, None, [current[i] for i in p.slots], held, True)
         try:
-            seen = [int(await self._reply(slot, data, fut, deadline)) for slot, data, fut in peeks]
+            seen = [await f for f in peeks]
         except BaseException:
-            self._rollback(sh, uid, token, owner, p, [], deadline)
+            self._rollback(sh, uid, token, owner, p, [])
             raise
         if not force and any(seen[i] >= (p.limits[i] or 0) for i in p.limited):
             self.refused += 1
-            self._rollback(sh, uid, token, owner, p, [], deadline)
+            self._rollback(sh, uid, token, owner, p, [])
             blocked = next(j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
                            and seen[p.slots[j]] >= e.limit)
             return ReserveResult(False, False, blocked, [seen[i] for i in p.slots], None)
-        # the profile keys, then the commit
-        flag = "1" if force else ""
-        sizes: list[int | None] = [None] * len(p.keys)
+        # the profile keys (counting-only ones with the first limited one, then one by one), then
+        # the commit
+        sizes: list[int] = list(seen)
         stepped: list[int] = []  # keys whose step was sent (may have added the call)
         refused: int | None = None
         last_place = 0  # keys with a limit whose last place this call took
@@ -712,14 +729,11 @@ class RedisClusterStore(CounterStore):
             pending = []
             for i in first:
                 key = p.keys[i]
-                data = self._pack("cluster_step", [key.name], [num(base), uid, lease,
-                                                                "" if p.limits[i] is None else p.limits[i], flag])
                 stepped.append(i)
-                pending.append((i, key.slot, data, self._send(key.slot, data, deadline)))
-            for i, slot, data, fut in pending:
-                r = await self._reply(slot, data, fut, deadline)
-                sizes[i] = int(r[1])
-                if r[0] == 0:
+                pending.append((i, batch.step(key.name, key.slot, base, uid, lease, p.limits[i], force)))
+            for i, fut in pending:
+                added, sizes[i] = await fut
+                if not added:
                     refused = i
                     stepped.remove(i)
                 elif p.limits[i] is not None and sizes[i] == p.limits[i]:
@@ -727,42 +741,37 @@ class RedisClusterStore(CounterStore):
             if refused is None:
                 for i in p.limited[1:]:
                     key = p.keys[i]
-                    data = self._pack("cluster_step", [key.name], [num(base), uid, lease, p.limits[i], flag])
                     stepped.append(i)
-                    r = await self._reply(key.slot, data, self._send(key.slot, data, deadline), deadline)
-                    sizes[i] = int(r[1])
-                    if r[0] == 0:
+                    added, sizes[i] = await batch.step(key.name, key.slot, base, uid, lease, p.limits[i], force)
+                    if not added:
                         refused = i
                         stepped.remove(i)
                         break
                     if sizes[i] == p.limits[i]:
                         last_place += 1
         except BaseException:
-            self._rollback(sh, uid, token, owner, p, stepped, deadline)
+            self._rollback(sh, uid, token, owner, p, stepped)
             raise
         if refused is not None:
-            self.refused += 1
             if last_place:  # it held the last place of an earlier key for a moment: see the docstring
                 self.cross_slot_conflicts += 1
-            self._rollback(sh, uid, token, owner, p, stepped, deadline)
-            for i in stepped:
-                sizes[i] = max(0, (sizes[i] or 0) - 1)
-            missing = [i for i, s in enumerate(sizes) if s is None]
-            if missing:
-                try:
-                    read = await self._all([(p.keys[i].slot, _packed("ZCOUNT", p.keys[i].name, f"({num(base)}",
-                                                                     "+inf")) for i in missing], deadline)
-                    for i, n in zip(missing, read, strict=True):
-                        sizes[i] = int(n)
+            if may_retry and loop.time() - start < self.timeout / 2:
+                try:  # give the places back now, then try again
+                    await self._release_keys(uid, pack_items(["", *(p.keys[i].kid for i in stepped)]), deadline)
+                    await self._finish(sh, [uid], owner, deadline)
+                    return None
                 except StoreError:
-                    for i in missing:
-                        sizes[i] = 0
-            full = [int(s or 0) for s in sizes]
+                    self._spawn(self._undo(sh, uid, token, owner))
+            else:
+                self._rollback(sh, uid, token, owner, p, stepped)
+            self.refused += 1
+            for i in stepped:
+                sizes[i] = max(0, sizes[i] - 1)
             first_full = next((j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
-                               and full[p.slots[j]] >= e.limit), None)
+                               and sizes[p.slots[j]] >= e.limit), None)
             blocked = first_full if first_full is not None else next(  # (else the refusing key's own)
                 j for j, e in enumerate(plan) if p.slots[j] == refused and e.limit is not None and not e.shadow)
-            return ReserveResult(False, False, blocked, [full[i] for i in p.slots], None)
+            return ReserveResult(False, False, blocked, [sizes[i] for i in p.slots], None)
         commit = self._commit_command(sh, call, uid, owner, p, base + timeout, epoch)
         try:
             reply = await self._call(sh.slot, commit, deadline)
@@ -771,7 +780,7 @@ class RedisClusterStore(CounterStore):
             raise
         status = reply[0]
         if status == -1:
-            self._rollback(sh, uid, token, owner, p, stepped, deadline)
+            self._rollback(sh, uid, token, owner, p, stepped)
             self._epoch_check(sh, epoch, reply[1], "reserve")
             raise StoreError(REBUILDING)
         if status != 1:
@@ -779,7 +788,7 @@ class RedisClusterStore(CounterStore):
         rec = CallRecord(call.call_id, call.from_uri, call.to_uri, call.account, "early", now, None, timeout,
                          now + timeout, p.profiles, call.from_tag, call.node, token,
                          dict(call.vars) if call.vars else {})
-        return ReserveResult(True, False, None, [int(sizes[i] or 0) for i in p.slots], rec)
+        return ReserveResult(True, False, None, [sizes[i] for i in p.slots], rec)
 
     def _commit_command(self, sh: Shard, call: CallInfo, uid: str, owner: str, p: _Plan, expires: float,
                         epoch: str) -> bytes:
@@ -791,29 +800,19 @@ class RedisClusterStore(CounterStore):
                           [uid, owner, num(expires), epoch, node_member(call.node, uid), len(p.fields),
                            len(p.valued), len(var_args) // 2, *p.fields, *p.valued, *var_args])
 
-    async def _sizes(self, p: _Plan, base: float, deadline: float | None) -> list[int]:
-        read = await self._all([(key.slot, _packed("ZCOUNT", key.name, f"({num(base)}", "+inf")) for key in p.keys],
-                               deadline)
-        return [int(n) for n in read]
-
-    def _rollback(self, sh: Shard, uid: str, token: str, owner: str, p: _Plan, stepped: Sequence[int],
-                  deadline: float) -> None:
+    def _rollback(self, sh: Shard, uid: str, token: str, owner: str, p: _Plan, stepped: Sequence[int]) -> None:
         """Take back the steps of a reserve that holds its pending record (refused, or failed
         before its commit was sent): the removals are queued now (so an operation queued after
         this one on the same primary sees them), the pending record goes once they are done."""
         self.rollbacks += 1
-        removals = []
-        for i in stepped:
-            key = p.keys[i]
-            data = _packed("ZREM", key.name, uid)
-            removals.append((key.slot, data, self._send(key.slot, data, None)))
+        removals = [self._batch.remove(p.keys[i].name, p.keys[i].slot, uid) for i in stepped]
         self._spawn(self._finish_rollback(sh, uid, token, owner, removals))
 
     async def _finish_rollback(self, sh: Shard, uid: str, token: str, owner: str,
-                               removals: list[tuple[int, bytes, asyncio.Future[Any] | StoreError]]) -> None:
+                               removals: list[asyncio.Future[Any]]) -> None:
         try:
-            for slot, data, fut in removals:
-                await self._reply(slot, data, fut, None)
+            for fut in removals:
+                await fut
             await self._finish(sh, [uid], owner, None)
         except StoreError:
             await self._undo(sh, uid, token, owner)
@@ -856,11 +855,19 @@ class RedisClusterStore(CounterStore):
                 delay = min(delay * 2, 0.5)
 
     async def _release_keys(self, uid: str, k: str, deadline: float | None) -> None:
-        cmds = []
+        """Remove the call from every key its record's `k` lists (coalesced per key and tick)."""
+        futs = []
         for kid in unpack_items(k)[1:]:
             name, slot = self.layout.key_of_kid(kid)
-            cmds.append((slot, _packed("ZREM", name, uid)))
-        await self._all(cmds, deadline)
+            futs.append(self._batch.remove(name, slot, uid))
+        failed: StoreError | None = None
+        for fut in futs:
+            try:
+                await fut
+            except StoreError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     # -- the life of a call -------------------------------------------------------------------
 
@@ -1227,12 +1234,8 @@ class RedisClusterStore(CounterStore):
             locked = reply[2:2 + 2 * n]
             raw += reply[2 + 2 * n:]
             if n:
-                cmds = []
-                for uid, k in zip(locked[0::2], locked[1::2], strict=True):
-                    for kid in unpack_items(k)[1:]:
-                        name, slot = self.layout.key_of_kid(kid)
-                        cmds.append((slot, _packed("ZREM", name, uid)))
-                await self._all(cmds, deadline)
+                await asyncio.gather(*(self._release_keys(uid, k, deadline)
+                                       for uid, k in zip(locked[0::2], locked[1::2], strict=True)))
                 await self._finish(sh, locked[0::2], owner, deadline)
         out = []
         for r in raw:
