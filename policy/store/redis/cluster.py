@@ -678,13 +678,21 @@ class RedisClusterStore(CounterStore):
         begin = self._pack("cluster_begin", [sh.record(uid), sh.locks, sh.counts],
                            [num(base), uid, token, d, w, k, lease, num(timeout), num(base + LOCK_LEASE), owner,
                             epoch])
-        # with the begin, a look at every key's size: a key already full refuses the call before it
-        # takes any place (so it holds no other key's last place for nothing); the sizes are also
-        # the answer to a duplicate
+        # with the begin, a look at the size of every key with a limit: a key already full refuses
+        # the call before it takes any place (so it never holds another key's last place for
+        # nothing, and a refusal at a step means that the key filled up meanwhile)
         batch = self._batch
+        looked = [] if force else p.limited
         for attempt in itertools.count():
-            peeks = [batch.look(key.name, key.slot, base) for key in p.keys]
-            reply = await self._call(sh.slot, begin, deadline)
+            peeks = [batch.look(p.keys[i].name, p.keys[i].slot, base) for i in looked]
+            sent = self._send(sh.slot, begin, deadline)
+            if isinstance(sent, StoreError):
+                raise sent  # never sent: nothing to take back
+            try:
+                reply = await self._reply(sh.slot, begin, sent, deadline)
+            except BaseException:  # it may have run: take its pending record back
+                self._spawn(self._undo(sh, uid, token, owner))
+                raise
             status = reply[0]
             if status == 1:
                 break
@@ -703,7 +711,7 @@ class RedisClusterStore(CounterStore):
                 self._epoch_check(sh, epoch, reply[1], "reserve")
                 raise StoreError(REBUILDING)
             held = decode_record(reply[1:], self._offset)
-            current = [await f for f in peeks]
+            current = await self._look_all(p, base, [], [])
             if status == 2:
                 return ReserveResult(True, True, None, [current[i] for i in p.slots], held)
             return ReserveResult(False, False, None, [current[i] for i in p.slots], held, True)
@@ -712,15 +720,16 @@ class RedisClusterStore(CounterStore):
         except BaseException:
             self._rollback(sh, uid, token, owner, p, [])
             raise
-        if not force and any(seen[i] >= (p.limits[i] or 0) for i in p.limited):
+        if any(n >= (p.limits[i] or 0) for i, n in zip(looked, seen, strict=True)):
             self.refused += 1
             self._rollback(sh, uid, token, owner, p, [])
+            full = await self._look_all(p, base, looked, seen)
             blocked = next(j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
-                           and seen[p.slots[j]] >= e.limit)
-            return ReserveResult(False, False, blocked, [seen[i] for i in p.slots], None)
+                           and full[p.slots[j]] >= e.limit)
+            return ReserveResult(False, False, blocked, [full[i] for i in p.slots], None)
         # the profile keys (counting-only ones with the first limited one, then one by one), then
         # the commit
-        sizes: list[int] = list(seen)
+        sizes: list[int] = [0] * len(p.keys)
         stepped: list[int] = []  # keys whose step was sent (may have added the call)
         refused: int | None = None
         last_place = 0  # keys with a limit whose last place this call took
@@ -767,6 +776,12 @@ class RedisClusterStore(CounterStore):
             self.refused += 1
             for i in stepped:
                 sizes[i] = max(0, sizes[i] - 1)
+            known = [*stepped, refused]
+            for i, n in zip(looked, seen, strict=True):
+                if i not in known:
+                    known.append(i)
+                    sizes[i] = n
+            sizes = await self._look_all(p, base, known, [sizes[i] for i in known])
             first_full = next((j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
                                and sizes[p.slots[j]] >= e.limit), None)
             blocked = first_full if first_full is not None else next(  # (else the refusing key's own)
@@ -800,12 +815,24 @@ class RedisClusterStore(CounterStore):
                           [uid, owner, num(expires), epoch, node_member(call.node, uid), len(p.fields),
                            len(p.valued), len(var_args) // 2, *p.fields, *p.valued, *var_args])
 
+    async def _look_all(self, p: _Plan, base: float, known: Sequence[int], sizes: Sequence[int]) -> list[int]:
+        """Every key's size (the ones in `known` as given): the answer to a duplicate or a refusal."""
+        have = dict(zip(known, sizes, strict=True))
+        futs = {i: self._batch.look(key.name, key.slot, base) for i, key in enumerate(p.keys) if i not in have}
+        try:
+            for i, fut in futs.items():
+                have[i] = int(await fut)
+        except StoreError:
+            pass  # (sizes in a reply are information: a key that cannot be read shows 0)
+        return [have.get(i, 0) for i in range(len(p.keys))]
+
     def _rollback(self, sh: Shard, uid: str, token: str, owner: str, p: _Plan, stepped: Sequence[int]) -> None:
         """Take back the steps of a reserve that holds its pending record (refused, or failed
         before its commit was sent): the removals are queued now (so an operation queued after
         this one on the same primary sees them), the pending record goes once they are done."""
         self.rollbacks += 1
         removals = [self._batch.remove(p.keys[i].name, p.keys[i].slot, uid) for i in stepped]
+        self._batch.flush()
         self._spawn(self._finish_rollback(sh, uid, token, owner, removals))
 
     async def _finish_rollback(self, sh: Shard, uid: str, token: str, owner: str,

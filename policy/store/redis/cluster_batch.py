@@ -94,8 +94,12 @@ class KeyBatcher:
         batch.futs.append(fut)
         return fut
 
+    def flush(self) -> None:
+        """Send what waits now (so that a command queued after this on a primary sees it)."""
+        self._flush()
+
     def _flush(self) -> None:
-        self._scheduled = False
+        self._scheduled = False  # (a flush still scheduled finds nothing, or the next tick's)
         steps, self._steps = self._steps, {}
         removes, self._removes = self._removes, {}
         looks, self._looks = self._looks, {}

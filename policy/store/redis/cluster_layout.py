@@ -106,6 +106,7 @@ class ClusterLayout:
         self.prefix = prefix
         self.shards = [Shard(i, _shard_tag(prefix, i)) for i in range(SHARDS)]
         self._keys: dict[tuple[str, str | None], tuple[str, int, str]] = {}
+        self._kids: dict[str, tuple[str, int]] = {}
 
     def shard(self, uid: str) -> Shard:
         """The shard of a call."""
@@ -124,9 +125,14 @@ class ClusterLayout:
         return got
 
     def key_of_kid(self, k: str) -> tuple[str, int]:
-        """(key name, slot) of a kid read from a record."""
-        name = f"{self.prefix}:k:{k}"
-        return name, key_slot(name)
+        """(key name, slot) of a kid read from a record (cached)."""
+        got = self._kids.get(k)
+        if got is None:
+            if len(self._kids) >= CACHE_SIZE:
+                self._kids.clear()
+            name = f"{self.prefix}:k:{k}"
+            got = self._kids[k] = (name, key_slot(name))
+        return got
 
     @property
     def key_pattern(self) -> str:
