@@ -275,7 +275,12 @@ async def test_racing_for_the_last_places_of_two_keys(redis_cluster: RedisCluste
         assert redis_cluster.command(p2, "CLIENT", "PAUSE", "3000", "WRITE") == "OK"
         try:
             tx = asyncio.create_task(other.reserve(call(x, k2), [acct(k2, 1)], T0, 300, "tx"))
-            await asyncio.sleep(0.2)  # X has looked and its step waits on p2 (paused first)
+            sx = store.layout.shard(x)
+            for _ in range(400):  # X has begun (and looked): its step goes out right after
+                if await store._map.call(sx.slot, bytes(hiredis.pack_command(("HGET", sx.record(x), "s")))):
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)  # X's step waits on p2 (paused first)
             ta = asyncio.create_task(store.reserve(call(a, k1), [acct(k1, 1), acct(k2, 1)], T0, 300, "ta"))
             for _ in range(200):
                 if await key_size(other, "account", k1, T0) == 1:
