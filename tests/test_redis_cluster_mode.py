@@ -243,18 +243,24 @@ def uid_not_on(store: RedisClusterStore, cluster: RedisClusterNodes, port: int, 
                 if owner_of(cluster, store.layout.shard(c).slot) != port)
 
 
-async def test_a_full_key_refuses_before_any_place_is_taken(store: RedisClusterStore,
-                                                             redis_cluster: RedisClusterNodes) -> None:
-    """The begin looks at every key: a key already full refuses the call before it takes a place
-    anywhere (no cross-slot conflict), and the blocked limit is the first full one in plan order."""
+async def test_a_key_known_full_refuses_before_any_place_is_taken(store: RedisClusterStore,
+                                                                   redis_cluster: RedisClusterNodes) -> None:
+    """k2 (later in the global order) is full. The first call that needs k1 and k2 takes k1's last
+    place, is refused at k2 and gives k1 back (a cross-slot conflict: counted), then is tried once
+    more, looking at k2 first: refused there. From then on the store looks at k2 before each
+    reserve that needs it, so the next such call is refused before it takes any place. The blocked
+    limit is the first full one in plan order."""
     k1, k2 = ordered_pair(store, redis_cluster)
     assert (await store.reserve(call("x", k2), [acct(k2, 1)], T0, 300, "t")).admitted
     r = await store.reserve(call("a", k1), [acct(k2, 1), acct(k1, 1)], T0, 300, "t")
     assert (r.admitted, r.blocked, r.sizes) == (False, 0, [1, 0])
-    assert (store.cross_slot_conflicts, store.refused) == (0, 1)
+    assert (store.cross_slot_conflicts, store.refused, store.retried) == (1, 1, 1)
+    r = await store.reserve(call("b", k1), [acct(k2, 1), acct(k1, 1)], T0, 300, "t")
+    assert (r.admitted, r.blocked, r.sizes) == (False, 0, [1, 0])
+    assert (store.cross_slot_conflicts, store.refused, store.retried) == (1, 2, 1)  # refused at its look
     assert await store.profile_size("account", k1, T0) == 0
-    assert await store.get_call("a", T0) is None
-    assert (await store.reserve(call("b", k1), [acct(k1, 1)], T0, 300, "t")).admitted
+    assert await store.get_call("a", T0) is None and await store.get_call("b", T0) is None
+    assert (await store.reserve(call("c", k1), [acct(k1, 1)], T0, 300, "t")).admitted
 
 
 async def test_racing_for_the_last_places_of_two_keys(redis_cluster: RedisClusterNodes, prefix: str) -> None:

@@ -4,23 +4,27 @@ The single-Redis store (`store.py`) admits a call with one atomic script over ev
 plan; a cluster cannot run one script over several slots, so a check here is a short sequence
 of atomic steps, each on one slot, in one fixed order (docs/redis.md, "Redis Cluster"):
 
-1. **begin**, in the call's shard (`cluster_layout`): a held call answers duplicate or conflict
-   and nothing else happens; otherwise a *pending* record locks the call's identity and lists
-   every key the reserve may touch.
+1. **begin**, in the call's shard (`cluster_layout`), sent with a look at the size of each key
+   with a limit that refused a call lately: a held call answers duplicate or conflict and nothing
+   else happens; a key already full refuses the call before it takes any place; otherwise a
+   *pending* record locks the call's identity and lists every key the reserve may touch.
 2. **steps**, one per profile key: an atomic check-and-add of (uid, lease) on that key
-   (`cluster_step.lua`). Counting-only keys (no enforced limit) cannot refuse: they go together
-   with the first key that has a limit; keys with limits go one after the other in one global
-   order (slot, then name), each refusing when full. On the first full key the steps already
-   taken are rolled back and the call is denied: never a call over a limit.
+   (`cluster_step.lua`; the steps, removals and looks of one event-loop tick are coalesced per
+   key by `cluster_batch`). Counting-only keys (no enforced limit) cannot refuse: they go
+   together with the first key that has a limit; keys with limits go one after the other in one
+   global order (slot, then name), each refusing when full. On the first full key the steps
+   already taken are rolled back and the call is denied: never a call over a limit. A call
+   refused at a step (the key filled up after its look) is tried once more from the begin.
 3. **commit**, in the call's shard: the pending record becomes a held call, counted in the
    shard's counters and indexes.
 
 A refusal after an earlier limit key gave the call its last place is counted in
 `cross_slot_conflicts`: while this call held that place for a moment, another call that needed
 it may have been refused although one atomic step would have admitted it (two calls racing for
-the last places of two keys). A crash between steps leaves a pending record (its lock ends after `LOCK_LEASE`, then a
-sweep releases what it lists) and entries with the call's lease (each key drops them when the
-lease ends); a lost write (a failover) is repaired by `repair` and reconciliation.
+the last places of two keys). A crash between steps leaves a pending record (its lock ends after
+`LOCK_LEASE`, then a sweep releases what it lists) and entries with the call's lease (each key
+drops them when the lease ends); a lost write (a failover) is repaired by `repair` and
+reconciliation.
 
 Ends, answers and sweeps are steps too: the shard first (the call leaves the shard's counters
 and stays as an *ending* record that locks it), then the profile keys, then the record goes.
@@ -76,6 +80,10 @@ REBUILDING = "redis cluster lost data or failed over; repairing and rebuilding f
 #: Seconds a multi-step operation (reserve, end, sweep, repair) may hold a call's lock; after
 #: that a sweep takes the operation over (its owner is presumed dead).
 LOCK_LEASE = 10.0
+#: A key that refused a call is looked at before each reserve that needs it for this long
+#: (seconds; at most FULL_KEYS keys remembered).
+FULL_MEMORY = 10.0
+FULL_KEYS = 10_000
 #: Pause before asking again when another operation holds the call (within the deadline).
 BUSY_PAUSE = 0.002
 #: Tries of a reserve or counter read while ended leases wait for a sweep.
@@ -182,7 +190,8 @@ class RedisClusterStore(CounterStore):
                                connect_timeout=connect_timeout, log=log, prepare=self._prepare,
                                reload_commands=self._reload_commands, on_change=self._map_changed)
         self._keys: dict[tuple[str, str | None], _Key] = {}
-        self._batch = KeyBatcher(self._map, lambda: self._sha["cluster_step"])
+        self._batch = KeyBatcher(self._map, lambda: self._sha["cluster_step"], lambda: self._sha["cluster_finish"])
+        self._full: dict[str, float] = {}  # key name -> until when it is looked at (loop time)
         self._offset = 0.0
         self._reference: NodeLink | None = None  # the primary whose TIME is cluster time
         self._epochs: list[str | None] = [None] * SHARDS
@@ -537,9 +546,16 @@ class RedisClusterStore(CounterStore):
         return {uid: (str(reply[2 * i]), str(reply[2 * i + 1])) for i, uid in enumerate(uids)}
 
     async def _finish(self, sh: Shard, uids: Sequence[str], owner: str, deadline: float | None) -> None:
-        if uids:
-            await self._map.call(sh.slot, self._pack("cluster_finish", [sh.locks, *(sh.record(u) for u in uids)],
-                                                     [owner, *uids]), deadline)
+        """cluster_finish for these calls of one owner (coalesced per shard and tick)."""
+        futs = [self._batch.finish(sh.slot, sh.locks, sh.record(uid), uid, owner) for uid in uids]
+        failed: StoreError | None = None
+        for fut in futs:
+            try:
+                await fut
+            except StoreError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     async def _all(self, cmds: Sequence[tuple[int, bytes]], deadline: float | None) -> list[Any]:
         """Send commands (slot, packed) at once, then wait for every reply (redirects followed)."""
@@ -678,11 +694,18 @@ class RedisClusterStore(CounterStore):
         begin = self._pack("cluster_begin", [sh.record(uid), sh.locks, sh.counts],
                            [num(base), uid, token, d, w, k, lease, num(timeout), num(base + LOCK_LEASE), owner,
                             epoch])
-        # with the begin, a look at the size of every key with a limit: a key already full refuses
-        # the call before it takes any place (so it never holds another key's last place for
-        # nothing, and a refusal at a step means that the key filled up meanwhile)
+        # with the begin, a look at the size of the keys with a limit that refused a call lately
+        # (all of them on the second try): a key already full refuses the call before it takes any
+        # place, so it never holds another key's last place for nothing; keys that have room, by
+        # far the most, cost no look
         batch = self._batch
-        looked = [] if force else p.limited
+        if force:
+            looked: list[int] = []
+        elif may_retry:
+            recent = self._full
+            looked = [i for i in p.limited if recent.get(p.keys[i].name, 0.0) > start] if recent else []
+        else:
+            looked = p.limited
         for attempt in itertools.count():
             peeks = [batch.look(p.keys[i].name, p.keys[i].slot, base) for i in looked]
             sent = self._send(sh.slot, begin, deadline)
@@ -721,6 +744,8 @@ class RedisClusterStore(CounterStore):
             self._rollback(sh, uid, token, owner, p, [])
             raise
         if any(n >= (p.limits[i] or 0) for i, n in zip(looked, seen, strict=True)):
+            self._was_full(p.keys[next(i for i, n in zip(looked, seen, strict=True) if n >= (p.limits[i] or 0))].name,
+                           start)
             self.refused += 1
             self._rollback(sh, uid, token, owner, p, [])
             full = await self._look_all(p, base, looked, seen)
@@ -762,6 +787,7 @@ class RedisClusterStore(CounterStore):
             self._rollback(sh, uid, token, owner, p, stepped)
             raise
         if refused is not None:
+            self._was_full(p.keys[refused].name, start)
             if last_place:  # it held the last place of an earlier key for a moment: see the docstring
                 self.cross_slot_conflicts += 1
             if may_retry and loop.time() - start < self.timeout / 2:
@@ -814,6 +840,13 @@ class RedisClusterStore(CounterStore):
         return self._pack("cluster_commit", [sh.record(uid), sh.exp, sh.locks, sh.counts, sh.nodes, sh.values],
                           [uid, owner, num(expires), epoch, node_member(call.node, uid), len(p.fields),
                            len(p.valued), len(var_args) // 2, *p.fields, *p.valued, *var_args])
+
+    def _was_full(self, name: str, now: float) -> None:
+        """Remember that a key refused a call (its next reserves look at it first)."""
+        full = self._full
+        if len(full) >= FULL_KEYS:
+            full.clear()
+        full[name] = now + FULL_MEMORY
 
     async def _look_all(self, p: _Plan, base: float, known: Sequence[int], sizes: Sequence[int]) -> list[int]:
         """Every key's size (the ones in `known` as given): the answer to a duplicate or a refusal."""

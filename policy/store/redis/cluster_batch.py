@@ -9,7 +9,8 @@ these operations to a `KeyBatcher`, which sends, at the end of the tick, per key
   order the calls asked: each gets its own verdict and size, exactly as if it had been alone
   (the script checks and adds them one after the other, atomically);
 - **one ZREM** of every call that tick removes from it;
-- **one ZCOUNT** (the reserve's look at a key's size) shared by every look of that tick.
+- **one ZCOUNT** (the reserve's look at a key's size) shared by every look of that tick;
+- and per shard **one cluster_finish** for every release of the tick that is done with its keys.
 
 So the hottest key costs one command per tick instead of one per call, and the client packs and
 parses far fewer commands. Redirects (MOVED, ASK, TRYAGAIN) are followed for the batch.
@@ -39,10 +40,12 @@ class _Batch:
 class KeyBatcher:
     """Steps, removals and looks of one tick, coalesced per key (see the module docstring)."""
 
-    def __init__(self, cmap: ClusterMap, step_sha: Callable[[], str]) -> None:
+    def __init__(self, cmap: ClusterMap, step_sha: Callable[[], str], finish_sha: Callable[[], str]) -> None:
         self.cmap = cmap
         self._step_sha = step_sha
+        self._finish_sha = finish_sha
         self._steps: dict[str, tuple[_Batch, list[float]]] = {}
+        self._finishes: dict[str, tuple[_Batch, list[str]]] = {}  # locks key -> (records)
         self._removes: dict[str, _Batch] = {}
         self._looks: dict[str, tuple[_Batch, list[float]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,6 +97,18 @@ class KeyBatcher:
         batch.futs.append(fut)
         return fut
 
+    def finish(self, slot: int, locks: str, record: str, uid: str, owner: str) -> asyncio.Future[Any]:
+        """cluster_finish of one call of a shard (`locks` names the shard): a future of None."""
+        fut = self._fut()
+        got = self._finishes.get(locks)
+        if got is None:
+            got = self._finishes[locks] = (_Batch(slot), [])
+        batch, records = got
+        records.append(record)
+        batch.args += (uid, owner)
+        batch.futs.append(fut)
+        return fut
+
     def flush(self) -> None:
         """Send what waits now (so that a command queued after this on a primary sees it)."""
         self._flush()
@@ -103,6 +118,7 @@ class KeyBatcher:
         steps, self._steps = self._steps, {}
         removes, self._removes = self._removes, {}
         looks, self._looks = self._looks, {}
+        finishes, self._finishes = self._finishes, {}
         sha = self._step_sha()
         for name, (batch, nows) in steps.items():
             data = _packed("EVALSHA", sha, 1, name, repr(nows[0]), *batch.args)
@@ -111,6 +127,11 @@ class KeyBatcher:
             self._send(batch, _packed("ZREM", name, *batch.args), _each_none)
         for name, (batch, nows) in looks.items():
             self._send(batch, _packed("ZCOUNT", name, f"({nows[0]!r}", "+inf"), _shared_int)
+        if finishes:
+            sha = self._finish_sha()
+            for locks, (batch, records) in finishes.items():
+                self._send(batch, _packed("EVALSHA", sha, 1 + len(records), locks, *records, *batch.args),
+                           _each_none)
 
     def _send(self, batch: _Batch, data: bytes, split: Callable[[Any, int], list[Any]]) -> None:
         self.commands += 1
