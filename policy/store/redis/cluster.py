@@ -106,13 +106,41 @@ RETRY_FOR = LOCK_LEASE / 2
 _HELD = ("early", "active")
 
 
+#: Shard scripts sent for several calls at once (one event-loop tick, one shard: cluster_batch).
+MULTI = ("cluster_begin", "cluster_commit", "cluster_release")
+#: How such a script runs each call: its body becomes a function of (KEYS, ARGV).
+MULTI_DRIVER = """
+-- several calls in one script (cluster_batch.py): KEYS holds the keys of every call, one after
+-- the other; ARGV holds per call its number of keys, its number of arguments, its arguments.
+-- Returns the reply of each call, in order.
+local out, ki, ai = {}, 1, 1
+while ai <= #ARGV do
+  local nk, na = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
+  local keys, args = {}, {}
+  for j = 1, nk do
+    keys[j] = KEYS[ki + j - 1]
+  end
+  for j = 1, na do
+    args[j] = ARGV[ai + 1 + j]
+  end
+  ki, ai = ki + nk, ai + 2 + na
+  out[#out + 1] = one(keys, args)
+end
+return out
+"""
+
+
 def cluster_script_source(name: str) -> str:
-    """The text Redis runs for a cluster script: the shared helpers, then the script."""
+    """The text Redis runs for a cluster script: the shared helpers, then the script (a script of
+    MULTI wrapped to run several calls: each call's reply is one element of its reply)."""
     base = resources.files("policy.store.redis") / "lua"
     body = (base / f"{name}.lua").read_text(encoding="utf-8")
     if name == "epoch":
         return body
-    return (base / "_cluster_lib.lua").read_text(encoding="utf-8") + "\n" + body
+    lib = (base / "_cluster_lib.lua").read_text(encoding="utf-8")
+    if name in MULTI:
+        return lib + "\nlocal function one(KEYS, ARGV)\n" + body + "\nend\n" + MULTI_DRIVER
+    return lib + "\n" + body
 
 
 def is_cluster_url(url: str) -> bool:
@@ -691,9 +719,8 @@ class RedisClusterStore(CounterStore):
         w = orjson.dumps([call.account, call.from_uri, call.to_uri])[:-1] + b","
         d = w + orjson.dumps([call.call_id, call.from_tag, call.node, base, p.profiles])[1:]
         k = pack_items([call.node, *(key.kid for key in p.keys)])
-        begin = self._pack("cluster_begin", [sh.record(uid), sh.locks, sh.counts],
-                           [num(base), uid, token, d, w, k, lease, num(timeout), num(base + LOCK_LEASE), owner,
-                            epoch])
+        begin_keys = [sh.record(uid), sh.locks, sh.counts]
+        begin_args = [num(base), uid, token, d, w, k, lease, num(timeout), num(base + LOCK_LEASE), owner, epoch]
         # with the begin, a look at the size of the keys with a limit that refused a call lately
         # (all of them on the second try): a key already full refuses the call before it takes any
         # place, so it never holds another key's last place for nothing; keys that have room, by
@@ -707,12 +734,10 @@ class RedisClusterStore(CounterStore):
         else:
             looked = p.limited
         for attempt in itertools.count():
+            self._usable(sh.slot)  # (else it is never sent: nothing to take back)
             peeks = [batch.look(p.keys[i].name, p.keys[i].slot, base) for i in looked]
-            sent = self._send(sh.slot, begin, deadline)
-            if isinstance(sent, StoreError):
-                raise sent  # never sent: nothing to take back
             try:
-                reply = await self._reply(sh.slot, begin, sent, deadline)
+                reply = await self._shard("cluster_begin", sh.slot, begin_keys, begin_args)
             except BaseException:  # it may have run: take its pending record back
                 self._spawn(self._undo(sh, uid, token, owner))
                 raise
@@ -813,9 +838,9 @@ class RedisClusterStore(CounterStore):
             blocked = first_full if first_full is not None else next(  # (else the refusing key's own)
                 j for j, e in enumerate(plan) if p.slots[j] == refused and e.limit is not None and not e.shadow)
             return ReserveResult(False, False, blocked, [sizes[i] for i in p.slots], None)
-        commit = self._commit_command(sh, call, uid, owner, p, base + timeout, epoch)
+        commit_keys, commit_args = self._commit_command(sh, call, uid, owner, p, base + timeout, epoch)
         try:
-            reply = await self._call(sh.slot, commit, deadline)
+            reply = await self._shard("cluster_commit", sh.slot, commit_keys, commit_args)
         except BaseException:
             self._spawn(self._undo(sh, uid, token, owner))
             raise
@@ -832,14 +857,28 @@ class RedisClusterStore(CounterStore):
         return ReserveResult(True, False, None, [sizes[i] for i in p.slots], rec)
 
     def _commit_command(self, sh: Shard, call: CallInfo, uid: str, owner: str, p: _Plan, expires: float,
-                        epoch: str) -> bytes:
+                        epoch: str) -> tuple[list[str], list[Any]]:
         var_args: list[str] = []
         if call.vars:
             for name, value in call.vars.items():
                 var_args += (name, value)
-        return self._pack("cluster_commit", [sh.record(uid), sh.exp, sh.locks, sh.counts, sh.nodes, sh.values],
-                          [uid, owner, num(expires), epoch, node_member(call.node, uid), len(p.fields),
-                           len(p.valued), len(var_args) // 2, *p.fields, *p.valued, *var_args])
+        return ([sh.record(uid), sh.exp, sh.locks, sh.counts, sh.nodes, sh.values],
+                [uid, owner, num(expires), epoch, node_member(call.node, uid), len(p.fields),
+                 len(p.valued), len(var_args) // 2, *p.fields, *p.valued, *var_args])
+
+    def _usable(self, slot: int) -> None:
+        """Raise at once when the primary of `slot` cannot be asked now (nothing is sent)."""
+        link = self._map.slots[slot]
+        if link is None or not link.up:
+            if link is None:
+                self._map.request_refresh()
+                raise StoreError(f"redis cluster: no primary known for slot {slot}")
+            link.pipe.errors += 1
+            raise link.circuit.error()
+
+    async def _shard(self, script: str, slot: int, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One call of a MULTI script (sent with the others of its shard and tick): its reply."""
+        return await self._batch.shard_call(self._sha[script], slot, keys, args)
 
     def _was_full(self, name: str, now: float) -> None:
         """Remember that a key refused a call (its next reserves look at it first)."""
@@ -888,10 +927,10 @@ class RedisClusterStore(CounterStore):
             try:
                 base = self._base(self._now())
                 owner = self._owner()
-                reply = await self._call(sh.slot, self._pack(
-                    "cluster_release", [sh.record(uid), sh.exp, sh.locks, sh.counts, sh.nodes, sh.values],
-                    [num(base), uid, "undo", token, "", num(base + LOCK_LEASE), owner, reserve_owner]),
-                    loop.time() + 1.0)
+                self._usable(sh.slot)
+                reply = await self._shard(
+                    "cluster_release", sh.slot, [sh.record(uid), sh.exp, sh.locks, sh.counts, sh.nodes, sh.values],
+                    [num(base), uid, "undo", token, "", num(base + LOCK_LEASE), owner, reserve_owner])
                 status = reply[0]
                 if status == 4:
                     raise StoreError("busy")
@@ -945,12 +984,13 @@ class RedisClusterStore(CounterStore):
         base = self._base(now)
         counter = "failed" if reason in FAILED_REASONS else "expired" if reason == "timeout" else ""
         owner = self._owner()
-        data = self._pack("cluster_release", [sh.record(uid), sh.exp, sh.locks, sh.counts, sh.nodes, sh.values],
-                          [num(base), uid, "end", token or "", counter, num(base + LOCK_LEASE), owner, ""])
-        reply = await self._call(sh.slot, data, deadline)
+        keys = [sh.record(uid), sh.exp, sh.locks, sh.counts, sh.nodes, sh.values]
+        args = [num(base), uid, "end", token or "", counter, num(base + LOCK_LEASE), owner, ""]
+        self._usable(sh.slot)
+        reply = await self._shard("cluster_release", sh.slot, keys, args)
         while reply[0] == 4:
             await self._busy(loop, deadline)
-            reply = await self._call(sh.slot, data, deadline)
+            reply = await self._shard("cluster_release", sh.slot, keys, args)
         status = reply[0]
         if status == 0:
             return None

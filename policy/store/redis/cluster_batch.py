@@ -10,7 +10,8 @@ these operations to a `KeyBatcher`, which sends, at the end of the tick, per key
   (the script checks and adds them one after the other, atomically);
 - **one ZREM** of every call that tick removes from it;
 - **one ZCOUNT** (the reserve's look at a key's size) shared by every look of that tick;
-- and per shard **one cluster_finish** for every release of the tick that is done with its keys.
+- and per shard one script for each of the tick's begins, commits, releases (`cluster.MULTI`:
+  each call's reply is one element of its reply) and finishes.
 
 So the hottest key costs one command per tick instead of one per call, and the client packs and
 parses far fewer commands. Redirects (MOVED, ASK, TRYAGAIN) are followed for the batch.
@@ -19,7 +20,7 @@ parses far fewer commands. Redirects (MOVED, ASK, TRYAGAIN) are followed for the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -46,6 +47,7 @@ class KeyBatcher:
         self._finish_sha = finish_sha
         self._steps: dict[str, tuple[_Batch, list[float]]] = {}
         self._finishes: dict[str, tuple[_Batch, list[str]]] = {}  # locks key -> (records)
+        self._shards: dict[tuple[str, int], tuple[_Batch, list[str]]] = {}  # (sha, slot) -> (keys)
         self._removes: dict[str, _Batch] = {}
         self._looks: dict[str, tuple[_Batch, list[float]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -109,6 +111,18 @@ class KeyBatcher:
         batch.futs.append(fut)
         return fut
 
+    def shard_call(self, sha: str, slot: int, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """One call of a script run for several calls at once (cluster.py MULTI): its reply."""
+        fut = self._fut()
+        got = self._shards.get((sha, slot))
+        if got is None:
+            got = self._shards[(sha, slot)] = (_Batch(slot), [])
+        batch, all_keys = got
+        all_keys += keys
+        batch.args += (len(keys), len(args), *args)
+        batch.futs.append(fut)
+        return fut
+
     def flush(self) -> None:
         """Send what waits now (so that a command queued after this on a primary sees it)."""
         self._flush()
@@ -119,6 +133,9 @@ class KeyBatcher:
         removes, self._removes = self._removes, {}
         looks, self._looks = self._looks, {}
         finishes, self._finishes = self._finishes, {}
+        shards, self._shards = self._shards, {}
+        for (script, _), (batch, all_keys) in shards.items():
+            self._send(batch, _packed("EVALSHA", script, len(all_keys), *all_keys, *batch.args), _each)
         sha = self._step_sha()
         for name, (batch, nows) in steps.items():
             data = _packed("EVALSHA", sha, 1, name, repr(nows[0]), *batch.args)
@@ -208,6 +225,12 @@ def _pairs(reply: Any, n: int) -> list[Any]:
     if not isinstance(reply, list) or len(reply) != 2 * n:
         raise ValueError("step reply")
     return [(int(reply[2 * i]), int(reply[2 * i + 1])) for i in range(n)]
+
+
+def _each(reply: Any, n: int) -> list[Any]:
+    if not isinstance(reply, list) or len(reply) != n:
+        raise ValueError("multi reply")
+    return reply
 
 
 def _each_none(reply: Any, n: int) -> list[Any]:
