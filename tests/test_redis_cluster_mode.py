@@ -331,6 +331,24 @@ async def test_same_call_from_two_instances_at_once(redis_cluster: RedisClusterN
         await b.close()
 
 
+async def test_a_tick_of_checks_shares_commands(store: RedisClusterStore) -> None:
+    """Checks of one event-loop tick share one command per key (the step of `total`, which every
+    call joins, carries all of them, each with its own verdict) and one script per shard for
+    their begins, commits and ends: far fewer commands than operations, counts still exact."""
+    plan = [TOTAL, acct("shared", 50)]
+    before = (store._batch.commands, store._batch.operations)
+    results = await asyncio.gather(*(store.reserve(call(f"t{i}", "shared"), plan, T0, 300, "t") for i in range(200)))
+    assert sum(r.admitted for r in results) == 50
+    assert sorted(r.sizes[1] for r in results if r.admitted) == list(range(1, 51))  # each its own size
+    await asyncio.gather(*(store.end(f"t{i}", T0, "bye") for i in range(200)))
+    commands = store._batch.commands - before[0]
+    operations = store._batch.operations - before[1]
+    assert operations > 3 * commands, (commands, operations)  # (one each without coalescing)
+    assert await store.profile_size("total", None, T0) == 0
+    assert await store.profile_size("account", "shared", T0) == 0
+    assert (await store.stats(T0)).processed_dialogs == 50
+
+
 async def test_answer_moves_the_entries_lease_with_the_record(store: RedisClusterStore) -> None:
     """Entries carry the record's lease: answered calls stay in their keys past the early lease;
     a shorter refresh shortens them too (the record first)."""
