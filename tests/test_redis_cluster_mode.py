@@ -533,6 +533,7 @@ async def test_a_primary_that_lost_its_data_is_repaired(redis_cluster: RedisClus
             await asyncio.sleep(0.05)
         assert reconciled
         held = [c for c in [await store.get_call(f"d{i}", T0) for i in range(60)] if c is not None]
+        assert store.last_repair is not None and store.last_repair["calls"] == len(held) > 0, store.last_repair
         by_account: dict[str, int] = {}
         for c in held:
             by_account[c.account] = by_account.get(c.account, 0) + 1
@@ -749,8 +750,8 @@ async def test_failover_under_load_keeps_every_cap(fresh_cluster: RedisClusterNo
             assert r["ok"], r
             if r["decision"] == "allow":
                 proxy.keep(f"c{n}", msg, r.get("token", ""))
-            held = [k for k in proxy.live if rnd.random() < 0.05]
-            for cid, ft in held[:1]:  # calls end now and then
+            held = list(proxy.live) if len(proxy.live) > 25 else []
+            for cid, ft in [rnd.choice(held)] if held else []:  # calls end now and then (~25 stay up)
                 e = await service.handle({"op": "end", "call_id": cid, "from_tag": ft}, peer(N1))
                 if e.get("ok") and not e.get("queued"):
                     proxy.live.pop((cid, ft), None)
@@ -785,6 +786,13 @@ async def test_failover_under_load_keeps_every_cap(fresh_cluster: RedisClusterNo
             assert (r["decision"], r.get("code")) == (("allow", None) if sos else ("deny", 503)), r
         counted = [r for _, _, r in decisions if r["decision"] == "allow" and "store_error" not in r]
         assert counted and max(t for t, _, r in decisions if "store_error" not in r) > back_at
+        for _ in range(200):  # releases and undos the failover interrupted finish in the background
+            if not store._tasks:
+                break
+            await asyncio.sleep(0.05)
+        leftovers = await store.profile_size("total", None, clock.now()) - len(proxy.live)
+        await store.sweep(clock.now() + LOCK_LEASE + 1)  # ... or a sweep, once their lock ended
+        rec.grace = 0.0  # no check in flight any more: every call the proxy lacks may go
         await rec.run()  # the periodic reconciliation, once the load stopped
         now = clock.now()
         held = [await store.get_call(call_uid(cid, ft), now) for cid, ft in proxy.live]
@@ -797,7 +805,8 @@ async def test_failover_under_load_keeps_every_cap(fresh_cluster: RedisClusterNo
         print(f"\nfailover: {len(decisions)} checks, {len(errors)} answered from on_store_error over "
               f"{max(t for t, _, _ in errors) - killed_at:.2f} s after the kill; back (repaired, "
               f"reconciled) {back_at - killed_at:.2f} s after it; repair {store.last_repair}; "
-              f"reconciler {rec.info()['reconciled_added']} added, {rec.info()['reconciled_released']} released")
+              f"reconciler {rec.info()['reconciled_added']} added, {rec.info()['reconciled_released']} released; "
+              f"{leftovers} calls over or under the proxy's before the last reconciliation")
     finally:
         await store.close()
 
