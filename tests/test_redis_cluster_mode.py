@@ -546,6 +546,36 @@ async def test_a_primary_that_lost_its_data_is_repaired(redis_cluster: RedisClus
         await store.close()
 
 
+async def test_repair_restores_lost_entries_and_removes_orphans(store: RedisClusterStore,
+                                                                  redis_cluster: RedisClusterNodes) -> None:
+    """What a failover's lost writes leave, made by hand on the primaries: an entry missing from a
+    key (an under-count: a cap could be passed) and an entry whose call has no record (an
+    over-count). `reassert` puts the first back (checks wait for it), `remove_orphans` takes the
+    second away; both only touch what is wrong."""
+    plan = [TOTAL, acct("rep", 3)]
+    for i in range(3):
+        assert (await store.reserve(call(f"r{i}", "rep"), plan, T0, 300, "t")).admitted
+    name, slot, _ = store.layout.key("account", "rep")
+    port = owner_of(redis_cluster, slot)
+    assert redis_cluster.command(port, "ZREM", name, "r1") == "1"  # a lost write
+    assert await store.profile_size("account", "rep", T0) == 2  # (a fourth call would pass now)
+    tname, tslot, _ = store.layout.key("total", None)
+    redis_cluster.command(owner_of(redis_cluster, tslot), "ZADD", tname, repr(T0 + 300), "ghost")
+    assert await store.profile_size("total", None, T0) == 4
+    report = await store.reassert(T0, {tslot})  # only the slots a failover touched: not this key's
+    assert report["entries_restored"] == (1 if tslot == slot else 0)
+    report = await store.reassert(T0)
+    assert (report["calls"], report["entries_restored"]) == (3, 1)
+    assert await store.profile_size("account", "rep", T0) == 3
+    assert not (await store.reserve(call("r9", "rep"), plan, T0, 300, "t")).admitted
+    report = await store.remove_orphans(T0)
+    assert report["orphans_removed"] == 1
+    assert await store.profile_size("total", None, T0) == 3
+    report = await store.repair(T0)  # nothing left to do
+    assert (report["entries_restored"], report["orphans_removed"]) == (0, 0)
+    assert [r.call_id for r in (await store.profile_list("account", "rep", T0)).items] == ["r0", "r1", "r2"]
+
+
 # -- three `serve` processes on the cluster: storms on the shipped caps ---------------------------
 
 

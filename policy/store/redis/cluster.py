@@ -225,6 +225,7 @@ class RedisClusterStore(CounterStore):
         self._epochs: list[str | None] = [None] * SHARDS
         self._rebuilding = False
         self._again = False
+        self._lost_all = False  # a data loss (not only a failover) waits for a rebuild
         self._rebuild_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._catching: dict[int, asyncio.Task[Any]] = {}
@@ -428,6 +429,7 @@ class RedisClusterStore(CounterStore):
 
     def _data_lost(self, how: str) -> None:
         self.data_losses += 1
+        self._lost_all = True
         log.error("redis_data_lost", mode="cluster", prefix=self.prefix, detected=how, losses=self.data_losses,
                   rebuild="repair and reconciliation" if self.on_data_loss else "repair")
         self._start_rebuild(how)
@@ -452,7 +454,11 @@ class RedisClusterStore(CounterStore):
                 for sh in self.layout.shards:  # markers lost with their primary: write new ones, trust them
                     self._epochs[sh.index] = None
                 await self._retry(lambda: self._epochs_on(None, self.layout.shards, "rebuild"))
-                self.last_repair = await self._retry(lambda: self.repair(self._now()))
+                # the keys a lost write can have touched: the failed-over slots, or all after a data loss
+                slots = None if self._lost_all else set(self._map.failover_slots)
+                self._lost_all = False
+                self._map.failover_slots.clear()
+                self.last_repair = await self._retry(lambda s=slots: self.reassert(self._now(), s))  # type: ignore[misc]
                 if self.on_data_loss is not None:
                     for attempt in range(1, REBUILD_ATTEMPTS + 1):
                         try:
@@ -468,6 +474,14 @@ class RedisClusterStore(CounterStore):
         finally:
             self.rebuild_seconds = round(loop.time() - t0, 3)
             self._rebuilding = False
+        # over-counts only (entries of calls that are gone): checks need not wait for these
+        self._spawn(self._orphans_after_rebuild())
+
+    async def _orphans_after_rebuild(self) -> None:
+        with contextlib.suppress(StoreError):
+            report = await self.remove_orphans(self._now())
+            if self.last_repair is not None:
+                self.last_repair.update(report)
 
     async def _whole(self) -> None:
         """Until every slot has a primary we are connected to."""
@@ -491,19 +505,25 @@ class RedisClusterStore(CounterStore):
 
     async def repair(self, now: float) -> dict[str, Any]:
         """Make every profile key agree with the call records (after a failover or data loss):
-        each held call is put back into every key its record lists (entries a lost write took
-        away), and entries of calls that have no record (or whose record does not list that
-        key) are removed. Each call is locked while it is compared, so reserves, ends and sweeps
-        of it wait (briefly) and nothing in flight is touched. Other instances keep running."""
+        `reassert`, then `remove_orphans`. Other instances keep running meanwhile."""
+        report = await self.reassert(now)
+        report.update(await self.remove_orphans(now))
+        return report
+
+    async def reassert(self, now: float, slots: set[int] | None = None) -> dict[str, Any]:
+        """Put every held call back into every key its record lists (entries a lost write took
+        away: an under-count, so checks wait for this); with `slots`, only into the keys in those
+        slots (the ones a failover may have lost writes of). Each call is locked while it is put
+        back, so reserves, ends and sweeps of it wait (briefly) and nothing in flight is touched."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         base = float(now) + self._offset
         owner = self._owner()
         lock = num(base + LOCK_LEASE)
         deadline = loop.time() + 30.0
-        report: dict[str, Any] = {"calls": 0, "entries_restored": 0, "orphans_removed": 0, "keys": 0}
-        # 1. every held call back into every key its record lists
-        for sh in self.layout.shards:
+        report: dict[str, Any] = {"calls": 0, "entries_restored": 0}
+
+        async def shard(sh: Shard) -> None:
             cursor = "0"
             while True:
                 reply = await self._map.call(sh.slot, _packed("ZSCAN", sh.exp, cursor, "COUNT", REPAIR_BATCH),
@@ -513,21 +533,40 @@ class RedisClusterStore(CounterStore):
                 if uids:
                     got = await self._lock(sh, uids, base, lock, owner, False, deadline)
                     locked = [u for u, (state, _) in got.items() if state == "held"]
-                    futs = []
+                    by_key: dict[str, tuple[int, list[str]]] = {}
                     for uid in locked:
                         expires, _, k = got[uid][1].partition(" ")
                         for kid in unpack_items(k)[1:]:
                             name, slot = self.layout.key_of_kid(kid)
-                            futs.append((slot, _packed("ZADD", name, "CH", expires, uid)))
-                    for changed in await self._all(futs, deadline):
+                            if slots is None or slot in slots:
+                                by_key.setdefault(name, (slot, []))[1].extend((expires, uid))
+                    cmds = [(slot, _packed("ZADD", name, "CH", *members)) for name, (slot, members) in by_key.items()]
+                    for changed in await self._all(cmds, deadline):
                         report["entries_restored"] += int(changed)
                     report["calls"] += len(locked)
                     await self._finish(sh, locked, owner, deadline)
                 if cursor == "0":
                     break
-        # 2. entries without a record that lists them
-        found: dict[str, dict[str, set[str]]] = {}  # uid -> kid -> (key name)
-        for link in list(self._map.links.values()):
+
+        await asyncio.gather(*(shard(sh) for sh in self.layout.shards))
+        report["reassert_seconds"] = round(loop.time() - t0, 3)
+        return report
+
+    async def remove_orphans(self, now: float) -> dict[str, Any]:
+        """Remove every entry whose call has no record, or a record that does not list that key
+        (an over-count: checks need not wait for this). Entries of held calls that list their
+        key are recognised by a plain read; only the others are locked (a placeholder lock when
+        there is no record) and looked at again before they go."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        base = float(now) + self._offset
+        owner = self._owner()
+        lock = num(base + LOCK_LEASE)
+        deadline = loop.time() + 60.0
+        report: dict[str, Any] = {"keys": 0, "orphans_removed": 0}
+        found: dict[str, dict[str, set[str]]] = {}  # uid -> kid -> key names
+
+        async def scan(link: NodeLink) -> None:
             cursor = "0"
             while True:
                 reply = await link.pipe.call(_packed("SCAN", cursor, "MATCH", self.layout.key_pattern,
@@ -542,13 +581,26 @@ class RedisClusterStore(CounterStore):
                         found.setdefault(uid, {}).setdefault(kid, set()).add(name)
                 if cursor == "0":
                     break
+
+        await asyncio.gather(*(scan(link) for link in list(self._map.links.values())))
+        uids = list(found)
+        suspects: list[str] = []
+        for i in range(0, len(uids), 2000):  # a plain read first: almost every entry is right
+            part = uids[i:i + 2000]
+            cmds = []
+            for uid in part:
+                sh = self.layout.shard(uid)
+                cmds.append((sh.slot, _packed("HMGET", sh.record(uid), "s", "k")))
+            for uid, (state, k) in zip(part, await self._all(cmds, deadline), strict=True):
+                if state not in _HELD or not set(found[uid]) <= set(unpack_items(k or "")[1:]):
+                    suspects.append(uid)
         by_shard: dict[int, list[str]] = {}
-        for uid in found:
+        for uid in suspects:
             by_shard.setdefault(self.layout.shard(uid).index, []).append(uid)
-        for index, uids in by_shard.items():
+        for index, batch_uids in by_shard.items():
             sh = self.layout.shards[index]
-            for i in range(0, len(uids), REPAIR_BATCH):
-                batch = uids[i:i + REPAIR_BATCH]
+            for i in range(0, len(batch_uids), REPAIR_BATCH):
+                batch = batch_uids[i:i + REPAIR_BATCH]
                 got = await self._lock(sh, batch, base, lock, owner, True, deadline)
                 removals: list[tuple[int, bytes]] = []
                 for uid in batch:
@@ -562,8 +614,8 @@ class RedisClusterStore(CounterStore):
                 for removed in await self._all(removals, deadline):
                     report["orphans_removed"] += int(removed)
                 await self._finish(sh, [u for u in batch if got[u][0] != "busy"], owner, deadline)
-        report["seconds"] = round(loop.time() - t0, 3)
-        log.info("redis_cluster_repaired", **report)
+        report["orphans_seconds"] = round(loop.time() - t0, 3)
+        log.info("redis_cluster_orphans_removed", **report)
         return report
 
     async def _lock(self, sh: Shard, uids: list[str], base: float, lock: str, owner: str, absent: bool,

@@ -165,6 +165,8 @@ class ClusterMap:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        #: Slots a replica took over since the store last looked (what a failover may have lost).
+        self.failover_slots: set[int] = set()
         self.refreshes = 0
         self.refresh_failures = 0
         self.redirects = 0
@@ -328,6 +330,7 @@ class ClusterMap:
                             now.node_id in self._replicas.get(was.node_id, ())
                             or (not was.up and now.node_id not in primary_ids)):
                         failover = True
+                        self.failover_slots.add(s)
         self.slots = slots
         first = not self._shape
         self._shape = shape
