@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 
 FUZZ_SECONDS ?= 30
 
-.PHONY: fuzz run test lint bench bench-quick bench-redis bench-kamailio bench-radius clean venv
+.PHONY: fuzz run test lint bench bench-quick bench-redis bench-cluster bench-kamailio bench-radius clean venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-quick: $(STAMP)
 
 bench-redis: $(STAMP)
 	$(BIN)/python bench/bench_redis.py $(BENCH_ARGS)
+
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/bench_cluster.py $(BENCH_ARGS)
 
 bench-kamailio: $(STAMP)
 	$(BIN)/python bench/bench_kamailio.py

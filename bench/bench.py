@@ -6,7 +6,7 @@ Starts everything itself on free loopback ports, in temporary directories, and s
 - `callpolicy serve` exactly as an operator runs it: the shipped `service.toml` (snapshots on,
   every 10 s; default timeouts; rule watching; JSON log lines to a file) with only the
   listeners moved to free ports and metrics off; the embedded store, then Redis (a private
-  `redis-server`), then a RADIUS listener added;
+  `redis-server`), then a private Redis Cluster (3 primaries), then a RADIUS listener added;
 - `bench/loadgen.py` for every measurement, in a process of its own.
 
 Before measuring, every server gets a background of `--held` calls (default 100,000): checked
@@ -25,7 +25,7 @@ Around every service run the bench reads the service's `stats` (loop-lag probe, 
 the loop's longest stall per scenario and the headline (bench/lag.py). The Redis section ends
 with the outage phases (bench/faults.py): Redis up, SIGSTOPped, SIGKILLed, restarted empty.
 
-    .venv/bin/python bench/bench.py [--quick] [--only embedded,redis,outages,radius] [--runs 3] [--pin]
+    .venv/bin/python bench/bench.py [--quick] [--only embedded,redis,outages,cluster,radius] [--runs 3] [--pin]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from lag import summarize_runs as summarize_loop  # noqa: E402
 
 from tests.helpers import LineClient, RedisServer, free_port  # noqa: E402
 
-SECTIONS = ("embedded", "redis", "outages", "radius")  # outages run inside redis when both are chosen
+SECTIONS = ("embedded", "redis", "outages", "cluster", "radius")  # outages run inside redis when both are chosen
 RADIUS_SECRET = "bench-secret"
 
 
@@ -181,6 +181,7 @@ class Bench:
         self.top = Path(tempfile.mkdtemp(prefix="cpbench-"))
         self.procs: list[Proc] = []
         self.redis: RedisServer | None = None
+        self.cluster: Any = None  # tests.cluster.RedisClusterNodes of the cluster section
         self.scen: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
         self.tags = itertools.count(1)
@@ -297,6 +298,10 @@ class Bench:
                 self.redis.stop()
             shutil.rmtree(self.redis.dir, ignore_errors=True)
             self.redis = None
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.stop()
+            self.cluster = None
         if self.args.keep:
             print(f"kept: {self.top}")
         else:
@@ -566,6 +571,92 @@ class Bench:
         from faults import section
 
         section(self)
+    def section_cluster(self) -> None:
+        """The Redis Cluster store (bench_cluster.py): pairs/s and Redis time per check on every
+        primary, the spread of the load, next to the single-Redis store in the same rounds."""
+        from bench_cluster import client_cost, per_node, stats_of
+        from bench_redis import server_version
+
+        from tests.cluster import RedisClusterNodes
+
+        a = self.args
+        print("\n== Redis Cluster store ==", flush=True)
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-server and redis-cli are needed")
+        self.cluster = cluster = RedisClusterNodes(primaries=a.cluster_primaries, replicas=a.cluster_replicas).start()
+        single = RedisServer().start()
+        procs: list[Proc] = []
+        try:
+            ports = cluster.primaries()
+            rpids = [cluster.procs[p].pid for p in cluster.ports]
+            spid = single.proc.pid if single.proc else 0
+            self.versions["redis-server"] = server_version(ports[0])
+            self.notes.append(f"Redis Cluster: {len(ports)} primaries, {a.cluster_replicas} replica(s) each, "
+                              f"ports {cluster.ports}; single redis-server on port {single.port} in the same rounds")
+            if a.client_cost:
+                cc = client_cost(cluster.url, n=a.client_cost_commands)
+                self.scenario("cluster_client_cost", "client CPU per EVALSHA on the cluster", "info")["result"] = cc
+                rp, pp = cc["redis_py_cluster_us"]["cpu"], cc["redis_py_cluster_pipeline_us"]["cpu"]
+                print(f"  client CPU per command, {cc['concurrent']} concurrent: redis-py RedisCluster {rp:.1f} us "
+                      f"(pipeline {pp:.1f}, one at a time {cc['redis_py_cluster_one_at_a_time_us']['cpu']:.1f}), "
+                      f"the store's pipes {cc['store_pipes_us']['cpu']:.1f} us ({cc['cpu_ratio']:.1f}x)", flush=True)
+            svc = self.start_service("cluster1", store=cluster.url)
+            procs.append(svc)
+            one = self.start_service("cluster_single", store=single.url)
+            procs.append(one)
+            tcp = ["--tcp", f"127.0.0.1:{svc.info['port']}"]
+            tcp1 = ["--tcp", f"127.0.0.1:{one.info['port']}"]
+            pids = [svc.pid, *rpids]
+            pids1 = [one.pid, spid]
+            self.hold_background("cluster", tcp, pids, depth=16)
+            self.hold_background("cluster-single", tcp1, pids1, depth=16)
+
+            def closed_nodes(target: list[str], ps: list[int], nodes: list[int]) -> dict[str, Any]:
+                before = stats_of(nodes)
+                r = self.closed(target, ps)
+                r["redis_nodes"] = per_node(before, stats_of(nodes), r["sent"]["check"])
+                _print_nodes(r["redis_nodes"])
+                return r
+
+            base = self.base_closed("tcp")
+            self.rounds([(base[0], base[1], "closed", base[2], {}),
+                         ("cluster_tcp", f"Redis Cluster ({len(ports)} primaries), TCP {a.conns}x{a.depth}",
+                          "closed", lambda: closed_nodes(tcp, pids, ports), {"baseline": base[0]}),
+                         ("cluster_single_tcp", f"single Redis, same rounds, TCP {a.conns}x{a.depth}", "closed",
+                          lambda: closed_nodes(tcp1, pids1, [single.port]), {"baseline": base[0]})])
+            for rate in a.rates_cluster:
+                self.measure(f"cluster_open{rate:.0f}", f"Redis Cluster, open loop @ {rate:,.0f}/s", "open",
+                             lambda rate=rate: self.open(tcp, pids, rate), self.base_open(rate))
+
+            def phases() -> dict[str, Any]:
+                tag = self.tag()
+                out: dict[str, Any] = {}
+                for op in ("check", "end"):
+                    before = stats_of(ports)
+                    r = self.closed(tcp, pids, ops=op, calls=a.phase_calls, tag=tag)
+                    out[op] = per_node(before, stats_of(ports), r["sent"][op])
+                    out[op].update(errors=r["errors"], error_count=r["error_count"], lost=r["lost"], rate=r["rate"])
+                res = {"mode": "phases", "phases": out, "error_count": sum(p["error_count"] for p in out.values()),
+                       "errors": dict(sum((Counter(p["errors"]) for p in out.values()), Counter())),
+                       "lost": sum(p["lost"] for p in out.values()), "rate": out["check"]["rate"],
+                       "reserve_usec": out["check"]["scripts_usec_per_check"],
+                       "end_usec": out["end"]["scripts_usec_per_check"]}
+                print(f"  {'Redis time per op, all primaries (scripts)':<44} check {_us(res['reserve_usec'])} us, "
+                      f"end {_us(res['end_usec'])} us; CPU check "
+                      f"{_us(out['check']['cpu_usec_per_check'])} us, end {_us(out['end']['cpu_usec_per_check'])} us"
+                      + (f"  !! errors {res['errors']}" if res["error_count"] else ""), flush=True)
+                return res
+
+            s = self.scenario("cluster_scripts", "Redis Cluster time per check and per end", "scripts")
+            for _ in range(a.runs):
+                s["runs"].append(phases())
+        finally:
+            for p in reversed(procs):
+                self.stop(p)
+            single.stop()
+            shutil.rmtree(single.dir, ignore_errors=True)
+            cluster.stop()
+            self.cluster = None
 
     def section_radius(self) -> None:
         a = self.args
@@ -586,6 +677,14 @@ class Bench:
                          self.snapshotted(svc, run), self.base_closed("udp"))
         finally:
             self.stop(svc)
+
+
+def _print_nodes(r: dict[str, Any]) -> None:
+    """One line per Redis: usec per check (scripts, whole CPU), share of commands and CPU."""
+    for port, n in r["nodes"].items():
+        print(f"      redis {port}: scripts {_us(n['scripts_usec_per_check'])} us/check, CPU "
+              f"{_us(n['cpu_usec_per_check'])} us/check, {n['commands_share']:.0%} of the commands, "
+              f"{n['cpu_share']:.0%} of the Redis CPU", flush=True)
 
 
 def _accepted(proc: Proc) -> int:
@@ -658,6 +757,10 @@ def summarize(b: Bench) -> dict[str, Any]:
             sm["loop"] = loop
         if key == "redis_tcp":
             sm["redis_usec_per_evalsha"] = _stat([r["redis_scripts"]["usec_per_call"] for r in runs])
+        if runs and "redis_nodes" in runs[0]:
+            sm["redis_nodes"] = _nodes_summary([r["redis_nodes"] for r in runs])
+        if runs and s["kind"] == "scripts" and "phases" in runs[0] and "nodes" in runs[0]["phases"]["check"]:
+            sm["redis_nodes"] = {op: _nodes_summary([r["phases"][op] for r in runs]) for op in ("check", "end")}
         if key == "redis_tcp_2proc":
             sm["connections_per_process"] = [r.get("connections_per_process") for r in runs]
         sm["runs"] = runs
@@ -683,6 +786,16 @@ def summarize(b: Bench) -> dict[str, Any]:
         rr = [x / y for x, y in zip(two["rate"]["values"], one["rate"]["values"], strict=False) if y]
         two["vs_one_process_runs"] = {"min": min(rr), "max": max(rr)} if rr else None
         two["redis_usec_per_evalsha"] = _stat([r["redis_scripts"]["usec_per_call"] for r in two["runs"]])
+    return out
+
+
+def _nodes_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over runs of per_node() results (bench_cluster.py)."""
+    out: dict[str, Any] = {k: _stat([r[k] for r in runs])
+                           for k in ("scripts_usec_per_check", "cpu_usec_per_check", "commands_per_check")}
+    out["nodes"] = {port: {k: _stat([r["nodes"][port][k] for r in runs])
+                           for k in ("scripts_usec_per_check", "cpu_usec_per_check", "commands_share", "cpu_share")}
+                    for port in runs[0]["nodes"]}
     return out
 
 
@@ -759,6 +872,33 @@ def report(b: Bench, out: dict[str, Any], machine: dict[str, Any], settings: dic
             rb = out["redis_benchmark"]["result"]
             print(f"  redis-benchmark EVALSHA reserve.lua: {rb['requests_per_s']:,.0f}/s "
                   f"({rb['usec_per_call']:.1f} us/call in Redis)")
+    if "cluster_tcp" in out or "cluster_scripts" in out:
+        print()
+        print("Redis Cluster: Redis time per check+end pair by Redis server (closed loop) - scripts: INFO "
+              "commandstats EVALSHA usec; CPU: used_cpu_sys+user, sockets included")
+        for key in ("cluster_tcp", "cluster_single_tcp"):
+            if key not in out or "redis_nodes" not in out[key]:
+                continue
+            rn = out[key]["redis_nodes"]
+            print(f"  {out[key]['label']}: scripts {_range(rn['scripts_usec_per_check'], _us)} us, CPU "
+                  f"{_range(rn['cpu_usec_per_check'], _us)} us, {_us(rn['commands_per_check']['median'])} "
+                  f"commands per pair")
+            for port, n in rn["nodes"].items():
+                print(f"    redis {port}: scripts {_us(n['scripts_usec_per_check']['median'])} us, CPU "
+                      f"{_us(n['cpu_usec_per_check']['median'])} us, {_pct(n['commands_share']['median'])} of "
+                      f"the commands, {_pct(n['cpu_share']['median'])} of the CPU")
+        if "cluster_scripts" in out and "redis_nodes" in out["cluster_scripts"]:
+            for op in ("check", "end"):
+                rn = out["cluster_scripts"]["redis_nodes"][op]
+                per = ", ".join(f"{port} {_us(n['scripts_usec_per_check']['median'])}"
+                                for port, n in rn["nodes"].items())
+                print(f"  {op}s only: scripts {_range(rn['scripts_usec_per_check'], _us)} us per {op} "
+                      f"(by primary: {per}), CPU {_range(rn['cpu_usec_per_check'], _us)} us")
+        if "cluster_client_cost" in out:
+            cc = out["cluster_client_cost"]["result"]
+            print(f"  client CPU per command: redis-py RedisCluster {cc['redis_py_cluster_us']['cpu']:.1f} us, "
+                  f"its pipeline {cc['redis_py_cluster_pipeline_us']['cpu']:.1f} us, the store's pipes "
+                  f"{cc['store_pipes_us']['cpu']:.1f} us")
     if "redis_tcp_2proc" in out:
         s = out["redis_tcp_2proc"]
         need = 4  # two services, Redis, the generator
@@ -851,6 +991,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase-calls", type=int, default=10_000, help="calls per Redis script-timing phase")
     ap.add_argument("--outage-rate", type=float, default=500.0, help="offered checks/s in the Redis outage phases")
     ap.add_argument("--outage-seconds", type=float, default=4.0, help="length of each outage phase (0: skip them)")
+    ap.add_argument("--rates-cluster", default="1000", help="open-loop offered pairs/s, Redis Cluster store")
+    ap.add_argument("--cluster-primaries", type=int, default=3, help="Redis Cluster: primaries")
+    ap.add_argument("--cluster-replicas", type=int, default=0, help="Redis Cluster: replicas per primary")
+    ap.add_argument("--no-client-cost", dest="client_cost", action="store_false",
+                    help="skip the redis-py RedisCluster vs own pipes client-CPU measurement")
+    ap.add_argument("--client-cost-commands", type=int, default=20_000)
     ap.add_argument("--radius-window", type=int, default=32)
     ap.add_argument("--redis-benchmark", action="store_true", help="also run redis-benchmark on reserve.lua")
     ap.add_argument("--pin", action="store_true", help="pin servers to the last CPU, everything else to the others")
@@ -864,10 +1010,12 @@ def main(argv: list[str] | None = None) -> int:
         args.held = min(args.held, 5000)
         args.phase_calls = min(args.phase_calls, 1000)
         args.outage_seconds = min(args.outage_seconds, 2.0)
+        args.client_cost_commands = min(args.client_cost_commands, 2000)
     if args.runs < 1:
         ap.error("--runs must be >= 1")
     args.rates_embedded = [float(x) for x in args.rates_embedded.split(",") if x]
     args.rates_redis = [float(x) for x in args.rates_redis.split(",") if x]
+    args.rates_cluster = [float(x) for x in args.rates_cluster.split(",") if x]
     sections = [x for x in args.only.split(",") if x]
     for x in sections:
         if x not in SECTIONS:
@@ -880,6 +1028,8 @@ def main(argv: list[str] | None = None) -> int:
         "open_conns": args.open_conns, "hold": args.hold, "rates_embedded": args.rates_embedded,
         "rates_redis": args.rates_redis, "phase_calls": args.phase_calls, "radius_window": args.radius_window,
         "outage_rate": args.outage_rate, "outage_seconds": args.outage_seconds,
+        "rates_cluster": args.rates_cluster, "cluster_primaries": args.cluster_primaries,
+        "cluster_replicas": args.cluster_replicas,
         "pinned": bool(args.pin), "quick": args.quick, "sections": sections,
         "snapshot_interval": shipped.get("store", {}).get("snapshot_interval", 10.0),
         "service_toml": "the shipped service.toml; listeners on free loopback ports, metrics off"

@@ -96,7 +96,7 @@ class PolicyService:
         self.default_timeout = default_timeout
         self.limits = limits or Limits(max_timeout=default_timeout)
         self.tokens = tokens or Tokens([])
-        self.ruleset = ruleset if ruleset is not None else load_rules(self.rules_path)
+        self.ruleset = self._fit(ruleset if ruleset is not None else load_rules(self.rules_path))
         self.started = time.time()
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.totals: Counter[str] = Counter()
@@ -670,7 +670,7 @@ class PolicyService:
     def reload(self) -> Ruleset:
         """Compile the rules and swap them in whole; on error keep the old ones and re-raise."""
         try:
-            new = load_rules(self.rules_path)
+            new = self._fit(load_rules(self.rules_path))
         except RuleError as exc:
             self.reload_errors += 1
             self.last_reload_error = str(exc)
@@ -726,6 +726,14 @@ class PolicyService:
             keys=result.keys, over_limit=[o.to_json() for o in result.over[:PREVIEW_LOG_ITEMS]],
             truncated=result.count > PREVIEW_LOG_ITEMS or None)
         return result
+
+    def _fit(self, rs: Ruleset) -> Ruleset:
+        """The rules, if this store can carry them out (RuleError naming the rule otherwise)."""
+        if rs.uses_rates and not self.store.supports_rates:
+            rule = next(r for r in rs.rules if r.rate is not None)
+            raise RuleError(rule.file, rule.name, "rate", f"call rates are not supported on the "
+                            f"{self.store.name} store (use the embedded or a single Redis store)")
+        return rs
 
     def _signature(self) -> tuple[tuple[str, int, int], ...]:
         sig = []

@@ -66,6 +66,7 @@ class Settings:
     sweep_interval: float = 1.0
     redis_sentinels: list[str] = field(default_factory=list)
     redis_service: str = "mymaster"
+    redis_cluster: list[str] = field(default_factory=list)  # Redis Cluster seed nodes ("host:port")
     # dialogs
     early_timeout: float = 300.0
     default_timeout: float = 43200.0
@@ -189,6 +190,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "sweep_interval": ("sweep_interval", (int, float)),
         "sentinels": ("redis_sentinels", list),
         "sentinel_service": ("redis_service", str),
+        "cluster": ("redis_cluster", list),
     },
     "dialogs": {
         "early_timeout": ("early_timeout", (int, float)),
@@ -482,8 +484,19 @@ def validate(s: Settings) -> None:
     _validate_metrics(s)
     _validate_records(s)
     if not (s.store == "embedded" or s.store == "redis" or s.store.startswith(("redis://", "rediss://",
-                                                                              "unix://", "redis+sentinel://"))):
+                                                                              "unix://", "redis+sentinel://",
+                                                                              "redis+cluster://"))):
         raise SettingsError(src, "store.backend", f"must be 'embedded', 'redis' or a redis URL, not {s.store!r}")
+    for i, node in enumerate(s.redis_cluster):
+        host, sep, port = node.rpartition(":") if isinstance(node, str) else ("", "", "")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise SettingsError(src, f"store.cluster[{i}]", f"not a host:port address: {node!r}")
+    if s.redis_cluster and s.redis_sentinels:
+        raise SettingsError(src, "store.cluster", "a store is either a cluster or behind sentinels, not both")
+    if (s.redis_cluster or s.store.startswith("redis+cluster://")) and (
+            "{" in s.redis_prefix or "}" in s.redis_prefix or not s.redis_prefix):
+        raise SettingsError(src, "store.prefix", "a cluster prefix must be non-empty, without '{' or '}' "
+                                                 "(the store chooses the hash tags)")
 
 
 def _validate_metrics(s: Settings) -> None:

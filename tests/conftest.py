@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import RedisClusterNodes
 from tests.helpers import RedisServer, free_port
 
 
@@ -33,6 +34,19 @@ def redis_url(redis_server: RedisServer) -> str:
     """The private redis-server's URL, flushed before the test."""
     redis_server.command("FLUSHALL")
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """One real Redis Cluster for the session: 3 primaries + 3 replicas on free loopback ports
+    (`redis-server --cluster-enabled yes` x6, `redis-cli --cluster create ... --cluster-yes`).
+    Tests share it with a prefix of their own; nothing here kills its nodes (the failover tests
+    start their own cluster)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server or redis-cli not installed")
+    cluster = RedisClusterNodes(primaries=3, replicas=1).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

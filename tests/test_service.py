@@ -645,3 +645,41 @@ async def test_incomplete_message_times_out(tmp_path: Path) -> None:
         assert server.conn_stats.open == 0
     finally:
         await server.stop()
+
+
+# -- rules the store cannot carry out ------------------------------------------------------------
+
+
+class NoRatesStore(EmbeddedStore):
+    """A store without call-rate buckets (as the Redis Cluster store is today)."""
+
+    supports_rates = False
+
+
+RATE_RULES = """
+[profiles]
+no_value = ["total"]
+
+[[rule]]
+name = "cps"
+join = [{ profile = "total" }]
+rate = { max = 10 }
+"""
+
+
+async def test_rules_with_rates_are_refused_on_a_store_without_them(tmp_path: Path) -> None:
+    """At start, and at a reload (the old rules stay), a rule with a rate on a store that cannot
+    count rates is a load error naming the rule, never a check that silently ignores it."""
+    from policy.errors import RuleError
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.toml").write_text(RATE_RULES)
+    with pytest.raises(RuleError, match="rule 'cps'.*call rates are not supported"):
+        PolicyService(rules, NoRatesStore(), clock=ManualClock())
+    (rules / "r.toml").write_text(RATE_RULES.replace('rate = { max = 10 }\n', ''))
+    svc = PolicyService(rules, NoRatesStore(), clock=ManualClock())
+    (rules / "r.toml").write_text(RATE_RULES)
+    r = await svc.handle({"op": "reload"})
+    assert r["ok"] is False and r["error"]["code"] == "rules_invalid" and "call rates" in r["error"]["message"]
+    assert not svc.ruleset.uses_rates

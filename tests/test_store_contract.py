@@ -14,16 +14,22 @@ from policy.store.embedded import EmbeddedStore
 T0 = 1_800_000_000.0
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
-    """Each backend in turn; the Redis one on a private redis-server."""
+    """Each backend in turn; the Redis one on a private redis-server, the cluster one on the
+    session's private Redis Cluster (3 primaries + 3 replicas), each with a prefix of its own."""
     if request.param == "embedded":
         s: CounterStore = EmbeddedStore()
-    else:
+    elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
         from policy.store.redis import RedisStore
 
         s = RedisStore(url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.5)
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        from policy.store.redis.cluster import RedisClusterStore
+
+        s = RedisClusterStore(cluster.url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.5)
     await s.start()
     yield s
     await s.close()
@@ -340,15 +346,25 @@ async def test_every_expiry_is_reported_once(store: CounterStore) -> None:
 # on Redis's own clock once they would be full again (+1 s), which must not happen mid-test.
 
 
+@pytest.fixture
+def rated(store: CounterStore) -> CounterStore:
+    """The store, for the call-rate tests: a store without rate support is skipped, and the
+    service refuses rules with rates on it (tests/test_rates.py)."""
+    if not store.supports_rates:
+        pytest.skip(f"{store.name}: call rates are not supported on this store")
+    return store
+
+
 def cps(value: str | None = "acme", rate: float = 0.1, burst: int = 3, shadow: bool = False,
         rule: str = "acct-cps") -> RateEntry:
     """A rate entry (default: one call every 10 s, bursts of 3)."""
     return RateEntry(rule, value, rate, burst, shadow)
 
 
-async def test_rate_admits_a_burst_then_refills_with_the_clock(store: CounterStore) -> None:
+async def test_rate_admits_a_burst_then_refills_with_the_clock(rated: CounterStore) -> None:
     """A full bucket admits `burst` calls at once; then one call per 1/rate seconds of `now`;
     tokens are reported as they were before the call took one."""
+    store = rated
     rates = [cps()]
     got = [await store.reserve(call(f"b{i}"), [TOTAL], T0, 300, "t", rates=rates) for i in range(4)]
     assert [r.admitted for r in got] == [True, True, True, False]
@@ -368,9 +384,10 @@ async def test_rate_admits_a_burst_then_refills_with_the_clock(store: CounterSto
     assert r.admitted and list(r.tokens) == [3.0]  # refilled up to the burst, not beyond
 
 
-async def test_rate_never_admits_more_than_rate_times_window_plus_burst(store: CounterStore) -> None:
+async def test_rate_never_admits_more_than_rate_times_window_plus_burst(rated: CounterStore) -> None:
     """A check every 0.25 s for 60 s against 0.5 calls/s, bursts of 4: in every window
     [t_i, t_j] of admissions at most 0.5 * (t_j - t_i) + 4 calls, and in all 4 + 0.5 * 60."""
+    store = rated
     rates = [cps(rate=0.5, burst=4)]
     admitted: list[float] = []
     for i in range(241):
@@ -384,8 +401,9 @@ async def test_rate_never_admits_more_than_rate_times_window_plus_burst(store: C
             assert j - i + 1 <= 0.5 * (admitted[j] - admitted[i]) + 4
 
 
-async def test_concurrent_reserves_never_exceed_the_burst(store: CounterStore) -> None:
+async def test_concurrent_reserves_never_exceed_the_burst(rated: CounterStore) -> None:
     """Hundreds of concurrent checks at one instant against a full bucket admit exactly its burst."""
+    store = rated
     rates = [cps(burst=7)]
     results = await asyncio.gather(*(store.reserve(call(f"k{i}"), [TOTAL], T0, 300, "t", rates=rates)
                                      for i in range(300)))
@@ -394,8 +412,9 @@ async def test_concurrent_reserves_never_exceed_the_burst(store: CounterStore) -
     assert await store.profile_size("total", None, T0) == 7
 
 
-async def test_a_call_refused_by_a_limit_takes_no_token(store: CounterStore) -> None:
+async def test_a_call_refused_by_a_limit_takes_no_token(rated: CounterStore) -> None:
     """All or nothing with a concurrency cap: the limit refuses, the rate keeps its token."""
+    store = rated
     plan = [acct("acme", 1)]
     rates = [cps(burst=2)]
     assert (await store.reserve(call("a"), plan, T0, 300, "t", rates=rates)).admitted
@@ -411,9 +430,10 @@ async def test_a_call_refused_by_a_limit_takes_no_token(store: CounterStore) -> 
     assert await store.profile_size("account", "acme", T0) == 0
 
 
-async def test_a_call_refused_by_one_rate_takes_no_token_of_another(store: CounterStore) -> None:
+async def test_a_call_refused_by_one_rate_takes_no_token_of_another(rated: CounterStore) -> None:
     """Two rates: the second is empty, so the call is refused and the first keeps its tokens;
     both a limit and a rate refusing are both reported."""
+    store = rated
     trunk = cps(value=None, burst=1, rule="trunk-cps")
     account = cps(burst=5)
     assert (await store.reserve(call("a"), [], T0, 300, "t", rates=[account, trunk])).admitted
@@ -426,8 +446,9 @@ async def test_a_call_refused_by_one_rate_takes_no_token_of_another(store: Count
     assert r.admitted and list(r.tokens) == [4.0]
 
 
-async def test_a_repeated_check_takes_no_token(store: CounterStore) -> None:
+async def test_a_repeated_check_takes_no_token(rated: CounterStore) -> None:
     """A duplicate check of a held call is the same call: no bucket is read or drained."""
+    store = rated
     rates = [cps(burst=2)]
     assert (await store.reserve(call("a"), [TOTAL], T0, 300, "t1", rates=rates)).admitted
     for tok in ("t2", "t3", "t4"):
@@ -437,8 +458,9 @@ async def test_a_repeated_check_takes_no_token(store: CounterStore) -> None:
     assert r.admitted and list(r.tokens) == [1.0]
 
 
-async def test_a_forced_reserve_takes_no_token(store: CounterStore) -> None:
+async def test_a_forced_reserve_takes_no_token(rated: CounterStore) -> None:
     """Reconciliation's forced adds are calls that started earlier: no token, even from an empty bucket."""
+    store = rated
     rates = [cps(burst=1)]
     for cid in ("f1", "f2"):
         r = await store.reserve(call(cid), [TOTAL], T0, 300, "t", force=True, rates=rates)
@@ -450,8 +472,9 @@ async def test_a_forced_reserve_takes_no_token(store: CounterStore) -> None:
     assert await store.profile_size("total", None, T0) == 4
 
 
-async def test_a_shadow_rate_never_refuses_and_reports_would_deny(store: CounterStore) -> None:
+async def test_a_shadow_rate_never_refuses_and_reports_would_deny(rated: CounterStore) -> None:
     """A shadow rate takes a token when it has one; without one the call passes, tokens say < 1."""
+    store = rated
     rates = [cps(burst=1, shadow=True)]
     a = await store.reserve(call("a"), [TOTAL], T0, 300, "t", rates=rates)
     b = await store.reserve(call("b"), [TOTAL], T0 + 5, 300, "t", rates=rates)
@@ -460,8 +483,9 @@ async def test_a_shadow_rate_never_refuses_and_reports_would_deny(store: Counter
     assert [list(r.tokens) for r in (a, b, c)] == [[1.0], [0.5], [1.0]]  # b took none: c finds a full one
 
 
-async def test_buckets_are_per_rule_and_value(store: CounterStore) -> None:
+async def test_buckets_are_per_rule_and_value(rated: CounterStore) -> None:
     """Each (rule, value) has its own bucket; a rate without value is one bucket for the rule."""
+    store = rated
     for value in ("acme", "beta"):
         assert (await store.reserve(call(f"{value}1"), [], T0, 300, "t", rates=[cps(value, burst=1)])).admitted
         assert not (await store.reserve(call(f"{value}2"), [], T0, 300, "t", rates=[cps(value, burst=1)])).admitted
@@ -472,9 +496,10 @@ async def test_buckets_are_per_rule_and_value(store: CounterStore) -> None:
     assert not (await store.reserve(call("n2"), [], T0, 300, "t", rates=[whole])).admitted
 
 
-async def test_a_clock_behind_the_bucket_mints_no_tokens(store: CounterStore) -> None:
+async def test_a_clock_behind_the_bucket_mints_no_tokens(rated: CounterStore) -> None:
     """An instance whose clock is behind the bucket's time refills nothing, and does not move
     the bucket's time back (which would refill the same seconds twice)."""
+    store = rated
     rates = [cps(burst=1)]
     assert (await store.reserve(call("a"), [], T0 + 10, 300, "t", rates=rates)).admitted
     r = await store.reserve(call("b"), [], T0 + 2, 300, "t", rates=rates)

@@ -84,7 +84,7 @@ def register(sub: Any) -> None:
     sp.add_argument("--tcp", help="HOST:PORT for TCP only ('none' to disable)")
     sp.add_argument("--udp", help="HOST:PORT for UDP only ('none' to disable)")
     sp.add_argument("--unix", help="Unix socket path ('none' to disable)")
-    sp.add_argument("--store", help="'embedded', or a redis:// / redis+sentinel:// URL")
+    sp.add_argument("--store", help="'embedded', or a redis:// / redis+sentinel:// / redis+cluster:// URL")
     sp.add_argument("--snapshot", help="embedded store snapshot file ('none' to disable)")
     sp.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics ('none' to disable)")
     sp.add_argument("--evapi", action="append",

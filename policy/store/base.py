@@ -210,6 +210,9 @@ class CounterStore(abc.ABC):
     #: True when operations finish without ever suspending (no I/O): transports then run
     #: requests eagerly instead of giving each one a Task.
     answers_inline: bool = False
+    #: Whether `reserve` takes call-rate buckets (`rates`); the service refuses rules with rates
+    #: on a store that does not (at start and at every reload, naming the rule).
+    supports_rates: bool = True
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect, restore state, start background work."""

@@ -9,8 +9,9 @@ from policy.store.embedded import EmbeddedStore
 
 
 def make_store(settings: Settings, clock: Clock) -> CounterStore:
-    """The embedded store, or the Redis store for `redis`/a redis URL (given the service's
-    clock: the Redis store measures its offset to Redis TIME on every connect)."""
+    """The embedded store, or the Redis store for `redis`/a redis URL, or the Redis Cluster store
+    for a redis+cluster:// URL or `redis` with `[store] cluster` (given the service's clock: the
+    Redis stores measure their offset to Redis TIME on every connect)."""
     if settings.store == "embedded":
         return EmbeddedStore(
             snapshot_path=settings.path(settings.snapshot),
@@ -18,6 +19,10 @@ def make_store(settings: Settings, clock: Clock) -> CounterStore:
             fsync_interval=settings.fsync_interval,
             clock=clock.now,
         )
+    if settings.store.startswith("redis+cluster://") or (settings.store == "redis" and settings.redis_cluster):
+        from policy.store.redis.cluster import RedisClusterStore
+
+        return RedisClusterStore.from_settings(settings, clock=clock)
     from policy.store.redis import RedisStore
 
     return RedisStore.from_settings(settings, clock=clock)

@@ -304,7 +304,9 @@ class Pipe:
             code = reply.code
             if not fut.done():
                 self.errors += 1
-                fut.set_exception(StoreError(f"redis ({circuit.where}) refused: {reply}"))
+                err = StoreError(f"redis ({circuit.where}) refused: {reply}")
+                err.__cause__ = reply  # the reply itself (a cluster client reads MOVED/ASK from it)
+                fut.set_exception(err)
             if code == "READONLY":  # a failover demoted this server: find the primary again
                 self.broken(f"the server is read-only now ({reply})")
                 return
