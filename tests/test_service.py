@@ -675,7 +675,7 @@ async def test_rules_with_rates_are_refused_on_a_store_without_them(tmp_path: Pa
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "r.toml").write_text(RATE_RULES)
-    with pytest.raises(RuleError, match="rule 'cps'.*call rates are not supported"):
+    with pytest.raises(RuleError, match=r"rule 'cps'.*call rates are not supported"):
         PolicyService(rules, NoRatesStore(), clock=ManualClock())
     (rules / "r.toml").write_text(RATE_RULES.replace('rate = { max = 10 }\n', ''))
     svc = PolicyService(rules, NoRatesStore(), clock=ManualClock())
