@@ -18,6 +18,15 @@ of atomic steps, each on one slot, in one fixed order (docs/redis.md, "Redis Clu
 3. **commit**, in the call's shard: the pending record becomes a held call, counted in the
    shard's counters and indexes.
 
+Call rates are steps too: each bucket is a key of its own (`cluster_rate.lua`); an enforced
+rate's take goes in the global order with the keys that have a limit (refusing when the bucket
+has no whole token), a shadow rate's with the counting-only keys. A take leaves a *hold* in the
+bucket: the commit is followed by its settle (the token stays taken); a call that is not
+admitted refunds it - at once when a later step refuses or the reserve is rolled back, by the
+undo, or by the sweep that takes a crashed reserve's pending record over (its `r` lists the
+buckets). The hold bounds the refund: a token comes back only as far as the bucket is known to
+lack it, so a late refund never mints one (docs/redis.md, "Call rates").
+
 A refusal after an earlier limit key gave the call its last place is counted in
 `cross_slot_conflicts`: while this call held that place for a moment, another call that needed
 it may have been refused although one atomic step would have admitted it (two calls racing for
@@ -864,7 +873,7 @@ class RedisClusterStore(CounterStore):
             seen = [await f for f in peeks]
             rseen = [_bucket_tokens(await f, rs[j].entry, base) for j, f in zip(rlooked, rpeeks, strict=True)]
         except BaseException:
-            self._rollback(sh, uid, token, owner, p, [], [])
+            self._rollback(sh, uid, token, owner, p, [], [], base)
             raise
         full = [i for i, n in zip(looked, seen, strict=True) if n >= (p.limits[i] or 0)]
         empty = [j for j, t in zip(rlooked, rseen, strict=True) if t < 1]
@@ -872,7 +881,7 @@ class RedisClusterStore(CounterStore):
             for name in [p.keys[i].name for i in full[:1]] + [rs[j].name for j in empty[:1]]:
                 self._was_full(name, start)
             self.refused += 1
-            self._rollback(sh, uid, token, owner, p, [], [])
+            self._rollback(sh, uid, token, owner, p, [], [], base)
             return await self._refusal(plan, p, rs, base, dict(zip(looked, seen, strict=True)),
                                        dict(zip(rlooked, rseen, strict=True)), None)
         # the profile keys and the rate buckets: the counting-only keys and the shadow rates (they
@@ -933,7 +942,7 @@ class RedisClusterStore(CounterStore):
                         refused = s
                         break
         except BaseException:
-            self._rollback(sh, uid, token, owner, p, stepped, [holds[j] for j in taken])
+            self._rollback(sh, uid, token, owner, p, stepped, [holds[j] for j in taken], base)
             raise
         if refused is not None:
             kind, at = refused
@@ -950,7 +959,7 @@ class RedisClusterStore(CounterStore):
                 except StoreError:
                     self._spawn(self._undo(sh, uid, token, owner, []))
             else:
-                self._rollback(sh, uid, token, owner, p, stepped, [holds[j] for j in taken])
+                self._rollback(sh, uid, token, owner, p, stepped, [holds[j] for j in taken], base)
             self.refused += 1
             known = {i: sizes[i] for i in stepped}
             for i in known:
@@ -971,7 +980,7 @@ class RedisClusterStore(CounterStore):
             raise
         status = reply[0]
         if status == -1:
-            self._rollback(sh, uid, token, owner, p, stepped, got_holds)
+            self._rollback(sh, uid, token, owner, p, stepped, got_holds, base)
             self._epoch_check(sh, epoch, reply[1], "reserve")
             raise StoreError(REBUILDING)
         if status != 1:  # a sweep took the pending record over (and refunded what it had taken then)
@@ -1117,16 +1126,14 @@ class RedisClusterStore(CounterStore):
         self._spawn(run())
 
     def _rollback(self, sh: Shard, uid: str, token: str, owner: str, p: _Plan, stepped: Sequence[int],
-                  holds: Sequence[tuple[str, int, str]]) -> None:
+                  holds: Sequence[tuple[str, int, str]], base: float) -> None:
         """Take back the steps of a reserve that holds its pending record (refused, or failed
         before its commit was sent): the removals and refunds are queued now (so an operation
         queued after this one on the same primary sees them), the pending record goes once they
         are done."""
         self.rollbacks += 1
         removals = [self._batch.remove(p.keys[i].name, p.keys[i].slot, uid) for i in stepped]
-        if holds:
-            base = self._base(self._now())
-            removals += [self._refund_op(name, slot, hold, base) for name, slot, hold in holds]
+        removals += [self._refund_op(name, slot, hold, base) for name, slot, hold in holds]
         self._batch.flush()
         self._spawn(self._finish_rollback(sh, uid, token, owner, removals))
 
