@@ -829,6 +829,39 @@ async def test_a_token_taken_before_a_failed_commit_is_refunded(store: RedisClus
     assert await store.profile_size("total", None, T0) == 0
 
 
+async def test_an_undo_refunds_a_pending_reserves_token_and_keeps_a_committed_ones(
+        store: RedisClusterStore) -> None:
+    """The commit's reply never comes (a StoreError instead): the reserve is undone in the
+    background. If the commit was never sent, the undo finds the record pending and refunds its
+    token; if it ran (only its reply was lost), the call is released but keeps its token - the
+    proxy may have let it through (the single store's rule) - and its hold is settled."""
+    real = store._shard
+    sent: list[bool] = []
+
+    async def reply_lost(script: str, slot: int, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if script != "cluster_commit":
+            return await real(script, slot, keys, args)
+        if sent[-1]:
+            await real(script, slot, keys, args)
+        raise StoreError("redis cluster: timed out")
+
+    store._shard = reply_lost  # type: ignore[method-assign]
+    try:
+        for cid, commit_runs in (("never", False), ("lost", True)):
+            sent.append(commit_runs)
+            with pytest.raises(StoreError):
+                await store.reserve(call(cid), [TOTAL], T0, 300, "t", rates=[cps(cid, burst=2)])
+            for _ in range(200):
+                fields = await bucket(store, "acct-cps", cid)
+                if "h" not in fields and await store.profile_size("total", None, T0) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert tokens_at(fields) == (1.0 if commit_runs else 2.0, T0 + store._offset), cid
+            assert await store.get_call(cid, T0) is None
+    finally:
+        store._shard = real  # type: ignore[method-assign]
+    assert (store.refunded, store.undone) == (1, 1)
+
 CRASH_RULES = """
 [profiles]
 with_value = ["account"]
