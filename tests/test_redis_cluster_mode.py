@@ -17,9 +17,10 @@ import random
 import re
 import shutil
 import signal
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from policy.errors import StoreError
 from policy.reconcile import Reconciler
 from policy.service import PolicyService
 from policy.settings import Settings, load_settings
-from policy.store.base import CallInfo, PlanEntry, call_uid
+from policy.store.base import CallInfo, PlanEntry, RateEntry, call_uid
 from policy.store.factory import make_store
 from policy.store.redis.cluster import LOCK_LEASE, SCRIPTS, RedisClusterStore, cluster_script_source
 from policy.store.redis.cluster_layout import SHARDS, SLOTS, ClusterLayout, key_slot, shard_of
@@ -576,6 +577,354 @@ async def test_repair_restores_lost_entries_and_removes_orphans(store: RedisClus
     assert [r.call_id for r in (await store.profile_list("account", "rep", T0)).items] == ["r0", "r1", "r2"]
 
 
+# -- call rates: buckets as steps -----------------------------------------------------------------
+
+
+def cps(value: str | None = "acme", rate: float = 0.01, burst: int = 2, rule: str = "acct-cps",
+        shadow: bool = False) -> RateEntry:
+    """A slow rate (one call every 100 s): a bucket never refills or expires mid-test."""
+    return RateEntry(rule, value, rate, burst, shadow)
+
+
+def cmd(*args: Any) -> bytes:
+    return bytes(hiredis.pack_command(args))
+
+
+async def bucket(store: RedisClusterStore, rule: str, value: str | None) -> dict[str, str]:
+    """A bucket's fields (HGETALL on its primary)."""
+    name, slot, _ = store._bucket(rule, value)
+    flat = await store._map.call(slot, cmd("HGETALL", name))
+    return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
+def tokens_at(fields: dict[str, str]) -> tuple[float, float]:
+    """(t, ts) of a bucket without holds (nothing else in it)."""
+    assert set(fields) == {"t", "ts"}, fields
+    return float(fields["t"]), float(fields["ts"])
+
+
+class Bucket:
+    """cluster_rate.lua called directly on one bucket (`ops`: (op, hold, now) or, for a take,
+    (op, hold, now, rate, burst, shadow)), with a hold lease of its own."""
+
+    def __init__(self, store: RedisClusterStore, name: str, lease: float) -> None:
+        self.store = store
+        self.name = name
+        self.slot = key_slot(name)
+        self.lease = lease
+
+    async def run(self, *ops: tuple[Any, ...]) -> list[tuple[str, int]]:
+        args: list[Any] = []
+        for op in ops:
+            kind, hold, now, *rest = op
+            rate, burst, shadow = rest if rest else (0.0, 0, "")
+            args += [kind, hold, repr(now), repr(float(rate)), burst, shadow]
+        now0 = min(op[2] for op in ops)
+        reply = await self.store._map.call(self.slot, cmd("EVALSHA", self.store._sha["cluster_rate"], 1, self.name,
+                                                          repr(now0), repr(self.lease), 1000, *args))
+        return [(reply[i], int(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+    async def fields(self) -> dict[str, str]:
+        flat = await self.store._map.call(self.slot, cmd("HGETALL", self.name))
+        return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
+async def test_a_late_refund_mints_no_token(store: RedisClusterStore, prefix: str) -> None:
+    """The case a refund "+1, capped at the burst" gets wrong: A takes a token, the bucket refills
+    to its burst while A waits, B takes one, then A is refused and refunds. Had A never taken, the
+    bucket would hold 1 now (B's take from a full bucket), not 1.5: the refund gives back only what
+    the bucket is known to lack. With one hold it is exact; none are left behind."""
+    b = Bucket(store, f"{prefix}:r:late", 30.0)
+    assert await b.run(("t", "A", T0, 1.0, 2, "")) == [("2", 1)]
+    assert await b.run(("t", "B", T0 + 0.5, 1.0, 2, "")) == [("1.5", 1)]  # (A's own refill capped at 2)
+    assert await b.run(("s", "B", T0 + 0.5)) == [("", 1)]
+    assert await b.run(("r", "A", T0 + 0.5)) == [("", 1)]
+    assert await b.run(("t", "C", T0 + 0.5, 1.0, 2, ""), ("t", "D", T0 + 0.5, 1.0, 2, "")) == [("1", 1), ("0", 0)]
+    assert await b.run(("r", "A", T0 + 0.5), ("s", "C", T0 + 0.5)) == [("", 0), ("", 1)]  # (once only)
+    assert tokens_at(await b.fields()) == (0.0, T0 + 0.5)
+    # E stays taken, F is refunded: the bucket is what it would be had F never taken
+    c = Bucket(store, f"{prefix}:r:exact", 30.0)
+    assert await c.run(("t", "E", T0, 0.5, 4, ""), ("t", "F", T0, 0.5, 4, "")) == [("4", 1), ("3", 1)]
+    assert await c.run(("s", "E", T0), ("r", "F", T0)) == [("", 1), ("", 1)]
+    assert await c.run(("t", "G", T0 + 1, 0.5, 4, "")) == [("3.5", 1)]
+
+
+async def test_an_expired_hold_counts_as_settled(store: RedisClusterStore, prefix: str) -> None:
+    """A hold neither settled nor refunded (its instance died after the commit) keeps its token
+    taken once its lease ends: a refund after that gives nothing back, and the hold is gone."""
+    b = Bucket(store, f"{prefix}:r:expiry", 2.0)
+    assert await b.run(("t", "A", T0, 0.01, 3, "")) == [("3", 1)]
+    assert (await b.fields())["h"] == "1"
+    [(before, took)] = await b.run(("t", "B", T0 + 3, 0.01, 3, ""))
+    assert (float(before), took) == (2 + 3.0 * 0.01, 1)  # A's hold ended first: its token stays taken
+    fields = await b.fields()
+    assert "h:A" not in fields and "h:B" in fields and fields["h"] == "1"
+    assert await b.run(("r", "A", T0 + 3)) == [("", 0)]
+    assert await b.run(("r", "B", T0 + 3)) == [("", 1)]
+    assert tokens_at(await b.fields()) == (2 + 3.0 * 0.01, T0 + 3)
+
+
+def refill(v: float, ts: float, now: float, rate: float, burst: int) -> tuple[float, float]:
+    if now > ts:
+        return min(float(burst), v + (now - ts) * rate), now
+    return min(float(burst), v), ts
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_takes_settles_refunds_and_expiries_never_beat_the_true_bucket(store: RedisClusterStore,
+                                                                             prefix: str, seed: int) -> None:
+    """Random takes (some with a clock behind), settles, refunds (some twice, some unknown),
+    holds left to expire, several at once in one script, against the true bucket - the one that
+    saw only the takes whose call was admitted (settled or expired), replayed afterwards: every
+    take the script granted and that stayed taken found >= 1 token there (so no window passes
+    more than rate x T + burst), and no take ever saw more tokens than it. With one hold at a
+    time the script is the true bucket exactly."""
+    rng = random.Random(seed)
+    rate, burst, lease = 0.05, 3, 30.0  # (slow: the bucket's PEXPIRE, in real time, never ends mid-test)
+    for sequential in (False, True):
+        b = Bucket(store, f"{prefix}:r:prop{seed}{sequential}", lease)
+        clock = T0
+        takes: list[tuple[str, float, float, int]] = []  # (hold, now, tokens before, granted)
+        outcome: dict[str, str] = {}  # hold -> 'refund' or 'admit'
+        open_: dict[str, float] = {}  # granted holds not known to be over -> their take's now
+        latest = T0  # the latest now0 sent (holds expire against it)
+        for n in range(400):
+            ops: list[tuple[Any, ...]] = []
+            for _ in range(1 if sequential else rng.choice((1, 1, 2, 3))):
+                r = rng.random()
+                if sequential and open_:
+                    hold = next(iter(open_))
+                    ops.append(("r" if r < 0.5 else "s", hold, clock))
+                    break
+                if r < 0.5 and (sequential or len(open_) < 6):
+                    clock += rng.choice((0.0, 1.0, 4.0, 8.0, 20.0))
+                    now = clock - (6.0 if rng.random() < 0.1 else 0.0)
+                    ops.append(("t", f"h{n}.{len(ops)}", now, rate, burst, ""))
+                elif open_ and r < 0.95:
+                    hold = rng.choice(sorted(open_))
+                    ops.append(("r" if r < 0.75 else "s", hold, clock))
+                else:
+                    ops.append((rng.choice("rs"), rng.choice(["nobody", *outcome]), clock))
+                if len(ops) > 1 and any(o[1] == ops[-1][1] for o in ops[:-1]):
+                    ops.pop()
+            latest = max(latest, min(o[2] for o in ops))
+            for hold in [h for h, t in open_.items() if t + lease <= latest]:
+                del open_[hold]  # expired (the script settles them first)
+                outcome[hold] = "admit"
+            for op, (text, flag) in zip(ops, await b.run(*ops), strict=True):
+                kind, hold, now = op[:3]
+                if kind == "t":
+                    takes.append((hold, now, float(text), flag))
+                    if flag:
+                        open_[hold] = now
+                elif flag:
+                    assert hold in open_, (kind, hold)  # only a live hold ends, once
+                    del open_[hold]
+                    outcome[hold] = "refund" if kind == "r" else "admit"
+                else:
+                    assert hold not in open_, (kind, hold)
+        for hold in open_:
+            outcome[hold] = "admit"  # (left to expire)
+        v, vts = float(burst), takes[0][1]
+        admitted = 0
+        for hold, now, before, granted in takes:
+            seen, seen_ts = refill(v, vts, now, rate, burst)
+            assert before <= seen + 1e-9, (hold, before, seen)
+            if sequential:  # (a refused take writes nothing: its refill is not kept, nor its time)
+                assert abs(before - seen) < 1e-9, (hold, before, seen)
+            if granted or not sequential:
+                v, vts = seen, seen_ts
+            if granted and outcome[hold] == "admit":
+                assert v >= 1 - 1e-9, (hold, v)
+                v -= 1
+                admitted += 1
+        assert admitted > 30 and sum(1 for o in outcome.values() if o == "refund") > 20
+
+
+async def test_bucket_layout_and_expiry(store: RedisClusterStore, redis_cluster: RedisClusterNodes,
+                                        prefix: str) -> None:
+    """`P:r:<rule>=<value>` is a hash in its own slot (on its primary): once the call is admitted
+    it holds only its tokens and their time (the hold is settled), with a PEXPIRE of its time to
+    full + 1 s; a refused check writes nothing."""
+    rate = [RateEntry("acct-cps", "acme", 0.5, 3)]
+    assert (await store.reserve(call("a"), [], T0, 300, "t", rates=rate)).admitted
+    name = f"{prefix}:r:acct-cps=acme"
+    port = owner_of(redis_cluster, key_slot(name))
+    for _ in range(100):
+        if "h" not in await bucket(store, "acct-cps", "acme"):
+            break
+        await asyncio.sleep(0.01)
+    assert tokens_at(await bucket(store, "acct-cps", "acme")) == (2.0, T0 + store._offset)
+    assert 2000 < int(redis_cluster.command(port, "PTTL", name)) <= 3000  # 1 token short at 0.5/s: 2 s, + 1 s
+    whole = [RateEntry("platform", None, 100.0, 1)]
+    assert (await store.reserve(call("b"), [], T0, 300, "t", rates=whole)).admitted
+    pname = f"{prefix}:r:platform"
+    pport = owner_of(redis_cluster, key_slot(pname))
+    assert 500 < int(redis_cluster.command(pport, "PTTL", pname)) <= 1010  # 10 ms to full, + 1 s
+    redis_cluster.command(pport, "PEXPIRE", pname, "100000")
+    assert not (await store.reserve(call("c"), [], T0, 300, "t", rates=whole)).admitted
+    assert int(redis_cluster.command(pport, "PTTL", pname)) > 99_000  # refused: not written
+
+
+def bucket_first(store: RedisClusterStore, cluster: RedisClusterNodes, rule: str) -> tuple[str, int, int]:
+    """An account whose rate bucket (`rule`) comes before its account key in the global order,
+    on another primary: (account, the bucket's port, the key's port)."""
+    for i in range(2000):
+        acc = f"bf{i}"
+        bname, bslot, _ = store._bucket(rule, acc)
+        kname, kslot, _ = store.layout.key("account", acc)
+        if (bslot, bname) < (kslot, kname) and owner_of(cluster, bslot) != owner_of(cluster, kslot):
+            return acc, owner_of(cluster, bslot), owner_of(cluster, kslot)
+    raise AssertionError("no such account")
+
+
+async def test_a_token_taken_before_a_full_key_is_refunded(store: RedisClusterStore,
+                                                           redis_cluster: RedisClusterNodes) -> None:
+    """The bucket comes first in the global order: a call takes its last token, then its account
+    key refuses it - the token goes back (counted in `refunded`; taking a last token is a
+    cross-slot conflict, as a last place), the call is tried once more and refused at its looks,
+    and the next call that fits gets that token."""
+    acc, _, _ = bucket_first(store, redis_cluster, "acct-cps")
+    rate = [cps(acc, burst=1)]
+    assert (await store.reserve(call("x", acc), [acct(acc, 1)], T0, 300, "t")).admitted
+    r = await store.reserve(call("y", acc), [acct(acc, 1)], T0, 300, "t", rates=rate)
+    assert (r.admitted, r.blocked, r.rate_blocked, list(r.tokens), r.sizes) == (False, 0, None, [1.0], [1])
+    assert (store.refunded, store.cross_slot_conflicts, store.retried) == (1, 1, 1)
+    assert tokens_at(await bucket(store, "acct-cps", acc)) == (1.0, T0 + store._offset)
+    assert (await store.end("x", T0, "bye")) is not None
+    r = await store.reserve(call("z", acc), [acct(acc, 1)], T0, 300, "t", rates=rate)
+    assert r.admitted and list(r.tokens) == [1.0]
+    r = await store.reserve(call("w", acc), [], T0, 300, "t", rates=rate)
+    assert (r.admitted, r.rate_blocked, list(r.tokens)) == (False, 0, [0.0])
+
+
+async def test_a_token_taken_before_a_failed_commit_is_refunded(store: RedisClusterStore,
+                                                                 redis_cluster: RedisClusterNodes) -> None:
+    """A reserve whose commit finds the shard's epoch changed (the data-loss check) is rolled
+    back: its token is refunded with its places (the call never became a held call)."""
+    rate = [cps("ep", burst=1)]
+    sh = store.layout.shard("ep1")
+    port = owner_of(redis_cluster, sh.slot)
+    epoch = redis_cluster.command(port, "HGET", sh.counts, "epoch")
+    real = store._shard
+
+    async def begin_then_lose(script: str, slot: int, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if script == "cluster_commit":  # the marker changes between the steps and the commit
+            redis_cluster.command(port, "HSET", sh.counts, "epoch", "changed")
+        return await real(script, slot, keys, args)
+
+    store._shard = begin_then_lose  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StoreError):
+            await store.reserve(call("ep1"), [TOTAL], T0, 300, "t", rates=rate)
+    finally:
+        store._shard = real  # type: ignore[method-assign]
+        redis_cluster.command(port, "HSET", sh.counts, "epoch", epoch)
+    for _ in range(100):
+        if store.refunded:
+            break
+        await asyncio.sleep(0.01)
+    assert store.refunded == 1
+    assert tokens_at(await bucket(store, "acct-cps", "ep")) == (1.0, T0 + store._offset)
+    assert await store.profile_size("total", None, T0) == 0
+
+
+async def test_an_undo_refunds_a_pending_reserves_token_and_keeps_a_committed_ones(
+        store: RedisClusterStore) -> None:
+    """The commit's reply never comes (a StoreError instead): the reserve is undone in the
+    background. If the commit was never sent, the undo finds the record pending and refunds its
+    token; if it ran (only its reply was lost), the call is released but keeps its token - the
+    proxy may have let it through (the single store's rule) - and its hold is settled."""
+    real = store._shard
+    sent: list[bool] = []
+
+    async def reply_lost(script: str, slot: int, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if script != "cluster_commit":
+            return await real(script, slot, keys, args)
+        if sent[-1]:
+            await real(script, slot, keys, args)
+        raise StoreError("redis cluster: timed out")
+
+    store._shard = reply_lost  # type: ignore[method-assign]
+    try:
+        for cid, commit_runs in (("never", False), ("lost", True)):
+            sent.append(commit_runs)
+            with pytest.raises(StoreError):
+                await store.reserve(call(cid), [TOTAL], T0, 300, "t", rates=[cps(cid, burst=2)])
+            for _ in range(200):
+                fields = await bucket(store, "acct-cps", cid)
+                if "h" not in fields and await store.profile_size("total", None, T0) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert tokens_at(fields) == (1.0 if commit_runs else 2.0, T0 + store._offset), cid
+            assert await store.get_call(cid, T0) is None
+    finally:
+        store._shard = real  # type: ignore[method-assign]
+    assert (store.refunded, store.undone) == (1, 1)
+
+CRASH_RULES = """
+[profiles]
+with_value = ["account"]
+
+[[rule]]
+name = "account-cap"
+match = { account = { present = true } }
+limit = { profile = "account", value = "{account}", max = 5 }
+
+[[rule]]
+name = "acct-cps"
+match = { account = { present = true } }
+rate = { value = "{account}", max = 1, per = 100, burst = 2 }
+"""
+
+
+async def test_a_token_taken_by_a_crashed_reserve_is_refunded_by_the_sweep(
+        redis_cluster: RedisClusterNodes, prefix: str, tmp_path: Path) -> None:
+    """`serve` is killed after its check took a token and while it waits on the primary of the
+    account key (later in the global order; it pauses writes): the bucket keeps the hold, and the
+    sweep that takes the pending record over once its lock has ended refunds it - the bucket is
+    whole again, nothing is left of the call."""
+    cfg = tmp_path / "service.toml"
+    text = (ROOT / "service.toml").read_text()
+    cfg.write_text(text.replace("timeout = 0.05", "timeout = 5.0").replace('prefix = "callpolicy"',
+                                                                           f'prefix = "{prefix}"'))
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "crash.toml").write_text(CRASH_RULES)
+    probe = RedisClusterStore(redis_cluster.url, prefix=prefix, timeout=0.5, clock=SystemClock())
+    await probe.start()
+    acc, _, kport = bucket_first(probe, redis_cluster, "acct-cps")
+    cid = uid_not_on(probe, redis_cluster, kport, "rc")
+    svc = ServiceProcess(rules, store=redis_cluster.url, config=cfg).start()
+    try:
+        assert redis_cluster.command(kport, "CLIENT", "PAUSE", "3000", "WRITE") == "OK"
+        try:
+            c = svc.client()
+            c.send(check(cid, user=cid, account=acc))
+            deadline = time.monotonic() + 3
+            while "h" not in await bucket(probe, "acct-cps", acc):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            svc.stop(signal.SIGKILL)
+        finally:
+            redis_cluster.command(kport, "CLIENT", "UNPAUSE")
+        now = time.time()
+        held = await bucket(probe, "acct-cps", acc)
+        assert (held["t"], held["u"], held["h"]) == ("1", "2", "1")
+        await probe.sweep(now + 1)
+        assert (await bucket(probe, "acct-cps", acc))["h"] == "1"  # its lock has not ended
+        await probe.sweep(now + LOCK_LEASE + 1)
+        after = await bucket(probe, "acct-cps", acc)
+        assert after["t"] == "2" and "h" not in after and "u" not in after, after
+        assert probe.refunded == 1
+        assert await probe.profile_size("account", acc, now + LOCK_LEASE + 1) == 0
+        sh = probe.layout.shard(cid)
+        assert redis_cluster.command(owner_of(redis_cluster, sh.slot), "EXISTS", sh.record(cid)) == "0"
+    finally:
+        svc.stop()
+        await probe.close()
+
+
 # -- three `serve` processes on the cluster: storms on the shipped caps ---------------------------
 
 
@@ -723,6 +1072,117 @@ def test_cluster_contention_measures_cross_slot_conflicts(three: list[ServicePro
 
 
 # -- failover: a primary killed under load (a cluster of its own) ---------------------------------
+
+
+HAMMER_RULES = """
+[profiles]
+no_value = ["total"]
+with_value = ["user"]
+
+[[rule]]
+name = "count"
+join = [{ profile = "total" }]
+
+# calls to 99... are doomed: their caller's own cap is 0 (each caller new: no instance has seen
+# that key full, so the call takes its steps - a token first, when the bucket comes first in the
+# global order - and is refused at the key: the token is refunded)
+[[rule]]
+name = "doomed"
+match = { to_user = { prefix = "99" } }
+limit = { profile = "user", value = "{from_user}", max = 0 }
+
+[[rule]]
+name = "hammer-cps"
+match = { account = "hammer" }
+rate = { value = "{account}", max = 20, per = 1, burst = 5 }
+"""
+
+
+@pytest.fixture
+def three_rated(redis_cluster: RedisClusterNodes, relaxed: Path, tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    """Three `serve` on the session cluster with the hammer rules (a prefix of their own)."""
+    text = relaxed.read_text().replace('prefix = "callpolicy"', f'prefix = "h{uuid.uuid4().hex[:8]}"')
+    relaxed.write_text(text)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "hammer.toml").write_text(HAMMER_RULES)
+    procs = [ServiceProcess(rules, store=redis_cluster.url, config=relaxed) for _ in range(3)]
+    try:
+        for p in procs:
+            p.start()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_cluster_three_instances_never_pass_more_than_rate_times_window_plus_burst(
+        three_rated: list[ServiceProcess]) -> None:
+    """20 calls/s, bursts of 5, hammered for ~3 s through three instances on the cluster (two
+    connections each), a third of the checks doomed by a cap of 0 after their token may have been
+    taken: admissions <= 20 * elapsed + 5, and close to it (the refunded tokens are used again);
+    every doomed call is refused by its cap, every other refusal is the rate's 503; tokens were
+    refunded; the instances' tallies add up."""
+    seconds = 3.0
+    admitted: list[float] = []
+    refused = doomed_seen = 0
+    other: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(6)
+    t_first: list[float] = []
+
+    def hammer(svc: ServiceProcess, n: int) -> None:
+        nonlocal refused, doomed_seen
+        c = svc.client()
+        start.wait()
+        with lock:
+            if not t_first:
+                t_first.append(time.monotonic())
+        end = t_first[0] + seconds
+        i = 0
+        try:
+            while time.monotonic() < end:
+                doomed = i % 3 == 2
+                r = c.call("check", call_id=f"h{svc.port}-{n}-{i}", account="hammer",
+                           **{"from": f"sip:{'d' if doomed else 'h'}{svc.port}-{n}-{i}@example.com",
+                              "to": f"sip:{'99' if doomed else '20'}00@example.com"})
+                got = time.monotonic()
+                i += 1
+                with lock:
+                    if doomed:
+                        doomed_seen += 1
+                        if (r.get("decision"), r.get("code"), r.get("rule")) != ("deny", 486, "doomed"):
+                            other.append(r)
+                    elif r.get("decision") == "allow":
+                        admitted.append(got)
+                    elif (r.get("decision"), r.get("code"), r.get("rule")) == ("deny", 503, "hammer-cps"):
+                        refused += 1
+                    else:
+                        other.append(r)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=hammer, args=(svc, n)) for svc in three_rated for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    elapsed = max(admitted) - t_first[0]
+    assert not other, other[:3]
+    assert refused > 3 * len(admitted), (refused, len(admitted))  # it was hammered well above the rate
+    bound = 20 * elapsed + 5
+    assert len(admitted) <= bound + 1, (len(admitted), elapsed)  # (+1: the instances' clock offsets)
+    assert len(admitted) >= 0.75 * bound, (len(admitted), elapsed)
+    admitted.sort()  # any window of admissions as the clients saw them (replies may lag: 0.25 s)
+    for i in range(len(admitted)):
+        for j in range(i + 1, len(admitted)):
+            assert j - i + 1 <= 20 * (admitted[j] - admitted[i] + 0.25) + 5
+    infos = [stats(svc) for svc in three_rated]
+    assert sum(s["store_info"]["refunded"] for s in infos) > 0
+    tallies = [s["rules"].get("hammer-cps", {}) for s in infos]  # (a doomed call the rate let through: allow)
+    assert sum(t.get("allow", 0) + t.get("deny", 0) for t in tallies) == len(admitted) + refused + doomed_seen
+    assert sum(t.get("deny", 0) for t in tallies) >= refused
+    assert all(t.get("allow", 0) > 0 for t in tallies)  # every instance admitted some
 
 
 @pytest.fixture

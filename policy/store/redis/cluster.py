@@ -18,6 +18,15 @@ of atomic steps, each on one slot, in one fixed order (docs/redis.md, "Redis Clu
 3. **commit**, in the call's shard: the pending record becomes a held call, counted in the
    shard's counters and indexes.
 
+Call rates are steps too: each bucket is a key of its own (`cluster_rate.lua`); an enforced
+rate's take goes in the global order with the keys that have a limit (refusing when the bucket
+has no whole token), a shadow rate's with the counting-only keys. A take leaves a *hold* in the
+bucket: the commit is followed by its settle (the token stays taken); a call that is not
+admitted refunds it - at once when a later step refuses or the reserve is rolled back, by the
+undo, or by the sweep that takes a crashed reserve's pending record over (its `r` lists the
+buckets). The hold bounds the refund: a token comes back only as far as the bucket is known to
+lack it, so a late refund never mints one (docs/redis.md, "Call rates").
+
 A refusal after an earlier limit key gave the call its last place is counted in
 `cross_slot_conflicts`: while this call held that place for a moment, another call that needed
 it may have been refused although one atomic step would have admitted it (two calls racing for
@@ -41,7 +50,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import hiredis
 import orjson
@@ -67,6 +76,7 @@ from policy.store.redis.cluster_map import SCHEME, ClusterMap, NodeLink, parse_c
 from policy.store.redis.codec import decode_record, maybe_record, num, pack_items, unpack_items
 from policy.store.redis.connection import ReplyError, RespConnection, parse_target, roundtrip
 from policy.store.redis.keys import escape
+from policy.store.redis.keys import kid as rate_id
 
 if TYPE_CHECKING:
     from policy.settings import Settings
@@ -75,7 +85,7 @@ log = structlog.get_logger("policy.store.redis")
 
 SCRIPTS = ("cluster_begin", "cluster_step", "cluster_commit", "cluster_release", "cluster_finish",
            "cluster_lease", "cluster_set_var", "cluster_expire", "cluster_counts", "cluster_page",
-           "cluster_lock", "epoch")
+           "cluster_lock", "cluster_rate", "epoch")
 #: What `reserve` raises while the store rebuilds after a data loss or a failover.
 REBUILDING = "redis cluster lost data or failed over; repairing and rebuilding from the proxies"
 #: Seconds a multi-step operation (reserve, end, sweep, repair) may hold a call's lock; after
@@ -103,6 +113,12 @@ OFFSET_QUANTUM = 1.0 / 1024
 #: Background releases (rollbacks, undos, unfinished ends) are retried this long at most, then
 #: left to the sweeps (which take ended locks over).
 RETRY_FOR = LOCK_LEASE / 2
+#: Seconds a token a reserve took stays a *hold* (refundable) if neither settled nor refunded:
+#: longer than a pending record's lock plus a sweep's takeover, so a crashed reserve's tokens
+#: are refunded by the sweep that releases it. An expired hold counts as settled (kept taken).
+HOLD_LEASE = 3 * LOCK_LEASE
+#: Milliseconds added to a bucket's time to full in its PEXPIRE (Redis's clock vs cluster time).
+RATE_SLACK_MS = 1000
 
 _HELD = ("early", "active")
 
@@ -180,11 +196,32 @@ class _Plan:
                               key=lambda i: (keys[i].slot, keys[i].name))
 
 
+class _Bucket(NamedTuple):
+    """A call rate as the cluster reserve runs it: its bucket's key and the rate."""
+
+    name: str
+    slot: int
+    rid: str
+    entry: RateEntry
+
+
+def _bucket_tokens(reply: Any, entry: RateEntry, base: float) -> float:
+    """A bucket's tokens at `base` from its (t, ts), as cluster_rate.lua refills them (a missing
+    bucket is full)."""
+    t, ts = reply
+    burst = float(entry.burst)
+    if t is None:
+        return burst
+    t, ts = float(t), float(ts)
+    if base > ts:
+        return min(burst, t + (base - ts) * entry.rate)
+    return min(burst, t)
+
+
 class RedisClusterStore(CounterStore):
     """Dialog-profile counters on a Redis Cluster; see the module docstring."""
 
     name = "redis-cluster"
-    supports_rates = False  # call rates are not steps of the cluster reserve yet (docs/redis.md)
 
     def __init__(
         self,
@@ -220,7 +257,9 @@ class RedisClusterStore(CounterStore):
                                connect_timeout=connect_timeout, log=log, prepare=self._prepare,
                                reload_commands=self._reload_commands, on_change=self._map_changed)
         self._keys: dict[tuple[str, str | None], _Key] = {}
-        self._batch = KeyBatcher(self._map, lambda: self._sha["cluster_step"], lambda: self._sha["cluster_finish"])
+        self._batch = KeyBatcher(self._map, lambda: self._sha["cluster_step"], lambda: self._sha["cluster_finish"],
+                                 lambda: self._sha["cluster_rate"], HOLD_LEASE, RATE_SLACK_MS)
+        self._bucket_names: dict[tuple[str, str | None], tuple[str, int, str]] = {}
         self._full: dict[str, float] = {}  # key name -> until when it is looked at (loop time)
         self._offset = 0.0
         self._reference: NodeLink | None = None  # the primary whose TIME is cluster time
@@ -250,6 +289,7 @@ class RedisClusterStore(CounterStore):
         self.handed_back = 0
         self.busy_waits = 0
         self.unfinished = 0  # background releases given up (left to the sweeps)
+        self.refunded = 0  # tokens given back (reserves whose call was not admitted)
 
     @classmethod
     def from_settings(cls, settings: Settings, clock: Clock | None = None) -> RedisClusterStore:
@@ -300,6 +340,7 @@ class RedisClusterStore(CounterStore):
             "handed_back": self.handed_back,
             "busy_waits": self.busy_waits,
             "unfinished": self.unfinished,
+            "refunded": self.refunded,
             "errors": sum(link.pipe.errors for link in links),
             "ops": sum(link.pipe.ops for link in links),
             "batches": sum(link.pipe.batches for link in links),
@@ -744,26 +785,26 @@ class RedisClusterStore(CounterStore):
         self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
         force: bool = False, rates: Sequence[RateEntry] = (),
     ) -> ReserveResult:
-        """Admit the call into every key of the plan, or into none: begin, steps, commit. A call
-        refused at a step (the key filled up after its look: other reserves in flight held its
-        places) is tried once more, from the begin, if the deadline allows. Call rates are not
-        steps here (`supports_rates` is False: the service refuses rules with rates)."""
-        if rates:
-            raise StoreError("call rates are not supported on the Redis Cluster store")
+        """Admit the call into every key of the plan and take a token of each rate, or do
+        neither: begin, steps, commit. A call refused at a step (the key filled up or the bucket
+        emptied after its look: other reserves in flight held its places or tokens) is tried once
+        more, from the begin, if the deadline allows."""
         if self._rebuilding and not force:
             raise StoreError(REBUILDING)
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self.timeout
-        res = await self._attempt(call, plan, now, timeout, token, force, start, deadline, True)
+        buckets = self._buckets(rates) if rates and not force else []
+        res = await self._attempt(call, plan, now, timeout, token, force, start, deadline, True, buckets)
         if res is None:
             self.retried += 1
-            res = await self._attempt(call, plan, now, timeout, token, force, start, deadline, False)
+            res = await self._attempt(call, plan, now, timeout, token, force, start, deadline, False, buckets)
         assert res is not None
         return res
 
     async def _attempt(self, call: CallInfo, plan: Sequence[PlanEntry], now: float, timeout: float, token: str,
-                       force: bool, start: float, deadline: float, may_retry: bool) -> ReserveResult | None:
+                       force: bool, start: float, deadline: float, may_retry: bool,
+                       rs: list[_Bucket]) -> ReserveResult | None:
         loop = asyncio.get_running_loop()
         now, timeout = float(now), float(timeout)
         base = now + self._offset
@@ -776,27 +817,35 @@ class RedisClusterStore(CounterStore):
         w = orjson.dumps([call.account, call.from_uri, call.to_uri])[:-1] + b","
         d = w + orjson.dumps([call.call_id, call.from_tag, call.node, base, p.profiles])[1:]
         k = pack_items([call.node, *(key.kid for key in p.keys)])
+        holds = [(b.name, b.slot, f"{owner}/{j}") for j, b in enumerate(rs)]  # (a hold id per bucket)
+        r = pack_items([owner, *(b.rid for b in rs)]) if rs else ""
         begin_keys = [sh.record(uid), sh.locks, sh.counts]
-        begin_args = [num(base), uid, token, d, w, k, lease, num(timeout), num(base + LOCK_LEASE), owner, epoch]
+        begin_args = [num(base), uid, token, d, w, k, lease, num(timeout), num(base + LOCK_LEASE), owner, epoch, r]
         # with the begin, a look at the size of the keys with a limit that refused a call lately
-        # (all of them on the second try): a key already full refuses the call before it takes any
-        # place, so it never holds another key's last place for nothing; keys that have room, by
-        # far the most, cost no look
+        # and at the tokens of the enforced rates that did (all of them on the second try): a key
+        # already full or a bucket already empty refuses the call before it takes any place or
+        # token, so it never holds another key's last place (or a bucket's last token) for
+        # nothing; keys and buckets with room, by far the most, cost no look
         batch = self._batch
+        enforced = [j for j, b in enumerate(rs) if not b.entry.shadow]
         if force:
             looked: list[int] = []
+            rlooked: list[int] = []
         elif may_retry:
             recent = self._full
             looked = [i for i in p.limited if recent.get(p.keys[i].name, 0.0) > start] if recent else []
+            rlooked = [j for j in enforced if recent.get(rs[j].name, 0.0) > start] if recent else []
         else:
             looked = p.limited
+            rlooked = enforced
         for attempt in itertools.count():
             self._usable(sh.slot)  # (else it is never sent: nothing to take back)
             peeks = [batch.look(p.keys[i].name, p.keys[i].slot, base) for i in looked]
+            rpeeks = [batch.rate_look(rs[j].name, rs[j].slot) for j in rlooked]
             try:
                 reply = await self._shard("cluster_begin", sh.slot, begin_keys, begin_args)
             except BaseException:  # it may have run: take its pending record back
-                self._spawn(self._undo(sh, uid, token, owner))
+                self._spawn(self._undo(sh, uid, token, owner, []))
                 raise
             status = reply[0]
             if status == 1:
@@ -822,96 +871,128 @@ class RedisClusterStore(CounterStore):
             return ReserveResult(False, False, None, [current[i] for i in p.slots], held, True)
         try:
             seen = [await f for f in peeks]
+            rseen = [_bucket_tokens(await f, rs[j].entry, base) for j, f in zip(rlooked, rpeeks, strict=True)]
         except BaseException:
-            self._rollback(sh, uid, token, owner, p, [])
+            self._rollback(sh, uid, token, owner, p, [], [], base)
             raise
-        if any(n >= (p.limits[i] or 0) for i, n in zip(looked, seen, strict=True)):
-            self._was_full(p.keys[next(i for i, n in zip(looked, seen, strict=True) if n >= (p.limits[i] or 0))].name,
-                           start)
+        full = [i for i, n in zip(looked, seen, strict=True) if n >= (p.limits[i] or 0)]
+        empty = [j for j, t in zip(rlooked, rseen, strict=True) if t < 1]
+        if full or empty:
+            for name in [p.keys[i].name for i in full[:1]] + [rs[j].name for j in empty[:1]]:
+                self._was_full(name, start)
             self.refused += 1
-            self._rollback(sh, uid, token, owner, p, [])
-            full = await self._look_all(p, base, looked, seen)
-            blocked = next(j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
-                           and full[p.slots[j]] >= e.limit)
-            return ReserveResult(False, False, blocked, [full[i] for i in p.slots], None)
-        # the profile keys (counting-only ones with the first limited one, then one by one), then
-        # the commit
+            self._rollback(sh, uid, token, owner, p, [], [], base)
+            return await self._refusal(plan, p, rs, base, dict(zip(looked, seen, strict=True)),
+                                       dict(zip(rlooked, rseen, strict=True)), None)
+        # the profile keys and the rate buckets: the counting-only keys and the shadow rates (they
+        # cannot refuse) with the first key with a limit or enforced rate in the global order
+        # (slot, then name), the others one by one in that order; then the commit
+        order: list[tuple[int, int]] = [(0, i) for i in p.limited]  # (0, key) or (1, rate)
+        if enforced:
+            order += [(1, j) for j in enforced]
+            order.sort(key=lambda s: (p.keys[s[1]].slot, p.keys[s[1]].name) if s[0] == 0
+                       else (rs[s[1]].slot, rs[s[1]].name))
         sizes: list[int] = [0] * len(p.keys)
+        tokens: list[float] = [0.0] * len(rs)
         stepped: list[int] = []  # keys whose step was sent (may have added the call)
-        refused: int | None = None
-        last_place = 0  # keys with a limit whose last place this call took
-        try:
-            first = p.counting + p.limited[:1]
-            pending = []
-            for i in first:
+        taken: list[int] = []  # rates whose take was sent (may hold a token)
+        told: dict[int, float] = {}  # rates whose take answered: their tokens before it
+        refused: tuple[int, int] | None = None
+        last_place = 0  # keys with a limit whose last place this call took, buckets whose last token
+
+        def send(step: tuple[int, int]) -> asyncio.Future[Any]:
+            kind, i = step
+            if kind == 0:
                 key = p.keys[i]
                 stepped.append(i)
-                pending.append((i, batch.step(key.name, key.slot, base, uid, lease, p.limits[i], force)))
-            for i, fut in pending:
-                added, sizes[i] = await fut
+                return batch.step(key.name, key.slot, base, uid, lease, p.limits[i], force)
+            b = rs[i]
+            taken.append(i)
+            return batch.rate(b.name, b.slot, "t", holds[i][2], base, b.entry.rate, b.entry.burst, b.entry.shadow)
+
+        def landed(step: tuple[int, int], got: Any) -> bool:
+            """Record a step's reply; False when it refused the call."""
+            nonlocal last_place
+            kind, i = step
+            if kind == 0:
+                added, sizes[i] = got
                 if not added:
-                    refused = i
                     stepped.remove(i)
-                elif p.limits[i] is not None and sizes[i] == p.limits[i]:
+                    return False
+                if p.limits[i] is not None and sizes[i] == p.limits[i]:
                     last_place += 1
+                return True
+            tokens[i] = told[i] = float(got[0])
+            if not got[1]:
+                taken.remove(i)
+                return rs[i].entry.shadow  # (a shadow rate without a token takes none, refuses nothing)
+            if tokens[i] < 2 and not rs[i].entry.shadow:
+                last_place += 1
+            return True
+
+        try:
+            first = [(0, i) for i in p.counting] + [(1, j) for j, b in enumerate(rs) if b.entry.shadow] + order[:1]
+            pending = [(s, send(s)) for s in first]
+            for s, fut in pending:
+                if not landed(s, await fut) and refused is None:
+                    refused = s
             if refused is None:
-                for i in p.limited[1:]:
-                    key = p.keys[i]
-                    stepped.append(i)
-                    added, sizes[i] = await batch.step(key.name, key.slot, base, uid, lease, p.limits[i], force)
-                    if not added:
-                        refused = i
-                        stepped.remove(i)
+                for s in order[1:]:
+                    if not landed(s, await send(s)):
+                        refused = s
                         break
-                    if sizes[i] == p.limits[i]:
-                        last_place += 1
         except BaseException:
-            self._rollback(sh, uid, token, owner, p, stepped)
+            self._rollback(sh, uid, token, owner, p, stepped, [holds[j] for j in taken], base)
             raise
         if refused is not None:
-            self._was_full(p.keys[refused].name, start)
+            kind, at = refused
+            self._was_full(p.keys[at].name if kind == 0 else rs[at].name, start)
             if last_place:  # it held the last place of an earlier key for a moment: see the docstring
                 self.cross_slot_conflicts += 1
             if may_retry and loop.time() - start < self.timeout / 2:
-                try:  # give the places back now, then try again
-                    await self._release_keys(uid, pack_items(["", *(p.keys[i].kid for i in stepped)]), deadline)
+                try:  # give the places and tokens back now, then try again
+                    await asyncio.gather(
+                        self._release_keys(uid, pack_items(["", *(p.keys[i].kid for i in stepped)]), deadline),
+                        self._refund([holds[j] for j in taken], base))
                     await self._finish(sh, [uid], owner, deadline)
                     return None
                 except StoreError:
-                    self._spawn(self._undo(sh, uid, token, owner))
+                    self._spawn(self._undo(sh, uid, token, owner, []))
             else:
-                self._rollback(sh, uid, token, owner, p, stepped)
+                self._rollback(sh, uid, token, owner, p, stepped, [holds[j] for j in taken], base)
             self.refused += 1
-            for i in stepped:
-                sizes[i] = max(0, sizes[i] - 1)
-            known = [*stepped, refused]
+            known = {i: sizes[i] for i in stepped}
+            for i in known:
+                known[i] = max(0, known[i] - 1)
+            if kind == 0:
+                known[at] = sizes[at]
             for i, n in zip(looked, seen, strict=True):
-                if i not in known:
-                    known.append(i)
-                    sizes[i] = n
-            sizes = await self._look_all(p, base, known, [sizes[i] for i in known])
-            first_full = next((j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
-                               and sizes[p.slots[j]] >= e.limit), None)
-            blocked = first_full if first_full is not None else next(  # (else the refusing key's own)
-                j for j, e in enumerate(plan) if p.slots[j] == refused and e.limit is not None and not e.shadow)
-            return ReserveResult(False, False, blocked, [sizes[i] for i in p.slots], None)
+                known.setdefault(i, n)
+            for j, t in zip(rlooked, rseen, strict=True):
+                told.setdefault(j, t)
+            return await self._refusal(plan, p, rs, base, known, told, at if kind == 0 else None)
         commit_keys, commit_args = self._commit_command(sh, call, uid, owner, p, base + timeout, epoch)
+        got_holds = [holds[j] for j in taken]
         try:
             reply = await self._shard("cluster_commit", sh.slot, commit_keys, commit_args)
         except BaseException:
-            self._spawn(self._undo(sh, uid, token, owner))
+            self._spawn(self._undo(sh, uid, token, owner, got_holds))
             raise
         status = reply[0]
         if status == -1:
-            self._rollback(sh, uid, token, owner, p, stepped)
+            self._rollback(sh, uid, token, owner, p, stepped, got_holds, base)
             self._epoch_check(sh, epoch, reply[1], "reserve")
             raise StoreError(REBUILDING)
-        if status != 1:
+        if status != 1:  # a sweep took the pending record over (and refunded what it had taken then)
+            self._background(self._refund(got_holds, base))
             raise StoreError("redis cluster: the reservation took longer than its lock; a sweep released it")
+        if got_holds:
+            self._settle(got_holds, base)
         rec = CallRecord(call.call_id, call.from_uri, call.to_uri, call.account, "early", now, None, timeout,
                          now + timeout, p.profiles, call.from_tag, call.node, token,
                          dict(call.vars) if call.vars else {})
-        return ReserveResult(True, False, None, [sizes[i] for i in p.slots], rec)
+        return ReserveResult(True, False, None, [sizes[i] for i in p.slots], rec, tokens=tokens)
+
 
     def _commit_command(self, sh: Shard, call: CallInfo, uid: str, owner: str, p: _Plan, expires: float,
                         epoch: str) -> tuple[list[str], list[Any]]:
@@ -955,12 +1036,104 @@ class RedisClusterStore(CounterStore):
             pass  # (sizes in a reply are information: a key that cannot be read shows 0)
         return [have.get(i, 0) for i in range(len(p.keys))]
 
-    def _rollback(self, sh: Shard, uid: str, token: str, owner: str, p: _Plan, stepped: Sequence[int]) -> None:
+    async def _refusal(self, plan: Sequence[PlanEntry], p: _Plan, rs: Sequence[_Bucket], base: float,
+                       sizes: dict[int, int], tokens: dict[int, float], refused_key: int | None) -> ReserveResult:
+        """The answer to a refused reserve: every key's size and every rate's tokens (those not
+        known from its looks and steps read now), the first full enforced limit in plan order and
+        the first enforced rate without a whole token."""
+        known = list(sizes)
+        got = await asyncio.gather(self._look_all(p, base, known, [sizes[i] for i in known]),
+                                   self._look_rates(rs, base, tokens))
+        full, left = got[0], got[1]
+        blocked = next((j for j, e in enumerate(plan) if e.limit is not None and not e.shadow
+                        and full[p.slots[j]] >= e.limit), None)
+        if blocked is None and refused_key is not None:  # (else the refusing key's own)
+            blocked = next(j for j, e in enumerate(plan) if p.slots[j] == refused_key and e.limit is not None
+                           and not e.shadow)
+        rate_blocked = next((j for j, b in enumerate(rs) if not b.entry.shadow and left[j] < 1), None)
+        return ReserveResult(False, False, blocked, [full[i] for i in p.slots], None,
+                             rate_blocked=rate_blocked, tokens=left if rs else ())
+
+    async def _look_rates(self, rs: Sequence[_Bucket], base: float, known: dict[int, float]) -> list[float]:
+        """Every rate's tokens at `base` (the ones in `known` as given)."""
+        futs = {j: self._batch.rate_look(b.name, b.slot) for j, b in enumerate(rs) if j not in known}
+        have = dict(known)
+        for j, fut in futs.items():
+            try:
+                have[j] = _bucket_tokens(await fut, rs[j].entry, base)
+            except StoreError:  # (information: a bucket that cannot be read shows its burst, no refusal)
+                have[j] = float(rs[j].entry.burst)
+        return [have[j] for j in range(len(rs))]
+
+    def _buckets(self, rates: Sequence[RateEntry]) -> list[_Bucket]:
+        out = []
+        for entry in rates:
+            name, slot, rid = self._bucket(entry.rule, entry.value)
+            out.append(_Bucket(name, slot, rid, entry))
+        return out
+
+    def _bucket(self, rule: str, value: str | None) -> tuple[str, int, str]:
+        k = (rule, value)
+        got = self._bucket_names.get(k)
+        if got is None:
+            if len(self._bucket_names) >= 50_000:
+                self._bucket_names.clear()
+            rid = rate_id(rule, value)
+            name, slot = self.layout.rate(rid)
+            got = self._bucket_names[k] = (name, slot, rid)
+        return got
+
+    def _holds_of(self, r: str) -> list[tuple[str, int, str]]:
+        """(bucket name, slot, hold id) of each bucket a pending record's `r` lists."""
+        if not r:
+            return []
+        owner, *rids = unpack_items(r)
+        return [(*self.layout.rate(rid), f"{owner}/{j}") for j, rid in enumerate(rids)]
+
+    async def _refund(self, holds: Sequence[tuple[str, int, str]], base: float) -> None:
+        """Give back the tokens these holds took (a reserve whose call was not admitted); a hold
+        that is gone (settled, expired, refunded already) gives nothing."""
+        futs = [self._refund_op(name, slot, hold, base) for name, slot, hold in holds]
+        failed: StoreError | None = None
+        for fut in futs:
+            try:
+                await fut
+            except StoreError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def _refund_op(self, name: str, slot: int, hold: str, base: float) -> asyncio.Future[Any]:
+        fut = self._batch.rate(name, slot, "r", hold, base)
+        fut.add_done_callback(self._refunded)
+        return fut
+
+    def _refunded(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result()[1] == 1:
+            self.refunded += 1
+
+    def _settle(self, holds: Sequence[tuple[str, int, str]], base: float) -> None:
+        """The call was admitted: its holds end and their tokens stay taken (sent with the tick's
+        other operations on each bucket; one that is lost expires after HOLD_LEASE, the same)."""
+        for name, slot, hold in holds:
+            self._batch.rate(name, slot, "s", hold, base).add_done_callback(_consume)
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(StoreError):
+                await coro
+
+        self._spawn(run())
+
+    def _rollback(self, sh: Shard, uid: str, token: str, owner: str, p: _Plan, stepped: Sequence[int],
+                  holds: Sequence[tuple[str, int, str]], base: float) -> None:
         """Take back the steps of a reserve that holds its pending record (refused, or failed
-        before its commit was sent): the removals are queued now (so an operation queued after
-        this one on the same primary sees them), the pending record goes once they are done."""
+        before its commit was sent): the removals and refunds are queued now (so an operation
+        queued after this one on the same primary sees them), the pending record goes once they
+        are done."""
         self.rollbacks += 1
         removals = [self._batch.remove(p.keys[i].name, p.keys[i].slot, uid) for i in stepped]
+        removals += [self._refund_op(name, slot, hold, base) for name, slot, hold in holds]
         self._batch.flush()
         self._spawn(self._finish_rollback(sh, uid, token, owner, removals))
 
@@ -971,12 +1144,16 @@ class RedisClusterStore(CounterStore):
                 await fut
             await self._finish(sh, [uid], owner, None)
         except StoreError:
-            await self._undo(sh, uid, token, owner)
+            await self._undo(sh, uid, token, owner, [])
 
-    async def _undo(self, sh: Shard, uid: str, token: str, reserve_owner: str) -> None:
+    async def _undo(self, sh: Shard, uid: str, token: str, reserve_owner: str,
+                    holds: Sequence[tuple[str, int, str]]) -> None:
         """Take back what one reserve did when its outcome is unknown (its commit failed or came
         too late, or its rollback failed): pending or committed, by its token, never an admission
-        a later check took over. Retried for RETRY_FOR seconds, then left to the sweeps."""
+        a later check took over. A pending record's tokens are refunded (the call never became
+        held); a committed one's `holds` are settled (its tokens stay taken, as the single store's
+        undo: the proxy may have been told anything). Retried for RETRY_FOR seconds, then left to
+        the sweeps."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + RETRY_FOR
         delay = 0.02
@@ -996,9 +1173,13 @@ class RedisClusterStore(CounterStore):
                     log.info("redis_unanswered_takeover_undone", call=uid)
                 elif status == 1:
                     rec = _hash(reply[1:])
-                    await self._release_keys(uid, rec.get("k", ""), None)
+                    held = rec.get("s") in _HELD
+                    if held:
+                        self._settle(holds, base)
+                    await asyncio.gather(self._release_keys(uid, rec.get("k", ""), None),
+                                         self._refund(self._holds_of(rec.get("r", "")), base))
                     await self._finish(sh, [uid], owner, None)
-                    if rec.get("s") in _HELD:
+                    if held:
                         self.undone += 1
                         log.warning("redis_unanswered_reserve_released", call=uid)
                 return
@@ -1388,12 +1569,13 @@ class RedisClusterStore(CounterStore):
                 self._epoch_check(sh, epoch, reply[1], "sweep")
                 return [], False
             n = int(reply[1])
-            locked = reply[2:2 + 2 * n]
-            raw += reply[2 + 2 * n:]
+            locked = reply[2:2 + 3 * n]
+            raw += reply[2 + 3 * n:]
             if n:
-                await asyncio.gather(*(self._release_keys(uid, k, deadline)
-                                       for uid, k in zip(locked[0::2], locked[1::2], strict=True)))
-                await self._finish(sh, locked[0::2], owner, deadline)
+                uids_k_r = list(zip(locked[0::3], locked[1::3], locked[2::3], strict=True))
+                await asyncio.gather(*(self._release_keys(uid, k, deadline) for uid, k, _ in uids_k_r),
+                                     self._refund([h for _, _, r in uids_k_r for h in self._holds_of(r)], base))
+                await self._finish(sh, locked[0::3], owner, deadline)
         out = []
         for r in raw:
             try:

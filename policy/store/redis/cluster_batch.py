@@ -10,6 +10,8 @@ these operations to a `KeyBatcher`, which sends, at the end of the tick, per key
   (the script checks and adds them one after the other, atomically);
 - **one ZREM** of every call that tick removes from it;
 - **one ZCOUNT** (the reserve's look at a key's size) shared by every look of that tick;
+- per call-rate bucket, **one rate script** (`cluster_rate.lua`) for every take, settle and
+  refund of the tick, in order, and **one HMGET** shared by the tick's looks at its tokens;
 - and per shard one script for each of the tick's begins, commits, releases (`cluster.MULTI`:
   each call's reply is one element of its reply) and finishes.
 
@@ -41,10 +43,16 @@ class _Batch:
 class KeyBatcher:
     """Steps, removals and looks of one tick, coalesced per key (see the module docstring)."""
 
-    def __init__(self, cmap: ClusterMap, step_sha: Callable[[], str], finish_sha: Callable[[], str]) -> None:
+    def __init__(self, cmap: ClusterMap, step_sha: Callable[[], str], finish_sha: Callable[[], str],
+                 rate_sha: Callable[[], str], hold_lease: float, rate_slack_ms: int) -> None:
         self.cmap = cmap
         self._step_sha = step_sha
         self._finish_sha = finish_sha
+        self._rate_sha = rate_sha
+        self._hold_lease = repr(float(hold_lease))
+        self._slack = str(int(rate_slack_ms))
+        self._rates: dict[str, tuple[_Batch, list[float]]] = {}
+        self._rate_looks: dict[str, _Batch] = {}
         self._steps: dict[str, tuple[_Batch, list[float]]] = {}
         self._finishes: dict[str, tuple[_Batch, list[str]]] = {}  # locks key -> (records)
         self._shards: dict[tuple[str, int], tuple[_Batch, list[str]]] = {}  # (sha, slot) -> (keys)
@@ -99,6 +107,30 @@ class KeyBatcher:
         batch.futs.append(fut)
         return fut
 
+    def rate(self, name: str, slot: int, op: str, hold: str, now: float, rate: float = 0.0, burst: int = 0,
+             shadow: bool = False) -> asyncio.Future[Any]:
+        """One operation on a call-rate bucket (cluster_rate.lua): 't' take, 's' settle, 'r' refund
+        of the hold `hold`. A future of (tokens before as text, 1 or 0) for a take, ('', 1 or 0)
+        for the others."""
+        fut = self._fut()
+        got = self._rates.get(name)
+        if got is None:
+            got = self._rates[name] = (_Batch(slot), [now])
+        batch, nows = got
+        nows[0] = min(nows[0], now)
+        batch.args += (op, hold, repr(float(now)), repr(float(rate)), burst, "s" if shadow else "")
+        batch.futs.append(fut)
+        return fut
+
+    def rate_look(self, name: str, slot: int) -> asyncio.Future[Any]:
+        """A bucket's tokens `t` and their time `ts` (None, None when it is missing: full)."""
+        fut = self._fut()
+        batch = self._rate_looks.get(name)
+        if batch is None:
+            batch = self._rate_looks[name] = _Batch(slot)
+        batch.futs.append(fut)
+        return fut
+
     def finish(self, slot: int, locks: str, record: str, uid: str, owner: str) -> asyncio.Future[Any]:
         """cluster_finish of one call of a shard (`locks` names the shard): a future of None."""
         fut = self._fut()
@@ -134,12 +166,21 @@ class KeyBatcher:
         looks, self._looks = self._looks, {}
         finishes, self._finishes = self._finishes, {}
         shards, self._shards = self._shards, {}
+        rates, self._rates = self._rates, {}
+        rate_looks, self._rate_looks = self._rate_looks, {}
         for (script, _), (batch, all_keys) in shards.items():
             self._send(batch, _packed("EVALSHA", script, len(all_keys), *all_keys, *batch.args), _each)
         sha = self._step_sha()
         for name, (batch, nows) in steps.items():
             data = _packed("EVALSHA", sha, 1, name, repr(nows[0]), *batch.args)
             self._send(batch, data, _pairs)
+        if rates:
+            sha = self._rate_sha()
+            for name, (batch, nows) in rates.items():
+                data = _packed("EVALSHA", sha, 1, name, repr(nows[0]), self._hold_lease, self._slack, *batch.args)
+                self._send(batch, data, _rate_pairs)
+        for name, batch in rate_looks.items():
+            self._send(batch, _packed("HMGET", name, "t", "ts"), _shared)
         for name, batch in removes.items():
             self._send(batch, _packed("ZREM", name, *batch.args), _each_none)
         for name, (batch, nows) in looks.items():
@@ -225,6 +266,16 @@ def _pairs(reply: Any, n: int) -> list[Any]:
     if not isinstance(reply, list) or len(reply) != 2 * n:
         raise ValueError("step reply")
     return [(int(reply[2 * i]), int(reply[2 * i + 1])) for i in range(n)]
+
+
+def _rate_pairs(reply: Any, n: int) -> list[Any]:
+    if not isinstance(reply, list) or len(reply) != 2 * n:
+        raise ValueError("rate reply")
+    return [(reply[2 * i], int(reply[2 * i + 1])) for i in range(n)]
+
+
+def _shared(reply: Any, n: int) -> list[Any]:
+    return [reply] * n
 
 
 def _each(reply: Any, n: int) -> list[Any]:

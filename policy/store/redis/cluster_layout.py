@@ -8,6 +8,10 @@ Redis hashes the whole name (a value holding ``{...}`` brings its own tag; that 
 slot). A key's size is the number of members whose lease has not ended (`ZCOUNT (now +inf`);
 every script that adds to it first drops the ended ones, so a size never needs a sweep.
 
+**Call-rate buckets, each in its own slot.** ``P:r:<rid>`` (rid: the rule's name escaped like a
+profile's, then ``=value`` when the rate has one, as `keys.py`) is a hash: the bucket's tokens
+and their time, and the holds of reserves in flight (`cluster_rate.lua`). No hash tag either.
+
 **Shards: a call's record and every index of it, in one slot.** A call belongs to shard
 ``crc32(uid) % SHARDS``; each shard has a hash tag ``{P:s<i>.<n>}`` chosen so that its slot
 lies in the i-th of SHARDS equal slot ranges (a cluster created with even ranges puts the same
@@ -19,7 +23,8 @@ key                type   holds
 ``T:c:<uid>``      hash   the call's record (fields as `codec.py`, plus ``l`` lock expiry and
                           ``lo`` lock owner while a multi-step operation holds the call; ``s``
                           is also ``pending`` (being reserved), ``ending`` (being released)
-                          or ``repair`` (a placeholder lock of the repair))
+                          or ``repair`` (a placeholder lock of the repair); until the commit,
+                          ``r``: the hold id and the rate buckets the reserve may take from)
 ``T:exp``          zset   the shard's held calls by lease expiry (sweeps, "sweep first")
 ``T:l``            zset   the shard's locked records by lock expiry (sweeps take over ended locks)
 ``T:n``            hash   counters: ``active`` ``processed`` ``expired`` ``failed`` ``epoch``,
@@ -31,7 +36,8 @@ key                type   holds
 =================  =====  ======================================================================
 
 So every script touches the keys of one slot and declares them all in KEYS: a shard script the
-record(s) and the shard's fixed keys, a step script its one profile key.
+record(s) and the shard's fixed keys, a step script its one profile key, a rate script its one
+bucket.
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ class ClusterLayout:
         self.shards = [Shard(i, _shard_tag(prefix, i)) for i in range(SHARDS)]
         self._keys: dict[tuple[str, str | None], tuple[str, int, str]] = {}
         self._kids: dict[str, tuple[str, int]] = {}
+        self._rates: dict[str, tuple[str, int]] = {}
 
     def shard(self, uid: str) -> Shard:
         """The shard of a call."""
@@ -132,6 +139,16 @@ class ClusterLayout:
                 self._kids.clear()
             name = f"{self.prefix}:k:{k}"
             got = self._kids[k] = (name, key_slot(name))
+        return got
+
+    def rate(self, rid: str) -> tuple[str, int]:
+        """(key name, slot) of the call-rate bucket `rid` (`keys.kid(rule, value)`; cached)."""
+        got = self._rates.get(rid)
+        if got is None:
+            if len(self._rates) >= CACHE_SIZE:
+                self._rates.clear()
+            name = f"{self.prefix}:r:{rid}"
+            got = self._rates[rid] = (name, key_slot(name))
         return got
 
     @property

@@ -9,6 +9,9 @@
 -- identity prefix (the start of `d`)   ARGV[6] the record's `k` (node and kids, length-prefixed)
 -- ARGV[7] lease expiry   ARGV[8] lease length   ARGV[9] lock expiry   ARGV[10] lock owner
 -- ARGV[11] the epoch the client trusts ('' = do not check: a forced reserve while rebuilding)
+-- ARGV[12] the call-rate buckets the reserve may take a token of: '' or the hold id (its lock
+-- owner) then the rids, length-prefixed (kept as `r` until the commit: a sweep that takes the
+-- pending record over refunds them, cluster_rate.lua)
 -- Returns {1} pending record written (go on with the profile keys); {2, record...} duplicate:
 -- held, the admission now carries this token; {3, record...} conflict: held with another
 -- account/From/To, nothing changed; {4} another operation holds this call now (try again
@@ -49,5 +52,8 @@ if held[1] or held[5] then
 end
 redis.call('HSET', KEYS[1], 'd', ARGV[4], 's', 'pending', 'to', ARGV[8], 'e', ARGV[7], 'n', ARGV[3],
            'k', ARGV[6], 'l', ARGV[9], 'lo', ARGV[10])
+if ARGV[12] ~= '' then
+  redis.call('HSET', KEYS[1], 'r', ARGV[12])
+end
 redis.call('ZADD', KEYS[2], ARGV[9], ARGV[2])
 return {1}

@@ -1,6 +1,6 @@
 -- cluster_commit: the last step of a reserve, in the call's shard, once every profile key took
 -- the call: the pending record becomes a held (early) call, counted in the shard's counters and
--- indexes, and its lock goes.
+-- indexes, and its lock goes (and its list of rate buckets: a held call's tokens stay taken).
 --
 -- KEYS[1] the call's record T..':c:'..uid   KEYS[2] the expiry index T..':exp'   KEYS[3] the
 -- locks T..':l'   KEYS[4] the counters T..':n'   KEYS[5] the node index T..':o'
@@ -48,7 +48,7 @@ for j = 0, nvar - 1 do
   rec[#rec + 1] = ARGV[VA + 2 * j + 1]
 end
 redis.call('HSET', KEYS[1], unpack(rec))
-redis.call('HDEL', KEYS[1], 'l', 'lo')
+redis.call('HDEL', KEYS[1], 'l', 'lo', 'r')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[5], 0, ARGV[5])

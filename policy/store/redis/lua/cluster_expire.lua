@@ -12,8 +12,9 @@
 -- ARGV[1] now   ARGV[2] lock expiry   ARGV[3] lock owner (this sweep)   ARGV[4] the epoch the
 -- client trusts ('' = do not check)   ARGV[5] the reports list's bound (the oldest beyond are
 -- discarded)   ARGV[6] at most this many reports handed out (0: none)   ARGV[7 ..] uids
--- Returns {0, n, uid_1, k_1, ..., uid_n, k_n, report_1, ...}: the n calls this sweep now locks
--- (remove each from the keys its `k` lists, then cluster_finish), then the reports (a record's
+-- Returns {0, n, uid_1, k_1, r_1, ..., uid_n, k_n, r_n, report_1, ...}: the n calls this sweep
+-- now locks (remove each from the keys its `k` lists, refund the holds its `r` lists - a reserve
+-- that never committed: '' for the others -, then cluster_finish), then the reports (a record's
 -- HGETALL fields, length-prefixed); {-1, epoch now or ''} when the epoch is not ARGV[4].
 if ARGV[4] ~= '' then
   local e = redis.call('HGET', KEYS[3], 'epoch')
@@ -42,6 +43,7 @@ for i = 7, #KEYS do
           redis.call('ZADD', KEYS[2], ARGV[2], uid)
           locked[#locked + 1] = uid
           locked[#locked + 1] = rec.k or ''
+          locked[#locked + 1] = rec.r or ''
         end
       end
     elseif is_held(rec) and tonumber(rec.e) <= now then
@@ -51,6 +53,7 @@ for i = 7, #KEYS do
       redis.call('ZADD', KEYS[2], ARGV[2], uid)
       locked[#locked + 1] = uid
       locked[#locked + 1] = rec.k or ''
+      locked[#locked + 1] = ''
     elseif not is_held(rec) then
       redis.call('ZREM', KEYS[1], uid)  -- (cannot happen: only held calls are in the expiry index)
     end
@@ -59,7 +62,7 @@ end
 if len and len > tonumber(ARGV[5]) then
   redis.call('LTRIM', KEYS[6], -tonumber(ARGV[5]), -1)
 end
-local out = {0, #locked / 2}
+local out = {0, #locked / 3}
 for _, v in ipairs(locked) do
   out[#out + 1] = v
 end
