@@ -651,7 +651,7 @@ async def test_incomplete_message_times_out(tmp_path: Path) -> None:
 
 
 class NoRatesStore(EmbeddedStore):
-    """A store without call-rate buckets (as the Redis Cluster store is today)."""
+    """A store without call-rate buckets (every store here has them: this one stands for a future one)."""
 
     supports_rates = False
 
