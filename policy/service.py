@@ -14,6 +14,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import operator
 import os
 import time
 from collections import Counter
@@ -40,8 +41,9 @@ from policy.terminate import Terminator
 
 log = structlog.get_logger("policy.service")
 
-#: (rule field name, attribute of the protocol's CallFields struct): `from` is a keyword
-_FIELD_ATTRS = tuple((name, "from_" if name == "from" else name) for name in REQUEST_FIELDS)
+#: The protocol's CallFields attributes of the rule fields `REQUEST_FIELDS`, in that order
+#: (`from` is a keyword: the attribute is `from_`), read in one call.
+_field_values = operator.attrgetter(*("from_" if name == "from" else name for name in REQUEST_FIELDS))
 Handler = Callable[[Any, Peer], Awaitable[dict[str, Any]]]
 #: Ends the proxy reports (BYE, CANCEL, a failure); any other reason is a release we decided.
 PROXY_END_REASONS = frozenset({"bye", "cancel", "failed"})
@@ -53,7 +55,9 @@ TOP_CACHE_SECONDS = 0.9
 PREVIEW_LOG_ITEMS = 20
 
 
-_NO_FIELDS: dict[str, Any] = {}
+#: Request fields the `decision` line carries (when the check had them).
+_LOG_FIELDS = ("from_user", "to_user", "src_ip")
+_perf_counter = time.perf_counter
 
 
 def _debug_enabled() -> bool:
@@ -204,9 +208,9 @@ class PolicyService:
         """The rule-visible fields of a call (`policy.rules.request_fields`), lengths bounded;
         `node` is where it came from (the peer's node, else its token's name)."""
         self._bounded("from_tag", req.from_tag)
-        given = {name: getattr(req, attr) for name, attr in _FIELD_ATTRS}
         node = (peer.node or peer.name) if peer is not None and peer is not LOCAL else ""
-        return request_fields(req.call_id, given, req.attrs, self.limits.max_field, node)
+        return request_fields(req.call_id, zip(REQUEST_FIELDS, _field_values(req), strict=True), req.attrs,
+                              self.limits.max_field, node)
 
     def _vars(self, given: dict[str, str] | None) -> dict[str, str] | None:
         if not given:
@@ -229,12 +233,13 @@ class PolicyService:
 
     async def op_check(self, req: P.Check, peer: Peer) -> dict[str, Any]:
         """May this call start? Reserve its slots, or say which limit has no room."""
-        t0 = time.perf_counter()
+        t0 = _perf_counter()
         fields = self.call_fields(req, peer)
         ruleset = self.ruleset
         now = self.clock.now()
-        call = CallInfo(req.call_id, fields.get("from", ""), fields.get("to", ""), fields.get("account", ""),
-                        req.from_tag, peer.node, self._vars(req.vars))
+        get = fields.get
+        call = CallInfo(req.call_id, get("from", ""), get("to", ""), get("account", ""),
+                        req.from_tag, peer.node, self._vars(req.vars) if req.vars else None)
         if req.dry_run:
             return await self._dry_run(call, fields, ruleset, now)
         ev = ruleset.evaluate(fields, now=now)
@@ -257,31 +262,42 @@ class PolicyService:
         if res.admitted:
             body["token"] = token
         self.totals[outcome] += 1
+        decisions = self.decisions
         for t in tallies:
-            self.decisions[t] += 1
+            decisions[t] += 1
+        elapsed = _perf_counter() - t0
+        self.check_latency.observe(elapsed)
+        # the `decision` line: only the fields with a value (docs/operations.md)
+        line: dict[str, Any] = {"call_id": call.call_id}
+        if call.from_tag:
+            line["from_tag"] = call.from_tag
+        if call.account:
+            line["account"] = call.account
+        for name in _LOG_FIELDS:
+            value = get(name)
+            if value is not None:
+                line[name] = value
+        if peer.node:
+            line["node"] = peer.node
+        line["decision"] = outcome
+        if res.blocked is not None or res.rate_blocked is not None:
+            line["code"] = body["code"]
+            line["rule"] = body["rule"]
+            limit = decision.limiting(res, plan)
+            if limit is not None:
+                line["limit"] = limit
+            rate = decision.rate_limiting(res, rates) if rates else None
+            if rate is not None:
+                line["rate"] = rate
+        if res.duplicate:
+            line["duplicate"] = True
         shadow = body["shadow"]
         if shadow:
-            log.info("shadow_would_deny", call_id=call.call_id, from_tag=call.from_tag,
-                     rules=[s["rule"] for s in shadow])
-        elapsed = time.perf_counter() - t0
-        self.check_latency.observe(elapsed)
-        self.log_decision(
-            call_id=call.call_id,
-            from_tag=call.from_tag or None,
-            account=call.account or None,
-            from_user=fields.get("from_user"),
-            to_user=fields.get("to_user"),
-            src_ip=fields.get("src_ip"),
-            node=peer.node or None,
-            decision=outcome,
-            code=body.get("code"),
-            rule=body.get("rule"),
-            limit=decision.limiting(res, plan),
-            duplicate=res.duplicate or None,
-            shadow=[s["rule"] for s in shadow] or None,
-            latency_ms=round(elapsed * 1000, 3),
-            **({"rate": decision.rate_limiting(res, rates)} if rates else _NO_FIELDS),
-        )
+            rules = [s["rule"] for s in shadow]
+            log.info("shadow_would_deny", call_id=call.call_id, from_tag=call.from_tag, rules=rules)
+            line["shadow"] = rules
+        line["latency_ms"] = int(elapsed * 1_000_000.0 + 0.5) / 1000.0
+        self.log_decision(line)
         if self.explain_decisions:
             self._explain(call, fields, ruleset, now, body)
         return body
@@ -412,7 +428,12 @@ class PolicyService:
         Every end is a `call_end` line at debug; a release the proxy did not ask for (expiry,
         an operator, reconciliation) is also a `call_released` line at info with the reason.
         """
-        self.log_end(call_id=rec.call_id, from_tag=rec.from_tag or None, reason=reason, state=rec.state)
+        log_end = self.log_end
+        if log_end is not logs.nop:
+            line = {"call_id": rec.call_id, "from_tag": rec.from_tag, "reason": reason, "state": rec.state}
+            if not rec.from_tag:
+                del line["from_tag"]
+            log_end(line)
         if reason not in PROXY_END_REASONS:
             log.info("call_released", call_id=rec.call_id, from_tag=rec.from_tag or None,
                      account=rec.account or None, node=rec.node or None, state=rec.state, reason=reason,

@@ -510,13 +510,24 @@ class EmbeddedStore(CounterStore):
         return False
 
     def _remove(self, rec: CallRecord) -> None:
+        # on every end: the index updates are inlined (no call per key)
         uid = rec.uid
         del self._calls[uid]
+        keys = self._keys
+        profiles = self._profiles
         for key in rec.profiles:
-            if self._unindex(self._keys, key, uid) and key[1] is not None:
-                self._unindex(self._values, key[0], key[1])
-        for profile in {p for p, _ in rec.profiles}:
-            self._unindex(self._profiles, profile, uid)
+            members = keys.get(key)
+            if members is not None:
+                members.pop(uid, None)
+                if not members:
+                    del keys[key]
+                    if key[1] is not None:
+                        self._unindex(self._values, key[0], key[1])
+            members = profiles.get(key[0])
+            if members is not None:  # None: a profile listed twice, emptied at its first key
+                members.pop(uid, None)
+                if not members:
+                    del profiles[key[0]]
         self._unindex(self._nodes, rec.node, uid)
         if rec.state == "active":
             self._active -= 1
@@ -530,23 +541,39 @@ class EmbeddedStore(CounterStore):
         rec.expires = now + timeout
         heapq.heappush(self._heap, (rec.expires, rec.uid))
 
-    def _add(self, rec: CallRecord) -> None:
+    def _add(self, rec: CallRecord, found: Sequence[dict[str, int] | None] = ()) -> None:
+        """Index a new record. `found`: what `self._keys` held for each of its keys (None: no
+        member yet), when the caller just looked them up."""
         uid = rec.uid
         self._calls[uid] = rec
         self._seq += 1
         seq = self._seq
         keys = self._keys
-        for key in rec.profiles:
-            members = keys.get(key)
+        profiles = self._profiles
+        for i, key in enumerate(rec.profiles):
+            members = found[i] if found else keys.get(key)
+            if members is None:
+                members = keys.get(key)  # a key listed twice was just created
             if members is None:
                 keys[key] = {uid: seq}
                 if key[1] is not None:
-                    self._values.setdefault(key[0], {})[key[1]] = seq
+                    values = self._values.get(key[0])
+                    if values is None:
+                        self._values[key[0]] = {key[1]: seq}
+                    else:
+                        values[key[1]] = seq
             else:
                 members[uid] = seq
-        for profile in {p for p, _ in rec.profiles}:
-            self._profiles.setdefault(profile, {})[uid] = seq
-        self._nodes.setdefault(rec.node, {})[uid] = seq
+            members = profiles.get(key[0])
+            if members is None:
+                profiles[key[0]] = {uid: seq}
+            else:
+                members[uid] = seq  # a profile listed twice keeps its first place
+        members = self._nodes.get(rec.node)
+        if members is None:
+            self._nodes[rec.node] = {uid: seq}
+        else:
+            members[uid] = seq
         if rec.state == "active":
             self._active += 1
         heapq.heappush(self._heap, (rec.expires, uid))
@@ -633,6 +660,7 @@ class EmbeddedStore(CounterStore):
         index = self._keys
         sizes: list[int] = []
         joined: list[ProfileKey] = []
+        found: list[dict[str, int] | None] = []
         blocked = None
         for i, (profile, value, limit, shadow, _rule) in enumerate(plan):
             key = (profile, value)
@@ -640,6 +668,7 @@ class EmbeddedStore(CounterStore):
             n = len(members) if members else 0
             sizes.append(n)
             joined.append(key)
+            found.append(members)
             if limit is not None and n >= limit and not shadow and blocked is None and not force:
                 blocked = i
         tokens: list[float] = []
@@ -654,17 +683,21 @@ class EmbeddedStore(CounterStore):
         rec = CallRecord(call.call_id, call.from_uri, call.to_uri, call.account, "early", now, None,
                          timeout, now + timeout, keys, call.from_tag, call.node, token,
                          dict(call.vars) if call.vars else {})
-        self._add(rec)
         self._processed += 1
+        if len(keys) != len(plan):  # a key listed twice: count the call once
+            self._add(rec)
+            if self._journal is not None:
+                self._journal.reserve(rec)
+            return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec, False, None, tokens)
+        self._add(rec, found)
         if self._journal is not None:
             self._journal.reserve(rec)
-        if len(keys) != len(plan):  # a key listed twice: count the call once
-            return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec, False, None, tokens)
         return ReserveResult(True, False, None, [n + 1 for n in sizes], rec, False, None, tokens)
 
     async def answer(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
         """Mark a held call answered and give it the answered-call lease."""
-        self._purge(now)
+        if self._heap and self._heap[0][0] <= now:
+            self._purge(now)
         rec = self._calls.get(uid)
         if rec is None or not self._token_ok(rec, token):
             return rec
@@ -679,7 +712,8 @@ class EmbeddedStore(CounterStore):
 
     async def refresh(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
         """Extend a held call's lease."""
-        self._purge(now)
+        if self._heap and self._heap[0][0] <= now:
+            self._purge(now)
         rec = self._calls.get(uid)
         if rec is None or not self._token_ok(rec, token):
             return rec
@@ -690,7 +724,8 @@ class EmbeddedStore(CounterStore):
 
     async def end(self, uid: str, now: float, reason: str, token: str | None = None) -> CallRecord | None:
         """Release a held call."""
-        self._purge(now)
+        if self._heap and self._heap[0][0] <= now:
+            self._purge(now)
         rec = self._calls.get(uid)
         if rec is None or not self._token_ok(rec, token):
             return rec
