@@ -96,7 +96,9 @@ class EmbeddedStore(CounterStore):
         self._calls: dict[str, CallRecord] = {}  # uid -> record
         # indexes, each member -> the sequence number it was indexed under (see _page):
         self._keys: dict[ProfileKey, dict[str, int]] = {}  # (profile, value) -> calls
-        self._profiles: dict[str, dict[str, int]] = {}  # profile -> calls in any of its keys
+        # profile -> calls in any of its keys, for a profile with valued keys; a profile used
+        # without value has only its (profile, None) key, which is then the whole profile
+        self._profiles: dict[str, dict[str, int]] = {}
         self._values: dict[str, dict[str, int]] = {}  # profile -> its non-empty values
         self._nodes: dict[str, dict[str, int]] = {}  # node -> calls it admitted
         self._seq = 0
@@ -593,6 +595,11 @@ class EmbeddedStore(CounterStore):
         if rec.state == "active":
             self._active -= 1
 
+    def _whole(self, profile: str) -> dict[str, int] | None:
+        """Every call in any key of the profile (its index, or its only key's when it has no value)."""
+        members = self._profiles.get(profile)
+        return members if members is not None else self._keys.get((profile, None))
+
     def _size(self, key: ProfileKey) -> int:
         members = self._keys.get(key)
         return 0 if members is None else len(members)
@@ -628,10 +635,12 @@ class EmbeddedStore(CounterStore):
             else:
                 members[uid] = seq
             members = profiles.get(key[0])
-            if members is None:
-                profiles[key[0]] = {uid: seq}
-            else:
+            if members is not None:
                 members[uid] = seq  # a profile listed twice keeps its first place
+            elif key[1] is not None:  # the profile's first valued key: its whole-profile index
+                whole = keys.get((key[0], None))  # calls in its no-value key (a rules change) come first
+                members = profiles[key[0]] = dict(whole) if whole else {}
+                members[uid] = seq
         members = self._nodes.get(rec.node)
         if members is None:
             self._nodes[rec.node] = {uid: seq}
@@ -854,7 +863,7 @@ class EmbeddedStore(CounterStore):
             self._purge(now)
         if value is not None:
             return self._size((profile, value))
-        members = self._profiles.get(profile)
+        members = self._whole(profile)
         return 0 if members is None else len(members)
 
     async def profile_list(self, profile: str, value: str | None, now: float,
@@ -862,7 +871,7 @@ class EmbeddedStore(CounterStore):
         """A page of the calls in the key (or the whole profile), oldest first."""
         if now >= self._next_due:
             self._purge(now)
-        members = self._keys.get((profile, value)) if value is not None else self._profiles.get(profile)
+        members = self._keys.get((profile, value)) if value is not None else self._whole(profile)
         uids, nxt = self._page(members, cursor, limit)
         return Page([self._calls[u] for u in uids], nxt)
 

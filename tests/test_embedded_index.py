@@ -1,6 +1,7 @@
-"""The embedded store's lease index (a timing wheel): expiry stays exact, an end leaves nothing
-behind, and no operation walks the held calls (a sweep with 100k held calls costs no more than
-one with none)."""
+"""The embedded store's indexes: the lease wheel (expiry stays exact, an end leaves nothing
+behind, no sweep walks the held calls) and the whole-profile index (a profile used without
+value is its one key; one used both ways, after a rules change, still lists and counts every
+call once, oldest first)."""
 
 from __future__ import annotations
 
@@ -120,3 +121,44 @@ async def test_sweep_never_walks_the_held_calls(held: int) -> None:
     assert len(store._calls) == held
     print(f"held {held}: worst sweep {worst_sweep * 1000:.2f} ms, worst check+end {worst_pair * 1000:.2f} ms CPU")
     assert worst_sweep < 0.005, worst_sweep
+
+
+_plans = st.sampled_from([
+    [PlanEntry("p", None)], [PlanEntry("p", "a")], [PlanEntry("p", "b")],
+    [PlanEntry("p", None), PlanEntry("p", "a")], [PlanEntry("p", "a"), PlanEntry("p", None)],
+    [PlanEntry("p", "a"), PlanEntry("p", "b")], [PlanEntry("q", None)], [PlanEntry("p", None), PlanEntry("q", None)],
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("reserve"), st.integers(0, 9), _plans),
+                          st.tuples(st.just("end"), st.integers(0, 9), st.just([]))), max_size=40),
+       st.integers(1, 4))
+def test_whole_profile_size_and_listing_mixed_or_not(ops: list[tuple[str, int, list[PlanEntry]]],
+                                                     page: int) -> None:
+    """Whatever mix of valued and no-value keys of one profile the calls joined: the whole
+    profile's size is the number of calls in any of its keys, and paging through it lists each
+    of them once, in admission order."""
+    store = EmbeddedStore()
+    held: dict[str, set[str]] = {}  # uid -> profiles it joined, in admission order (dicts keep it)
+    for kind, i, plan in ops:
+        uid = f"c{i}"
+        if kind == "reserve":
+            res = _run(store.reserve(CallInfo(uid), plan, T0, 60.0, "t"))
+            if not res.duplicate:
+                held[uid] = {e.profile for e in plan}
+        else:
+            _run(store.end(uid, T0, "bye"))
+            held.pop(uid, None)
+        for profile in ("p", "q"):
+            want = [u for u, ps in held.items() if profile in ps]
+            assert _run(store.profile_size(profile, None, T0)) == len(want)
+            got: list[str] = []
+            cursor = ""
+            while True:
+                pg = _run(store.profile_list(profile, None, T0, cursor, page))
+                got += [r.uid for r in pg.items]
+                if not pg.cursor:
+                    break
+                cursor = pg.cursor
+            assert got == want
