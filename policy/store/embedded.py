@@ -611,19 +611,16 @@ class EmbeddedStore(CounterStore):
         rec.expires = now + timeout
         self._index_lease(uid, rec.expires)
 
-    def _add(self, rec: CallRecord, found: Sequence[dict[str, int] | None] = ()) -> None:
-        """Index a new record. `found`: what `self._keys` held for each of its keys (None: no
-        member yet), when the caller just looked them up."""
+    def _add(self, rec: CallRecord) -> None:
+        """Index a new record (`reserve` does the same inline: change both together)."""
         uid = rec.uid
         self._calls[uid] = rec
         self._seq += 1
         seq = self._seq
         keys = self._keys
         profiles = self._profiles
-        for i, key in enumerate(rec.profiles):
-            members = found[i] if found else keys.get(key)
-            if members is None:
-                members = keys.get(key)  # a key listed twice was just created
+        for key in rec.profiles:
+            members = keys.get(key)
             if members is None:
                 keys[key] = {uid: seq}
                 if key[1] is not None:
@@ -766,7 +763,41 @@ class EmbeddedStore(CounterStore):
             if self._journal is not None:
                 self._journal.reserve(rec)
             return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec, False, None, tokens)
-        self._add(rec, found)
+        # _add, inlined with the keys' member dicts just looked up
+        self._calls[uid] = rec
+        self._seq += 1
+        seq = self._seq
+        profiles = self._profiles
+        for key, members in zip(keys, found):
+            profile, value = key
+            if members is None:
+                index[key] = {uid: seq}
+                if value is not None:
+                    values = self._values.get(profile)
+                    if values is None:
+                        self._values[profile] = {value: seq}
+                    else:
+                        values[value] = seq
+            else:
+                members[uid] = seq
+            members = profiles.get(profile)
+            if members is not None:
+                members[uid] = seq
+            elif value is not None:
+                whole = index.get((profile, None))
+                members = profiles[profile] = dict(whole) if whole else {}
+                members[uid] = seq
+        members = self._nodes.get(rec.node)
+        if members is None:
+            self._nodes[rec.node] = {uid: seq}
+        else:
+            members[uid] = seq
+        expires = rec.expires
+        bucket = self._wheel.get(int(expires // WHEEL_SECONDS))
+        if bucket is not None:
+            bucket[uid] = expires
+        else:
+            self._index_lease(uid, expires)
         if self._journal is not None:
             self._journal.reserve(rec)
         return ReserveResult(True, False, None, [n + 1 for n in sizes], rec, False, None, tokens)
