@@ -65,7 +65,7 @@ def decide(res: ReserveResult, plan: Sequence[PlanEntry], ruleset: Ruleset, coun
     joined = 1 if admitted else 0  # sizes include an admitted (or already held) call
     count = count and not res.duplicate
     blocked = res.blocked
-    for i, (entry, size) in enumerate(zip(plan, res.sizes)):
+    for i, (entry, size) in enumerate(zip(plan, res.sizes, strict=True)):
         profile, value, limit, eshadow, rule = entry
         if limit is None:
             profiles.append({"profile": profile, "value": value, "size": size, "rule": rule})

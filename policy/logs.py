@@ -58,7 +58,7 @@ class IsoClock:
         if sec != self._second:
             self._second = sec
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return "%s.%06dZ" % (self._prefix, (t - sec) * 1_000_000)
+        return f"{self._prefix}.{int((t - sec) * 1_000_000):06d}Z"
 
 
 def timestamp_function(kind: str) -> Callable[[], float | str]:

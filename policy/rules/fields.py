@@ -71,7 +71,7 @@ def request_fields(call_id: str, given: Mapping[str, str | None] | Iterable[tupl
     if not call_id:
         raise RequestError("bad_field", "'call_id' must not be empty")
     req: dict[str, str] = {"call_id": call_id}
-    for name, val in (given.items() if isinstance(given, Mapping) else given):
+    for name, val in (given.items() if hasattr(given, "items") else given):  # a Mapping, or pairs
         if val is not None:
             req[name] = val
     for uri, user_key, domain_key in URI_FIELDS:

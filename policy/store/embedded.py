@@ -768,7 +768,7 @@ class EmbeddedStore(CounterStore):
         self._seq += 1
         seq = self._seq
         profiles = self._profiles
-        for key, members in zip(keys, found):
+        for key, members in zip(keys, found, strict=True):
             profile, value = key
             if members is None:
                 index[key] = {uid: seq}
