@@ -240,7 +240,8 @@ class PolicyService:
     def call_fields(self, req: P.CallFields, peer: Peer | None = None) -> dict[str, str]:
         """The rule-visible fields of a call (`policy.rules.request_fields`), lengths bounded;
         `node` is where it came from (the peer's node, else its token's name)."""
-        self._bounded("from_tag", req.from_tag)
+        if len(req.from_tag) > self.limits.max_field:
+            self._bounded("from_tag", req.from_tag)
         node = (peer.node or peer.name) if peer is not None and peer is not LOCAL else ""
         return request_fields(req.call_id, zip(REQUEST_FIELDS, _field_values(req), strict=True), req.attrs,
                               self.limits.max_field, node)
