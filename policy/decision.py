@@ -54,42 +54,47 @@ def _tally(tallies: list[tuple[str, str]], rule: str, outcome: str) -> None:
 
 def decide(res: ReserveResult, plan: Sequence[PlanEntry], ruleset: Ruleset, count: bool = True,
            rates: Sequence[RateEntry] = ()) -> Decision:
-    """The reply body for a reservation; `count` asks for the per-rule tallies."""
+    """The reply body for a reservation; `count` asks for the per-rule tallies.
+
+    On every check: one dict literal per profile, tallies only for the entries with a limit.
+    """
     profiles = []
     shadow = []
     tallies: list[tuple[str, str]] = []
-    joined = 1 if res.admitted else 0  # sizes include an admitted (or already held) call
+    admitted = res.admitted
+    joined = 1 if admitted else 0  # sizes include an admitted (or already held) call
     count = count and not res.duplicate
-    for i, entry in enumerate(plan):
-        size = res.sizes[i]
-        item: dict[str, Any] = {"profile": entry.profile, "value": entry.value, "size": size, "rule": entry.rule}
-        if entry.limit is not None:
-            item["limit"] = entry.limit
+    blocked = res.blocked
+    for i, (entry, size) in enumerate(zip(plan, res.sizes, strict=True)):
+        profile, value, limit, eshadow, rule = entry
+        if limit is None:
+            profiles.append({"profile": profile, "value": value, "size": size, "rule": rule})
+        elif eshadow:
+            profiles.append({"profile": profile, "value": value, "size": size, "rule": rule, "limit": limit,
+                             "shadow": True})
             before = size - joined
-            if entry.shadow:
-                item["shadow"] = True
-                if before >= entry.limit:
-                    shadow.append({"rule": entry.rule, "profile": entry.profile, "value": entry.value,
-                                   "size": before, "limit": entry.limit})
-                    if count:
-                        tallies.append((entry.rule, "would_deny"))
-                elif count:
-                    tallies.append((entry.rule, "allow"))
+            if before >= limit:
+                shadow.append({"rule": rule, "profile": profile, "value": value, "size": before, "limit": limit})
+                if count:
+                    tallies.append((rule, "would_deny"))
             elif count:
-                tallies.append((entry.rule, "deny" if res.blocked == i else "allow"))
-        profiles.append(item)
-    body: dict[str, Any] = {"decision": "allow" if res.admitted else "deny"}
-    if res.blocked is not None:
-        entry = plan[res.blocked]
-        rule = ruleset.by_name.get(entry.rule)
-        body["code"] = rule.code if rule else DEFAULT_CODE
-        body["reason"] = rule.reason if rule else DEFAULT_REASON
+                tallies.append((rule, "allow"))
+        else:
+            profiles.append({"profile": profile, "value": value, "size": size, "rule": rule, "limit": limit})
+            if count:
+                tallies.append((rule, "deny" if blocked == i else "allow"))
+    body: dict[str, Any] = {"decision": "allow" if admitted else "deny"}
+    if blocked is not None:
+        entry = plan[blocked]
+        rule_ = ruleset.by_name.get(entry.rule)
+        body["code"] = rule_.code if rule_ else DEFAULT_CODE
+        body["reason"] = rule_.reason if rule_ else DEFAULT_REASON
         body["rule"] = entry.rule
     elif res.rate_blocked is not None:
         rentry = rates[res.rate_blocked]
-        rule = ruleset.by_name.get(rentry.rule)
-        body["code"] = rule.rate_code if rule else RATE_CODE
-        body["reason"] = rule.rate_reason if rule else RATE_REASON
+        rule_ = ruleset.by_name.get(rentry.rule)
+        body["code"] = rule_.rate_code if rule_ else RATE_CODE
+        body["reason"] = rule_.rate_reason if rule_ else RATE_REASON
         body["rule"] = rentry.rule
         body["rate"] = rate_json(rentry)
     if res.duplicate:

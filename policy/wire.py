@@ -85,6 +85,51 @@ class StreamDecoder:
             self._pos = 0
             raise
 
+    def next_events(self, limit: int) -> list[Event]:
+        """Up to `limit` complete events (fewer when more bytes are needed; empty: none).
+
+        Raises ProtocolError like `next_event` when the first event cannot be decoded; when
+        events came before the error, they are returned and the error is raised by the next
+        call (their replies go out before it). A run of line-framed objects is split in one
+        step, not one search and copy per message.
+        """
+        if self._error is not None:
+            raise self._error
+        events: list[Event] = []
+        try:
+            while len(events) < limit:
+                buf = self._buf
+                pos = self._pos
+                if pos < len(buf) and buf[pos] == 0x7B:  # '{': line-framed JSON, the common case
+                    end = buf.rfind(b"\n", pos)
+                    if end > pos:
+                        line = Framing.LINE
+                        max_message = self.max_message
+                        for payload in bytes(buf[pos:end]).split(b"\n"):
+                            if payload[:1] != b"{" or len(payload) > max_message or len(events) >= limit:
+                                break  # anything else takes the general path (which bounds and errs)
+                            events.append(Message(payload, line))
+                            pos += len(payload) + 1
+                        self._pos = pos
+                        if pos > end:  # every complete line taken
+                            if pos >= len(buf):
+                                buf.clear()
+                                self._pos = 0
+                            continue
+                        if len(events) >= limit:
+                            break
+                event = self._next()
+                if event is None:
+                    break
+                events.append(event)
+        except ProtocolError as exc:
+            self._error = exc
+            self._buf.clear()
+            self._pos = 0
+            if not events:
+                raise
+        return events
+
     def feed(self, data: bytes) -> list[Event]:
         """Add bytes and return every event they complete (raises ProtocolError like next_event)."""
         self.receive_data(data)
@@ -155,11 +200,11 @@ class StreamDecoder:
 
 def encode(data: dict[str, Any], framing: Framing) -> bytes:
     """Serialise a reply in the given framing."""
+    if framing is Framing.LINE:
+        return orjson.dumps(data, option=orjson.OPT_APPEND_NEWLINE)
     body = orjson.dumps(data)
     if framing is Framing.NETSTRING:
         return b"%d:%s," % (len(body), body)
-    if framing is Framing.LINE:
-        return body + b"\n"
     return body
 
 

@@ -113,6 +113,19 @@ async def test_replay_reserve_answer_end_then_a_new_admission(tmp_path: Path) ->
     await r.close()
 
 
+def test_a_reserve_line_is_the_records_row(tmp_path: Path) -> None:
+    """The journal writes a reserve as ["r", *record_to_row(rec)] (spelled out field by field on
+    the hot path: this keeps the two in step)."""
+    j = journal.Journal(tmp_path / "snap.json", 1)
+    j.open()
+    rec = CallRecord("c1", "sip:a@x", "sip:b@y", "acme", "early", T0, None, 300.0, T0 + 300, [("total", None)],
+                     "ft", "node1", "tok", {"k": "v"})
+    j.reserve(rec)
+    j.close()
+    assert orjson.loads(journal.segment_path(tmp_path / "snap.json", 1).read_bytes()) == \
+        orjson.loads(orjson.dumps(["r", *snapshot.record_to_row(rec)]))
+
+
 def test_apply_order_matters() -> None:
     """The fold itself: an end before the answer leaves nothing; an answer after a re-reserve applies."""
     rec = CallRecord("c", "f", "t", "acme", "early", T0, None, 300, T0 + 300, [("total", None)], "", "", "k1", {})

@@ -80,7 +80,10 @@ def test_decision_line_carries_what_support_needs(tmp_path: Path) -> None:
                 "limit": {"profile": "account", "value": "acme", "size": 3, "limit": 3},
                 "shadow": ["international-shadow"], "level": "info"}
     assert {k: deny.get(k) for k in expected} == expected
-    assert "node" in deny and isinstance(deny["latency_ms"], float)
+    assert "node" not in deny and isinstance(deny["latency_ms"], float)  # fields without a value are left out
+    allows = [e for e in events if e["event"] == "decision" and e["decision"] == "allow"]
+    assert len(allows) == 3 and not any(k in e for e in allows for k in ("code", "rule", "limit", "duplicate", "node"))
+    assert not any(v is None for e in events if e["event"] == "decision" for v in e.values())
     would = [e for e in events if e["event"] == "shadow_would_deny"]
     assert [e["call_id"] for e in would] == ["d2", "d3"] and would[0]["rules"] == ["international-shadow"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -152,3 +154,51 @@ def test_fuzz_valid_streams_decode_exactly(parts: list[bytes], step: int) -> Non
         got += dec.feed(stream[i : i + step])
     assert got == expected
     assert sum(1 for p in parts if p.strip()) == len(got)
+
+
+def _one_by_one(chunks: list[bytes], max_message: int) -> list[Any]:
+    """Events (and a final error code) decoded with next_event, after each chunk."""
+    dec = StreamDecoder(max_message)
+    out: list[Any] = []
+    for chunk in chunks:
+        dec.receive_data(chunk)
+        try:
+            while (e := dec.next_event()) is not None:
+                out.append(e)
+        except ProtocolError as exc:
+            return [*out, exc.code]
+    return out
+
+
+def _batched(chunks: list[bytes], max_message: int, limit: int) -> list[Any]:
+    """The same with next_events(limit), which must never return more than `limit`."""
+    dec = StreamDecoder(max_message)
+    out: list[Any] = []
+    for chunk in chunks:
+        dec.receive_data(chunk)
+        try:
+            while events := dec.next_events(limit):
+                assert len(events) <= limit
+                out += events
+        except ProtocolError as exc:
+            return [*out, exc.code]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.dictionaries(st.text(max_size=5), st.integers(0, 99) | st.text(max_size=30), max_size=3).map(
+        lambda d: orjson.dumps(d) + b"\n"),
+    st.dictionaries(st.text(max_size=5), st.integers(0, 99), max_size=3).map(ns),
+    st.sampled_from([b" ", b"\n", b"\r\n", b'{"a":1}\r\n', b"[1]\n", b"{" + b"x" * 70 + b"}\n", b"12x:{}",
+                     b"\xff\n", b"{", b"}\n"]),
+), max_size=12), st.integers(min_value=1, max_value=9), st.integers(min_value=1, max_value=5))
+def test_next_events_is_next_event_in_batches(parts: list[bytes], step: int, limit: int) -> None:
+    """The batched decoder (a run of lines split at once) gives exactly the events, framings and
+    errors of the one-at-a-time decoder, for any chunking and any batch limit; a line over the
+    limit is refused the same way."""
+    stream = b"".join(parts)
+    chunks = [stream[i : i + step] for i in range(0, len(stream), step)] or [b""]
+    for max_message in (64, 65536):
+        assert _batched(chunks, max_message, limit) == _one_by_one(chunks, max_message)
+        assert _batched([stream], max_message, limit) == _one_by_one([stream], max_message)

@@ -12,7 +12,7 @@ and only when a rule uses them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from policy.errors import RequestError
 from policy.sip import split_uri
@@ -59,18 +59,19 @@ def is_attr_field(name: str) -> bool:
     return name.startswith(ATTR_PREFIX) and bool(ATTR_NAME_RE.match(name[len(ATTR_PREFIX):]))
 
 
-def request_fields(call_id: str, given: Mapping[str, str | None], attrs: Mapping[str, str] | None = None,
-                   max_field: int = 0, node: str = "") -> dict[str, str]:
-    """The rule-visible fields of a call: `call_id`, the given string fields (`None` = absent;
-    names from `REQUEST_FIELDS`), user/domain split out of the URIs unless given, and
-    `attrs.NAME` for each entry of `attrs`. Types are the protocol's business (it decodes
-    typed requests); this bounds lengths (`max_field` > 0) and raises `RequestError`
-    (`bad_field`) for an empty `call_id` or a field that is too long. Pure.
+def request_fields(call_id: str, given: Mapping[str, str | None] | Iterable[tuple[str, str | None]],
+                   attrs: Mapping[str, str] | None = None, max_field: int = 0, node: str = "") -> dict[str, str]:
+    """The rule-visible fields of a call: `call_id`, the given string fields (a mapping or
+    (name, value) pairs; `None` = absent; names from `REQUEST_FIELDS`), user/domain split out
+    of the URIs unless given, and `attrs.NAME` for each entry of `attrs`. Types are the
+    protocol's business (it decodes typed requests); this bounds lengths (`max_field` > 0)
+    and raises `RequestError` (`bad_field`) for an empty `call_id` or a field that is too
+    long. Pure.
     """
     if not call_id:
         raise RequestError("bad_field", "'call_id' must not be empty")
     req: dict[str, str] = {"call_id": call_id}
-    for name, val in given.items():
+    for name, val in (given.items() if hasattr(given, "items") else given):  # a Mapping, or pairs
         if val is not None:
             req[name] = val
     for uri, user_key, domain_key in URI_FIELDS:

@@ -3,6 +3,9 @@
 Everything runs on the event loop thread and no method awaits before it has finished its
 work, so each operation is atomic by construction. Expiry is lazy (every operation first
 drops the leases that ended) plus a periodic sweep, so counts are right without timers.
+Leases sit in a timing wheel (a bucket per second of expiry; an end takes its call out of
+its bucket in O(1)); a bucket is sorted into a small heap when its second begins, so expiry
+is exact, and no operation ever walks the held calls.
 
 Durability (with a snapshot path; see `journal.py` and `snapshot.py` for the files):
 
@@ -20,8 +23,8 @@ Durability (with a snapshot path; see `journal.py` and `snapshot.py` for the fil
 - one process per state: an exclusive flock on `S.lock` for the process's life.
 
 Call rates: a dict of token buckets, (rule, value) -> [tokens, time, full at], refilled with
-the `now` of each check; a bucket is forgotten once it is full again (a heap of those times, like
-the leases'), so idle keys take no memory. Buckets are not journaled: after a restart a bucket
+the `now` of each check; a bucket is forgotten once it is full again (a heap of those times), so
+idle keys take no memory. Buckets are not journaled: after a restart a bucket
 starts with what it would have gathered since the previous process last wrote its state (the
 newest snapshot or journal file), never with a fresh burst, so a restart cannot let more than
 `rate * T + burst` calls through in any window.
@@ -33,6 +36,7 @@ import asyncio
 import contextlib
 import gc
 import heapq
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +69,9 @@ from policy.store.snapshot import SNAPSHOT_VERSION, StateInUseError, StateLock
 log = structlog.get_logger("policy.store.embedded")
 
 ProfileKey = tuple[str, str | None]
+#: The lease wheel's bucket width: leases ending within one such span share a bucket.
+WHEEL_SECONDS = 1.0
+_NEVER = -(1 << 62)  # a slot before any other
 BucketKey = tuple[str, str | None]
 
 __all__ = ["SNAPSHOT_VERSION", "EmbeddedStore", "StateInUseError"]
@@ -89,13 +96,22 @@ class EmbeddedStore(CounterStore):
         self._calls: dict[str, CallRecord] = {}  # uid -> record
         # indexes, each member -> the sequence number it was indexed under (see _page):
         self._keys: dict[ProfileKey, dict[str, int]] = {}  # (profile, value) -> calls
-        self._profiles: dict[str, dict[str, int]] = {}  # profile -> calls in any of its keys
+        # profile -> calls in any of its keys, for a profile with valued keys; a profile used
+        # without value has only its (profile, None) key, which is then the whole profile
+        self._profiles: dict[str, dict[str, int]] = {}
         self._values: dict[str, dict[str, int]] = {}  # profile -> its non-empty values
         self._nodes: dict[str, dict[str, int]] = {}  # node -> calls it admitted
         self._seq = 0
         self._active = 0
         self._expired_pending: list[CallRecord] = []
-        self._heap: list[tuple[float, str]] = []
+        # leases, a timing wheel: a bucket per second of expiry, each call in its lease's bucket
+        # (O(1) in and out, nothing left behind by an end); a bucket whose second has begun is
+        # opened into the `_due` heap, which gives exact expiry. Never a walk over the calls.
+        self._wheel: dict[int, dict[str, float]] = {}  # slot -> {uid: expires}
+        self._slots: list[int] = []  # min-heap of the wheel's slots (each once)
+        self._due: list[tuple[float, str]] = []  # (expires, uid) of the opened slots' leases
+        self._opened = _NEVER  # the last slot opened into _due
+        self._next_due = math.inf  # nothing can expire before this
         self._processed = 0
         self._expired = 0
         self._failed = 0
@@ -434,7 +450,11 @@ class EmbeddedStore(CounterStore):
         self._profiles.clear()
         self._values.clear()
         self._nodes.clear()
-        self._heap.clear()
+        self._wheel.clear()
+        self._slots.clear()
+        self._due.clear()
+        self._opened = _NEVER
+        self._next_due = math.inf
         self._active = 0
         dropped: list[str] = []
         bad = 0
@@ -485,17 +505,55 @@ class EmbeddedStore(CounterStore):
     # last number it returned: pages never skip a call that stays, whatever else leaves.
 
     def _purge(self, now: float) -> int:
-        heap = self._heap
+        """Drop the leases that ended by `now` (callers test `now >= self._next_due` first)."""
+        slots = self._slots
+        due = self._due
+        wheel = self._wheel
+        while slots and slots[0] * WHEEL_SECONDS <= now:  # a bucket's second began: open it
+            slot = heapq.heappop(slots)
+            if slot > self._opened:
+                self._opened = slot
+            bucket = wheel.pop(slot, None)
+            if bucket:
+                for uid, expires in bucket.items():
+                    heapq.heappush(due, (expires, uid))
         dropped = 0
-        while heap and heap[0][0] <= now:
-            expires, uid = heapq.heappop(heap)
+        while due and due[0][0] <= now:
+            expires, uid = heapq.heappop(due)
             rec = self._calls.get(uid)
-            if rec is not None and rec.expires == expires:
+            if rec is not None and rec.expires == expires:  # else ended or leased again since
                 self._remove(rec)
                 self._expired += 1
                 self._expired_pending.append(rec)
                 dropped += 1
+        self._next_due = min(slots[0] * WHEEL_SECONDS if slots else math.inf, due[0][0] if due else math.inf)
         return dropped
+
+    def _index_lease(self, uid: str, expires: float) -> None:
+        """Put a lease in the wheel (or straight into `_due` when its second has begun)."""
+        slot = int(expires // WHEEL_SECONDS)
+        if slot <= self._opened:
+            heapq.heappush(self._due, (expires, uid))
+            if expires < self._next_due:
+                self._next_due = expires
+            return
+        bucket = self._wheel.get(slot)
+        if bucket is None:
+            self._wheel[slot] = {uid: expires}
+            heapq.heappush(self._slots, slot)  # an emptied bucket stays until its second: pushed once
+            start = slot * WHEEL_SECONDS
+            if start < self._next_due:
+                self._next_due = start
+        else:
+            bucket[uid] = expires
+
+    def _unindex_lease(self, uid: str, expires: float) -> None:
+        """Take a lease out of the wheel (one in `_due` is skipped when it surfaces)."""
+        slot = int(expires // WHEEL_SECONDS)
+        if slot > self._opened:
+            bucket = self._wheel.get(slot)
+            if bucket is not None:
+                bucket.pop(uid, None)
 
     @staticmethod
     def _unindex(index: dict[Any, dict[str, int]], key: Any, uid: str) -> bool:
@@ -510,46 +568,89 @@ class EmbeddedStore(CounterStore):
         return False
 
     def _remove(self, rec: CallRecord) -> None:
+        # on every end: the index updates are inlined (no call per key)
         uid = rec.uid
         del self._calls[uid]
+        slot = int(rec.expires // WHEEL_SECONDS)  # _unindex_lease, inlined
+        if slot > self._opened:
+            bucket = self._wheel.get(slot)
+            if bucket is not None:
+                bucket.pop(uid, None)
+        keys = self._keys
+        profiles = self._profiles
         for key in rec.profiles:
-            if self._unindex(self._keys, key, uid) and key[1] is not None:
-                self._unindex(self._values, key[0], key[1])
-        for profile in {p for p, _ in rec.profiles}:
-            self._unindex(self._profiles, profile, uid)
+            members = keys.get(key)
+            if members is not None:
+                members.pop(uid, None)
+                if not members:
+                    del keys[key]
+                    if key[1] is not None:
+                        self._unindex(self._values, key[0], key[1])
+            members = profiles.get(key[0])
+            if members is not None:  # None: a profile listed twice, emptied at its first key
+                members.pop(uid, None)
+                if not members:
+                    del profiles[key[0]]
         self._unindex(self._nodes, rec.node, uid)
         if rec.state == "active":
             self._active -= 1
+
+    def _whole(self, profile: str) -> dict[str, int] | None:
+        """Every call in any key of the profile (its index, or its only key's when it has no value)."""
+        members = self._profiles.get(profile)
+        return members if members is not None else self._keys.get((profile, None))
 
     def _size(self, key: ProfileKey) -> int:
         members = self._keys.get(key)
         return 0 if members is None else len(members)
 
     def _lease(self, rec: CallRecord, now: float, timeout: float) -> None:
+        uid = rec.uid
+        self._unindex_lease(uid, rec.expires)
         rec.timeout = timeout
         rec.expires = now + timeout
-        heapq.heappush(self._heap, (rec.expires, rec.uid))
+        self._index_lease(uid, rec.expires)
 
     def _add(self, rec: CallRecord) -> None:
+        """Index a new record (`reserve` does the same inline: change both together)."""
         uid = rec.uid
         self._calls[uid] = rec
         self._seq += 1
         seq = self._seq
         keys = self._keys
+        profiles = self._profiles
         for key in rec.profiles:
             members = keys.get(key)
             if members is None:
                 keys[key] = {uid: seq}
                 if key[1] is not None:
-                    self._values.setdefault(key[0], {})[key[1]] = seq
+                    values = self._values.get(key[0])
+                    if values is None:
+                        self._values[key[0]] = {key[1]: seq}
+                    else:
+                        values[key[1]] = seq
             else:
                 members[uid] = seq
-        for profile in {p for p, _ in rec.profiles}:
-            self._profiles.setdefault(profile, {})[uid] = seq
-        self._nodes.setdefault(rec.node, {})[uid] = seq
+            members = profiles.get(key[0])
+            if members is not None:
+                members[uid] = seq  # a profile listed twice keeps its first place
+            elif key[1] is not None:  # the profile's first valued key: its whole-profile index
+                whole = keys.get((key[0], None))  # calls in its no-value key (a rules change) come first
+                members = profiles[key[0]] = dict(whole) if whole else {}
+                members[uid] = seq
+        members = self._nodes.get(rec.node)
+        if members is None:
+            self._nodes[rec.node] = {uid: seq}
+        else:
+            members[uid] = seq
         if rec.state == "active":
             self._active += 1
-        heapq.heappush(self._heap, (rec.expires, uid))
+        expires = rec.expires
+        bucket = self._wheel.get(int(expires // WHEEL_SECONDS))  # _index_lease, inlined when it has a bucket
+        if bucket is not None:
+            bucket[uid] = expires
+        else:
+            self._index_lease(uid, expires)
 
     def _token_ok(self, rec: CallRecord, token: str | None) -> bool:
         return not token or rec.token == token
@@ -617,7 +718,7 @@ class EmbeddedStore(CounterStore):
         force: bool = False, rates: Sequence[RateEntry] = (),
     ) -> ReserveResult:
         """Admit the call into every key of the plan and take a token of each rate, or do nothing."""
-        if self._heap and self._heap[0][0] <= now:
+        if now >= self._next_due:
             self._purge(now)
         uid = call.uid
         held = self._calls.get(uid)
@@ -633,6 +734,7 @@ class EmbeddedStore(CounterStore):
         index = self._keys
         sizes: list[int] = []
         joined: list[ProfileKey] = []
+        found: list[dict[str, int] | None] = []
         blocked = None
         for i, (profile, value, limit, shadow, _rule) in enumerate(plan):
             key = (profile, value)
@@ -640,6 +742,7 @@ class EmbeddedStore(CounterStore):
             n = len(members) if members else 0
             sizes.append(n)
             joined.append(key)
+            found.append(members)
             if limit is not None and n >= limit and not shadow and blocked is None and not force:
                 blocked = i
         tokens: list[float] = []
@@ -654,17 +757,55 @@ class EmbeddedStore(CounterStore):
         rec = CallRecord(call.call_id, call.from_uri, call.to_uri, call.account, "early", now, None,
                          timeout, now + timeout, keys, call.from_tag, call.node, token,
                          dict(call.vars) if call.vars else {})
-        self._add(rec)
         self._processed += 1
+        if len(keys) != len(plan):  # a key listed twice: count the call once
+            self._add(rec)
+            if self._journal is not None:
+                self._journal.reserve(rec)
+            return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec, False, None, tokens)
+        # _add, inlined with the keys' member dicts just looked up
+        self._calls[uid] = rec
+        self._seq += 1
+        seq = self._seq
+        profiles = self._profiles
+        for key, members in zip(keys, found, strict=True):
+            profile, value = key
+            if members is None:
+                index[key] = {uid: seq}
+                if value is not None:
+                    values = self._values.get(profile)
+                    if values is None:
+                        self._values[profile] = {value: seq}
+                    else:
+                        values[value] = seq
+            else:
+                members[uid] = seq
+            members = profiles.get(profile)
+            if members is not None:
+                members[uid] = seq
+            elif value is not None:
+                whole = index.get((profile, None))
+                members = profiles[profile] = dict(whole) if whole else {}
+                members[uid] = seq
+        members = self._nodes.get(rec.node)
+        if members is None:
+            self._nodes[rec.node] = {uid: seq}
+        else:
+            members[uid] = seq
+        expires = rec.expires
+        bucket = self._wheel.get(int(expires // WHEEL_SECONDS))
+        if bucket is not None:
+            bucket[uid] = expires
+        else:
+            self._index_lease(uid, expires)
         if self._journal is not None:
             self._journal.reserve(rec)
-        if len(keys) != len(plan):  # a key listed twice: count the call once
-            return ReserveResult(True, False, None, [self._size(e.key) for e in plan], rec, False, None, tokens)
         return ReserveResult(True, False, None, [n + 1 for n in sizes], rec, False, None, tokens)
 
     async def answer(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
         """Mark a held call answered and give it the answered-call lease."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         rec = self._calls.get(uid)
         if rec is None or not self._token_ok(rec, token):
             return rec
@@ -679,7 +820,8 @@ class EmbeddedStore(CounterStore):
 
     async def refresh(self, uid: str, now: float, timeout: float, token: str | None = None) -> CallRecord | None:
         """Extend a held call's lease."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         rec = self._calls.get(uid)
         if rec is None or not self._token_ok(rec, token):
             return rec
@@ -690,7 +832,8 @@ class EmbeddedStore(CounterStore):
 
     async def end(self, uid: str, now: float, reason: str, token: str | None = None) -> CallRecord | None:
         """Release a held call."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         rec = self._calls.get(uid)
         if rec is None or not self._token_ok(rec, token):
             return rec
@@ -705,7 +848,8 @@ class EmbeddedStore(CounterStore):
 
     async def set_var(self, uid: str, name: str, value: str | None, now: float) -> CallRecord | None:
         """Set or delete one of a held call's variables."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         rec = self._calls.get(uid)
         if rec is None:
             return None
@@ -719,7 +863,8 @@ class EmbeddedStore(CounterStore):
 
     async def get_call(self, uid: str, now: float) -> CallRecord | None:
         """The record of a held call."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         return self._calls.get(uid)
 
     @staticmethod
@@ -745,35 +890,40 @@ class EmbeddedStore(CounterStore):
 
     async def profile_size(self, profile: str, value: str | None, now: float) -> int:
         """How many calls are in the key (or the whole profile)."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         if value is not None:
             return self._size((profile, value))
-        members = self._profiles.get(profile)
+        members = self._whole(profile)
         return 0 if members is None else len(members)
 
     async def profile_list(self, profile: str, value: str | None, now: float,
                            cursor: str = "", limit: int = MAX_PAGE) -> Page:
         """A page of the calls in the key (or the whole profile), oldest first."""
-        self._purge(now)
-        members = self._keys.get((profile, value)) if value is not None else self._profiles.get(profile)
+        if now >= self._next_due:
+            self._purge(now)
+        members = self._keys.get((profile, value)) if value is not None else self._whole(profile)
         uids, nxt = self._page(members, cursor, limit)
         return Page([self._calls[u] for u in uids], nxt)
 
     async def profile_values(self, profile: str, now: float, cursor: str = "", limit: int = MAX_PAGE) -> Page:
         """A page of the profile's non-empty values with their sizes."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         values, nxt = self._page(self._values.get(profile), cursor, limit)
         return Page([(v, self._size((profile, v))) for v in values], nxt)
 
     async def node_calls(self, node: str, now: float, cursor: str = "", limit: int = MAX_PAGE) -> Page:
         """A page of the calls admitted through `node`."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         uids, nxt = self._page(self._nodes.get(node), cursor, limit)
         return Page([self._calls[u] for u in uids], nxt)
 
     async def stats(self, now: float) -> DialogStats:
         """Dialog statistics of this process (counters, no walk over the calls)."""
-        self._purge(now)
+        if now >= self._next_due:
+            self._purge(now)
         return DialogStats(
             active_dialogs=self._active,
             early_dialogs=len(self._calls) - self._active,
@@ -783,12 +933,10 @@ class EmbeddedStore(CounterStore):
         )
 
     async def sweep(self, now: float) -> list[CallRecord]:
-        """Drop ended leases, compact the expiry heap; the calls that expired since the last sweep."""
-        self._purge(now)
+        """Drop ended leases and idle rate buckets; the calls that expired since the last sweep."""
+        if now >= self._next_due:
+            self._purge(now)
         self._forget_buckets(now)
-        if len(self._heap) > 2 * len(self._calls) + 1024:
-            self._heap = [(r.expires, r.uid) for r in self._calls.values()]
-            heapq.heapify(self._heap)
         expired, self._expired_pending = self._expired_pending, []
         return expired
 

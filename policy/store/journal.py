@@ -51,7 +51,6 @@ from policy.store.snapshot import (
     ROW_FIELDS,
     State,
     fsync_dir,
-    record_to_row,
     row_uid,
 )
 
@@ -269,7 +268,9 @@ class Journal:
 
     def reserve(self, rec: CallRecord) -> None:
         """A new admission (the whole record)."""
-        self.append(_dumps(("r", *record_to_row(rec)), option=_NL))
+        self.append(_dumps(("r", rec.call_id, rec.from_tag, rec.from_uri, rec.to_uri, rec.account, rec.node,
+                            rec.state, rec.init_ts, rec.start_ts, rec.timeout, rec.expires, rec.token,
+                            rec.profiles, rec.vars), option=_NL))  # record_to_row's order, in one tuple
 
     def token(self, uid: str, token: str) -> None:
         """A repeated check took the admission over."""

@@ -116,6 +116,8 @@ class StreamProtocol(asyncio.Protocol):
         self.flow: FlowControl | None = None
         # replies in request order: [reply or None while its task runs, framing]
         self.pending: collections.deque[list[Any]] = collections.deque()
+        # replies encoded at once (nothing was pending ahead of them), to write before `pending`
+        self.ready: list[bytes] = []
         self.client = Peer(name)
         self.host = ""
         self.closing = False  # no more requests will be read: close once the replies are out
@@ -214,6 +216,7 @@ class StreamProtocol(asyncio.Protocol):
         flow = self.flow
         dec = self.decoder
         pending = self.pending
+        ready = self.ready
         cap = self.max_pending
         handle = self.service.handle_payload
         client = self.client
@@ -232,22 +235,25 @@ class StreamProtocol(asyncio.Protocol):
             if not budget:
                 break
             try:
-                event = dec.next_event()
+                events = dec.next_events(min(budget, cap - len(pending)))
             except ProtocolError as exc:
                 self._fatal(exc)
                 return
-            if event is None:
+            if not events:
                 drained = True
                 break
-            budget -= 1
+            budget -= len(events)
             progressed = True
-            done, result = start(handle(event.payload, client))
-            if done:
-                pending.append([result, event.framing])
-            else:
-                slot: list[Any] = [None, event.framing]
-                pending.append(slot)
-                result.add_done_callback(lambda t, slot=slot: self._on_done(slot, t))
+            for payload, framing in events:
+                done, result = start(handle(payload, client))
+                if not done:
+                    slot: list[Any] = [None, framing]
+                    pending.append(slot)
+                    result.add_done_callback(lambda t, slot=slot: self._on_done(slot, t))
+                elif pending:  # behind a reply still being worked out
+                    pending.append([result, framing])
+                else:  # answered at once with nothing ahead of it: encoded now, written below
+                    ready.append(encode(result, framing))
         self._flush()
         if self.transport is None or self.closing:
             return
@@ -280,20 +286,24 @@ class StreamProtocol(asyncio.Protocol):
     # -- writing --------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        """Write every reply that is ready at the head of the queue, in one write."""
+        """Write every reply that is ready (those encoded at once, then the ones at the head of
+        the queue), in one write."""
         pending = self.pending
+        out = self.ready
         st = self.stats
-        if len(pending) > st.peak_pending:
-            st.peak_pending = len(pending)
-        out = []
+        held = len(out) + len(pending)
+        if held > st.peak_pending:
+            st.peak_pending = held
         while pending and pending[0][0] is not None:
             reply, framing = pending.popleft()
             out.append(encode(reply, framing))
         tr = self.transport
         if tr is None:
+            out.clear()
             return
         if out:
-            tr.write(b"".join(out))
+            tr.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
             size = tr.get_write_buffer_size()
             if size > st.peak_write_buffer:
                 st.peak_write_buffer = size

@@ -72,6 +72,7 @@ class DatagramProtocol(asyncio.DatagramProtocol):
         self.dropped = 0  # from a source outside udp_allow
         self.shrunk = 0  # answers cut down to fit the request's size
         self.unanswered = 0  # answers that could not fit at all
+        self._peers: dict[Any, Peer] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -96,8 +97,14 @@ class DatagramProtocol(asyncio.DatagramProtocol):
             self._send({"ok": False, "error": {"code": event.code, "message": event.message}},
                        event.framing, addr, size)
             return
-        # UDP cannot prove where a datagram came from: proxy ops only (docs/security.md)
-        peer = Peer("udp", f"{host}:{addr[1]}" if isinstance(addr, tuple) else host, "proxy")
+        peer = self._peers.get(addr)
+        if peer is None:
+            # UDP cannot prove where a datagram came from: proxy ops only (docs/security.md).
+            # One Peer per source address (nothing changes it: UDP cannot `auth`), bounded.
+            peer = Peer("udp", f"{host}:{addr[1]}" if isinstance(addr, tuple) else host, "proxy")
+            if len(self._peers) >= 4096:
+                self._peers.clear()
+            self._peers[addr] = peer
         done, result = eager.starter(self.service.store.answers_inline)(
             self.service.handle_payload(event.payload, peer))
         if done:
