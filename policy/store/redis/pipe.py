@@ -157,11 +157,18 @@ class Pipe:
         """Fail everything, drop the connection."""
         self.closed = True
         err = StoreError("redis store closed")
+        ops = [*self._inflight, *self._queue]
         for op in self._inflight:
             if not op.fut.done():
                 op.fut.set_exception(err)
         self._inflight.clear()
         self._fail_queue(err)
+        for op in ops:
+            # A closing store fails replies nobody waits for any more (a caller that gave up, a
+            # pipelined step whose batch already failed): marked seen, so asyncio does not log
+            # "Future exception was never retrieved" for each. A waiting caller still gets it.
+            if not op.fut.cancelled():
+                op.fut.exception()
         self._waiting.clear()
         self._odd.clear()
         for handle in (self._timer, self._flush_handle):
