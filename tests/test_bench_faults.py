@@ -186,7 +186,9 @@ def test_outage_phases_on_a_real_service_and_redis(monkeypatch: pytest.MonkeyPat
     assert list(ph) == ["up", "stopped", "killed", "restarted"]
     assert ph["up"]["answers"] == {"ok": 200, "store_error": 0, "unexpected": 0}
     assert ph["stopped"]["answers"]["store_error"] > 100 and ph["stopped"]["answers"]["unexpected"] == 0
-    assert ph["stopped"]["slow"] > 0  # checks in flight at the SIGSTOP waited store.timeout
+    # checks in flight at the SIGSTOP waited for the store to give up: a few ms short of
+    # store.timeout (pipe.ANSWER_MARGIN), so that the answer still leaves within it
+    assert ph["stopped"]["latency"]["max"] >= 0.6 * ph["stopped"]["bound_ms"]
     assert ph["killed"]["answers"] == {"ok": 0, "store_error": 200, "unexpected": 0}
     back = ph["restarted"]
     assert back["answers"]["ok"] > 0 and back["answers"]["store_error"] > 0 and back["answers"]["unexpected"] == 0

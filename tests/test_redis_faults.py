@@ -154,6 +154,31 @@ async def test_hung_redis_bounds_every_call_and_recovers(private_redis: RedisSer
         await s.close()
 
 
+async def test_a_hung_redis_is_given_up_before_the_timeout(private_redis: RedisServer) -> None:
+    """The store gives up on a hung Redis a few ms before `store.timeout` (pipe.ANSWER_MARGIN),
+    so the service's on_store_error answer still leaves within the timeout of the request; on
+    every operation, the store's own and the pipe's deadline alike (the best of three, as a busy
+    machine only adds)."""
+    s = RedisStore(private_redis.url, timeout=0.05)
+    await s.start()
+    try:
+        took = []
+        for i in range(3):
+            assert (await s.reserve(call(f"w{i}"), ACME, T0, 300, "t")).admitted
+            stop_redis(private_redis)
+            try:
+                res, secs = await timed(s.reserve(call(f"h{i}"), ACME, T0, 300, f"t{i}"))
+            finally:
+                cont_redis(private_redis)
+            assert isinstance(res, StoreError)
+            took.append(secs)
+            await until_ok(s, 2.5)
+        assert min(took) < 0.05, took
+    finally:
+        cont_redis(private_redis)
+        await s.close()
+
+
 async def test_sigstopped_redis_every_check_answered_within_the_bound(private_redis: RedisServer) -> None:
     """Checks at 500/s for 1.5 s while Redis is SIGSTOPped: every one is answered (StoreError)
     within the store timeout; after SIGCONT the store is exact again on its own."""

@@ -77,6 +77,7 @@ from policy.store.redis.codec import decode_record, maybe_record, num, pack_item
 from policy.store.redis.connection import ReplyError, RespConnection, parse_target, roundtrip
 from policy.store.redis.keys import escape
 from policy.store.redis.keys import kid as rate_id
+from policy.store.redis.pipe import budget_of
 
 if TYPE_CHECKING:
     from policy.settings import Settings
@@ -249,6 +250,7 @@ class RedisClusterStore(CounterStore):
         self.prefix = prefix
         self.layout = ClusterLayout(prefix)
         self.timeout = timeout
+        self.budget = budget_of(timeout)  # what an operation may wait for Redis (pipe.py)
         self.connect_timeout = connect_timeout
         self.clock = clock
         self._sources = {name: cluster_script_source(name) for name in SCRIPTS}
@@ -793,7 +795,7 @@ class RedisClusterStore(CounterStore):
             raise StoreError(REBUILDING)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        deadline = start + self.timeout
+        deadline = start + self.budget
         buckets = self._buckets(rates) if rates and not force else []
         res = await self._attempt(call, plan, now, timeout, token, force, start, deadline, True, buckets)
         if res is None:
@@ -1217,7 +1219,7 @@ class RedisClusterStore(CounterStore):
     async def end(self, uid: str, now: float, reason: str, token: str | None = None) -> CallRecord | None:
         """Release a held call: its shard, then its profile keys, then its record."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        deadline = loop.time() + self.budget
         sh = self.layout.shard(uid)
         base = self._base(now)
         counter = "failed" if reason in FAILED_REASONS else "expired" if reason == "timeout" else ""
@@ -1255,7 +1257,7 @@ class RedisClusterStore(CounterStore):
 
     async def _lease(self, uid: str, now: float, timeout: float, token: str | None, answer: bool) -> CallRecord | None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        deadline = loop.time() + self.budget
         sh = self.layout.shard(uid)
         base = self._base(now)
         expires = base + timeout
@@ -1353,7 +1355,7 @@ class RedisClusterStore(CounterStore):
         """Every shard's held calls and counter `fields` (each shard swept first if it must be)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        deadline = start + self.timeout
+        deadline = start + self.budget
         out: list[list[int]] = []
         sends = []
         for sh in self.layout.shards:

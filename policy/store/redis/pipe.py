@@ -73,6 +73,13 @@ class Op:
 ANSWER_MARGIN = 0.004
 
 
+def budget_of(timeout: float) -> float:
+    """How long an operation (every round trip of it) may wait for Redis: a little less than
+    `timeout`, so the service's answer (which follows on_store_error) still leaves within
+    `store.timeout` of the request."""
+    return timeout - min(ANSWER_MARGIN, timeout * 0.1)
+
+
 class Pipe:
     """Operations to Redis over one connection: batched, bounded in time, undone when lost."""
 
@@ -81,9 +88,7 @@ class Pipe:
                  on_undone: Callable[[str, int], None], on_broken: Callable[[], None] | None = None) -> None:
         self.circuit = circuit
         self.timeout = timeout
-        # an operation gives up a little before `timeout`, so the service's answer (which
-        # follows on_store_error) still leaves within `store.timeout` of the request
-        self.budget = timeout - min(ANSWER_MARGIN, timeout * 0.1)
+        self.budget = budget_of(timeout)
         self.hang_timeout = hang_timeout
         self._undo_command = undo_command
         self._reload_commands = reload_commands

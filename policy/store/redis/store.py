@@ -66,7 +66,7 @@ from policy.store.redis.codec import (
 )
 from policy.store.redis.connection import Circuit, ReplyError, RespConnection, parse_target, roundtrip
 from policy.store.redis.keys import KeyLayout, escape, kid
-from policy.store.redis.pipe import Pipe
+from policy.store.redis.pipe import Pipe, budget_of
 
 if TYPE_CHECKING:
     from policy.settings import Settings
@@ -126,6 +126,7 @@ class RedisStore(CounterStore):
         self.url = url
         self.prefix = prefix
         self.timeout = timeout
+        self.budget = budget_of(timeout)  # what an operation may wait for Redis (pipe.py)
         self.connect_timeout = connect_timeout
         self.clock = clock
         self.target = parse_target(url, sentinels, sentinel_service)
@@ -391,7 +392,7 @@ class RedisStore(CounterStore):
         `args[stale_at]` is its "go ahead anyway" flag, set on the last try."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        deadline = start + self.timeout
+        deadline = start + self.budget
         base = self._base(now)
         for attempt in itertools.count():
             if _last_try(attempt, loop.time(), start, self.timeout):
@@ -425,7 +426,7 @@ class RedisStore(CounterStore):
         if self.circuit.state != "up" or loop is None:
             pipe.errors += 1
             raise self.circuit.error()
-        deadline = loop.time() + self.timeout
+        deadline = loop.time() + self.budget
         now, timeout = float(now), float(timeout)
         base = now + self._offset
         epoch = "" if force else (self._epoch or "")
@@ -433,7 +434,7 @@ class RedisStore(CounterStore):
         cmd = self._encoder.encode(call, plan, base, timeout, token, epoch, flags, () if force else rates)
         head = ("EVALSHA", self._sha["reserve"], len(cmd.keys), *cmd.keys)
         undo = (call.uid, token)
-        start = deadline - self.timeout
+        start = deadline - self.budget
         for attempt in itertools.count():
             last = _last_try(attempt, loop.time(), start, self.timeout)
             if last:
