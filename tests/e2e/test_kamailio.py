@@ -120,6 +120,7 @@ def test_release_after_cancel(make_stack: StackFactory) -> None:
     assert seen == [1], "the ringing call is counted"
     sizes = wait_profiles_zero(st.port)
     assert not any(sizes.values()), sizes
+    assert native_size(st.kam, "callpolicy") == 0  # Kamailio's own count agrees
     assert end_reasons(st.svc) == ["cancel"], st.dump()  # type: ignore[arg-type]
 
 
@@ -132,6 +133,7 @@ def test_release_after_uas_reject(make_stack: StackFactory, code: int) -> None:
     sizes = wait_profiles_zero(st.port)
     assert not any(sizes.values()), sizes
     assert end_reasons(st.svc) == ["failed"] * 3  # type: ignore[arg-type]
+    assert native_size(st.kam, "callpolicy") == 0  # Kamailio's own count agrees
     # the capacity is really back: the account can still place calls
     assert stats(st.port)["rules"]["account-cap"] == {"allow": 3}  # type: ignore[index]
 
@@ -244,3 +246,48 @@ def test_cancel_while_the_check_is_pending(make_stack: StackFactory) -> None:
     assert {"487 INVITE", "200 CANCEL"} <= got, (got, st.dump())
     assert elapsed < 0.5, "not after the policy timeout"
     assert st.kam.active_dialogs() == 0
+
+
+def native_size(kam: Kamailio, profile: str, value: str | None = None) -> int:
+    """Kamailio's own count: `kamcmd dlg.profile_get_size PROFILE [VALUE]`."""
+    out = kam.rpc("dlg.profile_get_size", profile, *([value] if value is not None else []))
+    if out.strip().isdigit():  # kamcmd prints the bare number
+        return int(out)
+    for line in out.splitlines():
+        key, _, v = line.strip().partition(":")
+        if key.strip() == "count":
+            return int(v.strip())
+    raise AssertionError(f"no count in dlg.profile_get_size {profile}: {out!r}")
+
+
+def test_kamailios_native_profiles_agree(make_stack: StackFactory) -> None:
+    """The shipped config also counts what callpolicy admitted in Kamailio's own dialog
+    profiles (`callpolicy`, `callpolicy_account`): while calls are held, refused, cancelled and
+    ended, Kamailio's counts and callpolicy's are the same, and both return to 0."""
+    st = make_stack()
+    kam = st.kam
+    assert native_size(kam, "callpolicy") == 0
+    with ThreadPoolExecutor(3) as pool:
+        acme = pool.submit(run_uac, kam.sip_port, calls=3, rate=20, hold_ms=6000, from_user="acme",
+                           service="200", timeout=40)
+        bob = pool.submit(run_uac, kam.sip_port, calls=2, rate=20, hold_ms=6000, from_user="bob",
+                          service="200", timeout=40)
+        deadline = time.monotonic() + 5
+        while profile_size(st.port, "total") < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # acme is at its cap (3): more calls are refused and join neither count
+        refused = run_uac(kam.sip_port, calls=4, rate=50, hold_ms=1000, from_user="acme", service="200",
+                          timeout=30)
+        held = {"total": profile_size(st.port, "total"), "acme": profile_size(st.port, "account", "acme"),
+                "bob": profile_size(st.port, "account", "bob")}
+        native = {"total": native_size(kam, "callpolicy"), "acme": native_size(kam, "callpolicy_account", "acme"),
+                  "bob": native_size(kam, "callpolicy_account", "bob")}
+        assert held == {"total": 5, "acme": 3, "bob": 2}, st.dump()
+        assert native == held
+        assert acme.result().first_recv(200) == 3 and bob.result().first_recv(200) == 2
+    assert refused.recv(486) == 4, refused.counts
+    sizes = wait_profiles_zero(st.port)
+    assert not any(sizes.values()), sizes
+    assert native_size(kam, "callpolicy") == 0
+    assert native_size(kam, "callpolicy_account", "acme") == 0
+    assert native_size(kam, "callpolicy_account", "bob") == 0
