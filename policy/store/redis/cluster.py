@@ -155,7 +155,7 @@ def cluster_script_source(name: str) -> str:
     body = (base / f"{name}.lua").read_text(encoding="utf-8")
     if name == "epoch":
         return body
-    lib = (base / "_cluster_lib.lua").read_text(encoding="utf-8")
+    lib = "\n".join((base / f).read_text(encoding="utf-8") for f in ("_codec.lua", "_cluster_lib.lua"))
     if name in MULTI:
         return lib + "\nlocal function one(KEYS, ARGV)\n" + body + "\nend\n" + MULTI_DRIVER
     return lib + "\n" + body

@@ -35,7 +35,7 @@ RESERVE_FIXED = 15
 
 
 def pack_items(items: Iterable[str]) -> str:
-    """Strings as one ``<bytes>:<text>`` sequence (what _lib.lua's `items` splits)."""
+    """Strings as one ``<bytes>:<text>`` sequence (what _codec.lua's `items` splits)."""
     return "".join(f"{len(s.encode())}:{s}" for s in items)
 
 

@@ -98,7 +98,7 @@ OFFSET_QUANTUM = 1.0 / 1024
 def script_source(name: str) -> str:
     """The text Redis runs for script `name`: the shared helpers, then the script."""
     base = resources.files("policy.store.redis") / "lua"
-    lib = (base / "_lib.lua").read_text(encoding="utf-8")
+    lib = "\n".join((base / f).read_text(encoding="utf-8") for f in ("_codec.lua", "_lib.lua"))
     body = (base / f"{name}.lua").read_text(encoding="utf-8")
     return body if name == "epoch" else lib + "\n" + body
 

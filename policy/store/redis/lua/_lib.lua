@@ -8,35 +8,7 @@
 -- they are given (KEYS: P..'n').
 -- Times are Redis-base seconds as decimal text (the client adds its measured offset to its clock).
 
--- The strings of a '<bytes>:<text>' sequence (codec.py `pack_items`).
-local function items(s)
-  local out, pos, len = {}, 1, #s
-  while pos <= len do
-    local c = string.find(s, ':', pos, true)
-    local n = tonumber(string.sub(s, pos, c - 1))
-    out[#out + 1] = string.sub(s, c + 1, c + n)
-    pos = c + n + 1
-  end
-  return out
-end
-
--- The same, the other way (records of expired calls in the reports list).
-local function pack(list)
-  local parts = {}
-  for i, s in ipairs(list) do
-    parts[i] = #s .. ':' .. s
-  end
-  return table.concat(parts)
-end
-
--- An HGETALL reply as a table field -> value.
-local function hash(flat)
-  local h = {}
-  for i = 1, #flat, 2 do
-    h[flat[i]] = flat[i + 1]
-  end
-  return h
-end
+-- (items, pack and hash: _codec.lua, prepended before this file)
 
 -- The key prefix P from the counters key P..'n'.
 local function prefix_of(counts_key)
