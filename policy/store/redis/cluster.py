@@ -673,14 +673,7 @@ class RedisClusterStore(CounterStore):
     async def _finish(self, sh: Shard, uids: Sequence[str], owner: str, deadline: float | None) -> None:
         """cluster_finish for these calls of one owner (coalesced per shard and tick)."""
         futs = [self._batch.finish(sh.slot, sh.locks, sh.record(uid), uid, owner) for uid in uids]
-        failed: StoreError | None = None
-        for fut in futs:
-            try:
-                await fut
-            except StoreError as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+        await _every(futs)
 
     async def _all(self, cmds: Sequence[tuple[int, bytes]], deadline: float | None) -> list[Any]:
         """Send commands (slot, packed) at once, then wait for every reply (redirects followed)."""
@@ -1096,14 +1089,7 @@ class RedisClusterStore(CounterStore):
         """Give back the tokens these holds took (a reserve whose call was not admitted); a hold
         that is gone (settled, expired, refunded already) gives nothing."""
         futs = [self._refund_op(name, slot, hold, base) for name, slot, hold in holds]
-        failed: StoreError | None = None
-        for fut in futs:
-            try:
-                await fut
-            except StoreError as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+        await _every(futs)
 
     def _refund_op(self, name: str, slot: int, hold: str, base: float) -> asyncio.Future[Any]:
         fut = self._batch.rate(name, slot, "r", hold, base)
@@ -1199,14 +1185,7 @@ class RedisClusterStore(CounterStore):
         for kid in unpack_items(k)[1:]:
             name, slot = self.layout.key_of_kid(kid)
             futs.append(self._batch.remove(name, slot, uid))
-        failed: StoreError | None = None
-        for fut in futs:
-            try:
-                await fut
-            except StoreError as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+        await _every(futs)
 
     # -- the life of a call -------------------------------------------------------------------
 
@@ -1613,6 +1592,18 @@ class RedisClusterStore(CounterStore):
         if failed is not None and not out:
             raise failed
         return out
+
+
+async def _every(futs: Sequence[Awaitable[Any]]) -> None:
+    """Wait for every one of these (each was sent already), then raise the first StoreError."""
+    failed: StoreError | None = None
+    for fut in futs:
+        try:
+            await fut
+        except StoreError as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
 
 
 def _packed(*cmd: Any) -> bytes:
