@@ -253,6 +253,37 @@ async def test_repeated_check_takes_the_admission_over(store: CounterStore) -> N
     assert await store.get_call(c.uid, T0 + 4) is None
 
 
+async def test_stale_answer_and_refresh_change_nothing(store: CounterStore) -> None:
+    """After a repeated check took the admission over, `answer` and `refresh` with the first token
+    (late notices of the earlier attempt) return the held record and change nothing: not its
+    state, not its lease, not its token; the holder's own notices still work."""
+    plan = [acct("acme", 3)]
+    c = call("a", from_tag="ft")
+    await store.reserve(c, plan, T0, 300, "first")
+    await store.reserve(c, plan, T0 + 1, 300, "second")
+    held = await store.get_call(c.uid, T0 + 1)
+    assert held is not None and held.token == "second" and held.state == "early"
+    before = (held.state, held.timeout, held.expires, held.start_ts, held.token)
+    stale = await store.refresh(c.uid, T0 + 2, 3600, "first")
+    assert stale is not None and stale.token == "second"
+    stale = await store.answer(c.uid, T0 + 3, 7200, "first")
+    assert stale is not None and stale.token == "second"
+    after = await store.get_call(c.uid, T0 + 3)
+    assert after is not None and (after.state, after.timeout, after.expires, after.start_ts, after.token) == before
+    # the holder answers; a stale refresh of the active call does not extend its lease either
+    ans = await store.answer(c.uid, T0 + 4, 600, "second")
+    assert ans is not None and ans.state == "active" and ans.expires == T0 + 4 + 600
+    stale = await store.refresh(c.uid, T0 + 5, 3600, "first")
+    assert stale is not None and stale.token == "second"
+    held = await store.get_call(c.uid, T0 + 5)
+    assert held is not None and (held.state, held.timeout, held.expires) == ("active", 600, T0 + 4 + 600)
+    assert await store.profile_size("account", "acme", T0 + 5) == 1
+    # the lease still ends when the holder's answer said: the stale refresh kept nothing alive
+    assert await store.sweep(T0 + 4 + 600 - 1) == []
+    assert [r.uid for r in await store.sweep(T0 + 4 + 600 + 1)] == [c.uid]
+    assert await store.profile_size("account", "acme", T0 + 700) == 0
+
+
 async def test_repeated_check_with_other_fields_is_a_conflict(store: CounterStore) -> None:
     """The same identity with another account is refused and changes nothing."""
     c = call("a", from_tag="ft")
