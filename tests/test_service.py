@@ -225,6 +225,61 @@ async def test_repeated_check_is_idempotent(running: Running) -> None:
     await c.close()
 
 
+async def test_late_answer_and_refresh_of_an_earlier_attempt_are_stale(running: Running) -> None:
+    """A repeated check (same Call-ID and From-tag) takes the admission over with a new token;
+    `answer`/`refresh` carrying the first token answer `found: false, stale: true` and change
+    nothing: the held call stays early, with its lease and the new token, and expires on time."""
+    c = await running.client()
+    first = await c.call("check", **chk("a", from_tag="ft"))
+    assert first["decision"] == "allow" and first["token"]
+    running.clock.advance(10)
+    second = await c.call("check", **chk("a", from_tag="ft"))
+    assert second["decision"] == "allow" and second["duplicate"] is True
+    assert second["token"] and second["token"] != first["token"]
+
+    async def held() -> dict[str, Any]:
+        page = await c.call("profile_list", profile="account", value="acme")
+        [rec] = page["calls"]
+        assert rec["call_id"] == "a" and rec["from_tag"] == "ft"
+        out: dict[str, Any] = rec
+        return out
+
+    before = await held()
+    assert before["state"] == "early" and before["token"] == second["token"]
+    running.clock.advance(10)
+    r = await c.call("answer", call_id="a", from_tag="ft", token=first["token"])
+    assert r == {"ok": True, "found": False, "stale": True}
+    r = await c.call("refresh", call_id="a", from_tag="ft", token=first["token"], timeout=3600)
+    assert r == {"ok": True, "found": False, "stale": True}
+    assert await held() == before
+    # the early lease taken over by the second check (early_timeout, 300 s) still ends on time
+    running.clock.advance(before["expires"] - running.clock.now() - 1)
+    assert await size(c, "account", "acme") == 1
+    running.clock.advance(1)
+    assert await size(c, "account", "acme") == 0
+    await c.close()
+
+
+async def test_late_refresh_of_an_earlier_attempt_does_not_extend_an_answered_call(running: Running) -> None:
+    """Once the holder answered, a `refresh` with the earlier token is stale and keeps nothing
+    alive: the answered call's lease is the one its answer gave."""
+    c = await running.client()
+    first = await c.call("check", **chk("a", from_tag="ft"))
+    second = await c.call("check", **chk("a", from_tag="ft"))
+    r = await c.call("answer", call_id="a", from_tag="ft", token=second["token"], timeout=600)
+    assert r["found"] is True and r["state"] == "active"
+    expires = r["expires"]
+    running.clock.advance(500)
+    r = await c.call("refresh", call_id="a", from_tag="ft", token=first["token"], timeout=3600)
+    assert r == {"ok": True, "found": False, "stale": True}
+    page = await c.call("profile_list", profile="account", value="acme")
+    [rec] = page["calls"]
+    assert (rec["state"], rec["expires"], rec["token"]) == ("active", expires, second["token"])
+    running.clock.advance(expires - running.clock.now())
+    assert await size(c, "account", "acme") == 0
+    await c.close()
+
+
 async def test_end_releases_once(running: Running) -> None:
     """end releases every slot; again, or for an unknown call, it is a no-op that says so."""
     c = await running.client()
