@@ -337,20 +337,30 @@ def test_the_log_level_decides_whether_checks_are_explained(tmp_path: Path) -> N
 
 
 async def test_a_rate_rule_fails_closed_when_the_store_is_down(tmp_path: Path) -> None:
-    """Store down: an enforced rate whose rule says `on_store_error = "deny"` (the default) gives
-    503; `allow` lets the call through; a shadow rate never denies."""
+    """Store down: an enforced rate or limit whose rule says `on_store_error = "deny"` (the
+    default) gives 503 "Call policy store unavailable"; `allow` lets the call through; a shadow
+    rate or a shadow limit never denies, even with `on_store_error = "deny"`."""
     rules = tmp_path / "r.toml"
-    rules.write_text('[profiles]\nno_value = ["total"]\n'
+    rules.write_text('[profiles]\nno_value = ["total"]\nwith_value = ["account"]\n'
                      '[[rule]]\nname = "closed"\nmatch = { account = "a" }\nrate = { max = 5 }\n'
                      '[[rule]]\nname = "open"\nmatch = { account = "b" }\nrate = { max = 5 }\n'
                      'on_store_error = "allow"\n'
-                     '[[rule]]\nname = "shadowed"\nmatch = { account = "c" }\nrate = { max = 5 }\nshadow = true\n')
+                     '[[rule]]\nname = "shadowed"\nmatch = { account = "c" }\nrate = { max = 5 }\nshadow = true\n'
+                     '[[rule]]\nname = "capped"\nmatch = { account = "d" }\n'
+                     'limit = { profile = "account", value = "{account}", max = 5 }\n'
+                     '[[rule]]\nname = "shadow-cap"\nmatch = { account = "e" }\n'
+                     'limit = { profile = "account", value = "{account}", max = 5 }\nshadow = true\n'
+                     'on_store_error = "deny"\n')
     svc = PolicyService(rules, DownStore(), clock=ManualClock())
-    r = await svc.handle({"op": "check", **chk("1", "a")})
-    assert (r["decision"], r["code"], r["rule"]) == ("deny", 503, "closed") and r["store_error"]
-    for account in ("b", "c"):
+    for account, rule in (("a", "closed"), ("d", "capped")):
+        r = await svc.handle({"op": "check", **chk("1", account)})
+        assert (r["decision"], r["code"], r["reason"], r["rule"]) == (
+            "deny", 503, "Call policy store unavailable", rule), account
+        assert r["store_error"] == "connection refused"
+    for account in ("b", "c", "e"):
         r = await svc.handle({"op": "check", **chk("2", account)})
-        assert r["decision"] == "allow" and r["store_error"]
+        assert r["decision"] == "allow" and r["store_error"] == "connection refused", account
+        assert "code" not in r and "reason" not in r and "rule" not in r, account
 
 
 def test_decide_merges_a_rules_limit_and_rate_tallies() -> None:

@@ -645,6 +645,7 @@ async def test_store_error_policy_per_rule() -> None:
     assert r["ok"] and r["decision"] == "allow" and r["store_error"] == "connection refused"
     r = await svc.handle({"op": "check", **chk("o")})
     assert (r["decision"], r["code"], r["rule"]) == ("deny", 503, "account-cap")
+    assert r["reason"] == "Call policy store unavailable" and r["store_error"] == "connection refused"
     r = await svc.handle({"op": "end", "call_id": "o"})
     assert r["ok"] is True and r["queued"] is True  # kept, applied once the store answers
     assert svc.notices.info()["pending"] == 1
