@@ -34,10 +34,10 @@ def check(c: LineClient, cid: str, user: str = "6001", account: str = "acme", to
     return decision
 
 
-def write_config(tmp: Path, snapshot_interval: float = 10.0) -> Path:
-    """A service.toml for a test (ports and paths come from the command line)."""
+def write_config(tmp: Path, snapshot_interval: float = 10.0, extra: str = "") -> Path:
+    """A service.toml for a test (ports and paths come from the command line); `extra` is more TOML."""
     cfg = tmp / "service.toml"
-    cfg.write_text(f"[store]\nsnapshot_interval = {snapshot_interval}\n[metrics]\nlisten = false\n")
+    cfg.write_text(f"[store]\nsnapshot_interval = {snapshot_interval}\n[metrics]\nlisten = false\n{extra}")
     return cfg
 
 
@@ -221,25 +221,66 @@ def test_corrupt_snapshot_is_set_aside(tmp_path: Path) -> None:
     assert list(tmp_path.glob("snapshot.json.corrupt-*"))
 
 
+def wait_for_rules_version(c: LineClient, old: str, timeout: float = 5.0) -> str:
+    """Poll `stats` until the rules version differs from `old` (bounded); the version seen last."""
+    deadline = time.monotonic() + timeout
+    version: str = c.call("stats")["rules_version"]
+    while version == old and time.monotonic() < deadline:
+        time.sleep(0.05)
+        version = c.call("stats")["rules_version"]
+    return version
+
+
 def test_sighup_reloads_and_logs_listening_line(tmp_path: Path) -> None:
-    """SIGHUP reloads edited rules; the start logs one line with where it listens and the rule count."""
+    """SIGHUP reloads edited rules; the start logs one line with where it listens and the rule count.
+
+    The file watch is off here, so only the signal can have reloaded them."""
     rules = tmp_path / "rules"
     shutil.copytree(ROOT / "rules", rules)
-    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=write_config(tmp_path)).start()
+    cfg = write_config(tmp_path, extra="[rules]\nwatch = false\n")
+    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=cfg).start()
     [listening] = [e for e in svc.log_events() if e["event"] == "listening"]
     assert listening["tcp"] == f"127.0.0.1:{svc.port}" and listening["udp"] == f"127.0.0.1:{svc.port}"
     assert listening["unix"] == svc.unix and listening["rules"] == 8 and listening["store"] == "embedded"
     c = svc.client()
     v1 = c.call("stats")["rules_version"]
+    assert listening["rules_version"] == v1
     (rules / "account-limits.toml").write_text("[overrides.account-cap]\nacme = 1\n")
+    time.sleep(1.5)  # longer than the default watch interval: nothing reloads without the signal
+    assert c.call("stats")["rules_version"] == v1
+    assert not [e for e in svc.log_events() if e["event"] == "rules_reloaded"]
     svc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while c.call("stats")["rules_version"] == v1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    v2 = wait_for_rules_version(c, v1)
+    assert v2 != v1
+    stats = c.call("stats")
+    assert stats["reloads"] == 1 and stats["reload_errors"] == 0
     assert check(c, "a0", user="u0") == "allow"
     assert check(c, "a1", user="u1") == "deny"
     c.close()
     svc.stop()
+    [reloaded] = [e for e in svc.log_events() if e["event"] == "rules_reloaded"]
+    assert reloaded["version"] == v2 and reloaded["previous"] == v1 and reloaded["rules"] == 8
+
+
+def test_rules_watch_reloads_an_edit_without_a_signal(tmp_path: Path) -> None:
+    """`[rules] watch = true`: a saved edit is picked up within a few watch intervals, no signal sent."""
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    cfg = write_config(tmp_path, extra="[rules]\nwatch = true\nwatch_interval = 0.2\n")
+    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=cfg).start()
+    c = svc.client()
+    v1 = c.call("stats")["rules_version"]
+    assert check(c, "w0", user="u0") == "allow"
+    assert check(c, "w1", user="u1") == "allow"
+    assert c.call("end", call_id="w1")["released"] is True
+    (rules / "account-limits.toml").write_text("[overrides.account-cap]\nacme = 1\n")
+    v2 = wait_for_rules_version(c, v1)
+    assert v2 != v1, "the edit was not picked up within 5 s"
+    assert check(c, "w2", user="u2") == "deny"  # acme holds w0: at its new cap of 1
+    c.close()
+    svc.stop()
+    [reloaded] = [e for e in svc.log_events() if e["event"] == "rules_reloaded"]
+    assert reloaded["version"] == v2 and reloaded["previous"] == v1
 
 
 def test_bad_rules_at_start_exit_with_the_message(tmp_path: Path) -> None:
