@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -389,3 +390,88 @@ def test_prometheus_metrics(tmp_path: Path) -> None:
     assert 'callpolicy_rule_decisions_total{outcome="deny",rule="account-cap"} 1.0' in body
     assert "callpolicy_dialog_early_dialogs 3.0" in body
     assert 'callpolicy_task_restarts_total{task="sweeper"} 0.0' in body
+
+
+def ping_unix(svc: ServiceProcess, timeout: float = 15.0) -> dict[str, object]:
+    """Ping `svc` on its own Unix socket, waiting (bounded) until it is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert svc.proc is not None and svc.proc.poll() is None, svc.log()
+        try:
+            c = LineClient(unix=svc.unix, timeout=1.0)
+        except OSError:
+            assert time.monotonic() < deadline, f"{svc.unix} never answered:\n{svc.log()}"
+            time.sleep(0.05)
+            continue
+        try:
+            r = c.call("ping")
+        finally:
+            c.close()
+        assert r["ok"], r
+        return r
+
+
+def test_reuse_port_two_processes_answer_on_one_port(tmp_path: Path) -> None:
+    """`[listen] reuse_port = true`: two processes (an embedded store each) serve one TCP and UDP
+    port and the kernel spreads new connections and datagrams over both; without it the second
+    process cannot bind the port.
+
+    Each process has its own rules (a different rules_version, which `ping` returns), so a reply
+    says which process answered."""
+    rules_b = tmp_path / "rules-b"
+    shutil.copytree(ROOT / "rules", rules_b)
+    (rules_b / "account-limits.toml").write_text("[overrides.account-cap]\nacme = 1\n")
+    procs: list[ServiceProcess] = []
+    try:
+        for name, rules in (("a", ROOT / "rules"), ("b", rules_b)):
+            work = tmp_path / name
+            work.mkdir()
+            cfg = write_config(work, extra="[listen]\nreuse_port = true\n[rules]\nwatch = false\n")
+            procs.append(ServiceProcess(rules=rules, workdir=work, config=cfg,
+                                        port=procs[0].port if procs else None).start())
+        a, b = procs
+        assert a.port == b.port
+        versions = {}
+        for svc in (a, b):  # each one's own version, asked on its own Unix socket
+            # start() returns on a ping over the shared port, which the other one may have answered
+            versions[svc.unix] = ping_unix(svc)["rules_version"]
+        assert len(set(versions.values())) == 2
+        for svc in (a, b):
+            [listening] = [e for e in svc.log_events() if e["event"] == "listening"]
+            assert listening["tcp"] == listening["udp"] == f"127.0.0.1:{a.port}"
+
+        seen_tcp: set[str] = set()
+        for _ in range(200):  # each new connection lands on one of them (hash of the 4-tuple)
+            c = LineClient(port=a.port)
+            r = c.call("ping")
+            c.close()
+            assert r["ok"] and r["pong"] is True
+            seen_tcp.add(r["rules_version"])
+            if seen_tcp == set(versions.values()):
+                break
+        assert seen_tcp == set(versions.values())
+
+        seen_udp: set[str] = set()
+        for i in range(200):  # each new source port: one of them (padded: a UDP answer is never bigger)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.settimeout(2.0)
+                u.sendto(orjson.dumps({"op": "ping", "id": i, "pad": "x" * 100}), ("127.0.0.1", a.port))
+                r = orjson.loads(u.recv(65535))
+            assert r["ok"] and r["id"] == i
+            seen_udp.add(r["rules_version"])
+            if seen_udp == set(versions.values()):
+                break
+        assert seen_udp == set(versions.values())
+
+        work = tmp_path / "c"
+        work.mkdir()
+        r = cli("--config", str(write_config(work)), "serve", "--rules", str(ROOT / "rules"), "--listen",
+                f"127.0.0.1:{a.port}", "--unix", "none", "--snapshot", "none", "--metrics", "none")
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith("callpolicy: cannot start: ") and str(a.port) in r.stderr, r.stderr
+        assert "address already in use" in r.stderr, r.stderr
+        for svc in (a, b):  # the refused one disturbed neither
+            assert ping_unix(svc)["rules_version"] == versions[svc.unix]
+    finally:
+        codes = [svc.stop() for svc in procs]
+    assert codes == [0, 0]
