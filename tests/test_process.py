@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -313,6 +314,69 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> ServiceProcess:
     svc = ServiceProcess(workdir=tmp, config=write_config(tmp)).start()
     yield svc  # type: ignore[misc]
     svc.stop()
+
+
+def test_cli_quick_start_check_output_and_ping(service: ServiceProcess) -> None:
+    """README's Quick start, line by line: the check's profile lines and the hint to end the call,
+    which works; `callpolicy ping` says pong. (First on the module's service: acme is empty.)"""
+    srv = f"127.0.0.1:{service.port}"
+    ping = cli("ping", "--server", srv)
+    assert ping.returncode == 0 and ping.stdout.strip() == "pong", ping.stdout + ping.stderr
+    r = cli("check", "--server", srv, "--from", "sip:6001@example.com", "--to", "sip:00861012345678@example.com",
+            "--account", "acme")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    m = re.fullmatch(r"ALLOW  call_id=(cli-[0-9a-f-]{36})", lines[0])
+    assert m, lines[0]
+    cid = m.group(1)
+    assert lines[1:] == [
+        "  total: 1  (count-all)",
+        "  type=international: 1  (count-all)",
+        "  international: 1  (count-international)",
+        "  account=acme: 1/3  (account-cap)",
+        "  user=6001@example.com: 1/4  (user-cap)",
+        "  international: 1/2  (international-shadow shadow)",
+        f"  held until it expires or: callpolicy end {cid}",
+    ]
+    readme = (ROOT / "README.md").read_text()
+    for line in lines[1:-1]:  # what README's Quick start shows is what the CLI prints
+        assert f"\n{line}\n" in readme, line
+    assert "\n  held until it expires or: callpolicy end cli-" in readme
+    assert cli("profile", "size", "account", "acme", "--server", srv).stdout.strip() == "1"
+    hint = lines[-1].split("or: ", 1)[1].split()
+    assert hint[:2] == ["callpolicy", "end"]
+    end = cli(*hint[1:], "--server", srv)
+    assert end.returncode == 0 and end.stdout.strip() == "released"
+    assert cli("profile", "size", "account", "acme", "--server", srv).stdout.strip() == "0"
+    down = cli("ping", "--server", "127.0.0.1:1")
+    assert down.returncode == 2 and "cannot connect to callpolicy at 127.0.0.1:1" in down.stderr
+
+
+def test_cli_check_ruri_reaches_the_rules(tmp_path: Path) -> None:
+    """`check --ruri` sends the Request-URI: a rule on `ruri_user` counts and caps the calls that
+    carry it, and not a call whose To has the same number but no --ruri."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.toml").write_text(
+        '[profiles]\nno_value = ["premium"]\n'
+        '[[rule]]\nname = "premium-cap"\nmatch = { ruri_user = "0900123" }\n'
+        'limit = { profile = "premium", max = 1 }\ndeny = { code = 403, reason = "Premium busy" }\n')
+    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=write_config(tmp_path)).start()
+    try:
+        srv = f"127.0.0.1:{svc.port}"
+        base = ("check", "--server", srv, "--from", "sip:6001@example.com", "--to", "sip:0900123@example.com")
+        first = cli(*base, "--ruri", "sip:0900123@gw.example.com", "--call-id", "r1")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.splitlines()[:2] == ["ALLOW  call_id=r1", "  premium: 1/1  (premium-cap)"]
+        second = cli(*base, "--ruri", "sip:0900123@gw.example.com", "--call-id", "r2")
+        assert second.stdout.startswith("DENY 403 Premium busy (rule premium-cap)  call_id=r2"), second.stdout
+        plain = cli(*base, "--call-id", "r3")  # no Request-URI: the rule does not match
+        assert plain.stdout.splitlines() == ["ALLOW  call_id=r3", "  held until it expires or: callpolicy end r3"]
+        other = cli(*base, "--ruri", "sip:0900999@gw.example.com", "--call-id", "r4")
+        assert other.stdout.startswith("ALLOW  call_id=r4"), other.stdout
+        assert cli("profile", "size", "premium", "--server", srv).stdout.strip() == "1"
+    finally:
+        svc.stop()
 
 
 def test_cli_check_profile_end_stats(service: ServiceProcess) -> None:
