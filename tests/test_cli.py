@@ -83,6 +83,27 @@ def test_config_is_accepted_after_the_command(tmp_path: Path) -> None:
     assert r.returncode == 2 and "missing.toml" in r.stderr
 
 
+def test_serve_tcp_and_udp_options_reach_the_settings(tmp_path: Path) -> None:
+    """`serve --tcp HOST:PORT --udp HOST:PORT` set each listener apart (over service.toml and
+    --listen); `none` switches one off."""
+    cfg = tmp_path / "service.toml"
+    cfg.write_text('[listen]\ntcp = "127.0.0.1:7000"\nudp = "127.0.0.1:7001"\n[metrics]\nlisten = false\n')
+    p = build_parser()
+
+    def listeners(*argv: str) -> tuple[str | None, str | None]:
+        s = _settings(p.parse_args(["--config", str(cfg), "serve", *argv]))
+        return s.tcp, s.udp
+
+    assert listeners() == ("127.0.0.1:7000", "127.0.0.1:7001")
+    assert listeners("--tcp", "127.0.0.2:5100", "--udp", "127.0.0.3:5101") == ("127.0.0.2:5100", "127.0.0.3:5101")
+    assert listeners("--tcp", "127.0.0.2:5100") == ("127.0.0.2:5100", "127.0.0.1:7001")
+    assert listeners("--udp", "[::1]:5101") == ("127.0.0.1:7000", "[::1]:5101")
+    assert listeners("--listen", "127.0.0.4:5200") == ("127.0.0.4:5200", "127.0.0.4:5200")
+    assert listeners("--listen", "127.0.0.4:5200", "--udp", "127.0.0.5:5201") == ("127.0.0.4:5200", "127.0.0.5:5201")
+    assert listeners("--tcp", "none", "--udp", "127.0.0.3:5101") == (None, "127.0.0.3:5101")
+    assert listeners("--listen", "none") == (None, None)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--to", "sip:1@x"], "--from and --to are required"),
     (["--from", "sip:1@x"], "--from and --to are required"),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -34,10 +36,10 @@ def check(c: LineClient, cid: str, user: str = "6001", account: str = "acme", to
     return decision
 
 
-def write_config(tmp: Path, snapshot_interval: float = 10.0) -> Path:
-    """A service.toml for a test (ports and paths come from the command line)."""
+def write_config(tmp: Path, snapshot_interval: float = 10.0, extra: str = "") -> Path:
+    """A service.toml for a test (ports and paths come from the command line); `extra` is more TOML."""
     cfg = tmp / "service.toml"
-    cfg.write_text(f"[store]\nsnapshot_interval = {snapshot_interval}\n[metrics]\nlisten = false\n")
+    cfg.write_text(f"[store]\nsnapshot_interval = {snapshot_interval}\n[metrics]\nlisten = false\n{extra}")
     return cfg
 
 
@@ -221,25 +223,66 @@ def test_corrupt_snapshot_is_set_aside(tmp_path: Path) -> None:
     assert list(tmp_path.glob("snapshot.json.corrupt-*"))
 
 
+def wait_for_rules_version(c: LineClient, old: str, timeout: float = 5.0) -> str:
+    """Poll `stats` until the rules version differs from `old` (bounded); the version seen last."""
+    deadline = time.monotonic() + timeout
+    version: str = c.call("stats")["rules_version"]
+    while version == old and time.monotonic() < deadline:
+        time.sleep(0.05)
+        version = c.call("stats")["rules_version"]
+    return version
+
+
 def test_sighup_reloads_and_logs_listening_line(tmp_path: Path) -> None:
-    """SIGHUP reloads edited rules; the start logs one line with where it listens and the rule count."""
+    """SIGHUP reloads edited rules; the start logs one line with where it listens and the rule count.
+
+    The file watch is off here, so only the signal can have reloaded them."""
     rules = tmp_path / "rules"
     shutil.copytree(ROOT / "rules", rules)
-    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=write_config(tmp_path)).start()
+    cfg = write_config(tmp_path, extra="[rules]\nwatch = false\n")
+    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=cfg).start()
     [listening] = [e for e in svc.log_events() if e["event"] == "listening"]
     assert listening["tcp"] == f"127.0.0.1:{svc.port}" and listening["udp"] == f"127.0.0.1:{svc.port}"
     assert listening["unix"] == svc.unix and listening["rules"] == 8 and listening["store"] == "embedded"
     c = svc.client()
     v1 = c.call("stats")["rules_version"]
+    assert listening["rules_version"] == v1
     (rules / "account-limits.toml").write_text("[overrides.account-cap]\nacme = 1\n")
+    time.sleep(1.5)  # longer than the default watch interval: nothing reloads without the signal
+    assert c.call("stats")["rules_version"] == v1
+    assert not [e for e in svc.log_events() if e["event"] == "rules_reloaded"]
     svc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while c.call("stats")["rules_version"] == v1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    v2 = wait_for_rules_version(c, v1)
+    assert v2 != v1
+    stats = c.call("stats")
+    assert stats["reloads"] == 1 and stats["reload_errors"] == 0
     assert check(c, "a0", user="u0") == "allow"
     assert check(c, "a1", user="u1") == "deny"
     c.close()
     svc.stop()
+    [reloaded] = [e for e in svc.log_events() if e["event"] == "rules_reloaded"]
+    assert reloaded["version"] == v2 and reloaded["previous"] == v1 and reloaded["rules"] == 8
+
+
+def test_rules_watch_reloads_an_edit_without_a_signal(tmp_path: Path) -> None:
+    """`[rules] watch = true`: a saved edit is picked up within a few watch intervals, no signal sent."""
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    cfg = write_config(tmp_path, extra="[rules]\nwatch = true\nwatch_interval = 0.2\n")
+    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=cfg).start()
+    c = svc.client()
+    v1 = c.call("stats")["rules_version"]
+    assert check(c, "w0", user="u0") == "allow"
+    assert check(c, "w1", user="u1") == "allow"
+    assert c.call("end", call_id="w1")["released"] is True
+    (rules / "account-limits.toml").write_text("[overrides.account-cap]\nacme = 1\n")
+    v2 = wait_for_rules_version(c, v1)
+    assert v2 != v1, "the edit was not picked up within 5 s"
+    assert check(c, "w2", user="u2") == "deny"  # acme holds w0: at its new cap of 1
+    c.close()
+    svc.stop()
+    [reloaded] = [e for e in svc.log_events() if e["event"] == "rules_reloaded"]
+    assert reloaded["version"] == v2 and reloaded["previous"] == v1
 
 
 def test_bad_rules_at_start_exit_with_the_message(tmp_path: Path) -> None:
@@ -271,6 +314,69 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> ServiceProcess:
     svc = ServiceProcess(workdir=tmp, config=write_config(tmp)).start()
     yield svc  # type: ignore[misc]
     svc.stop()
+
+
+def test_cli_quick_start_check_output_and_ping(service: ServiceProcess) -> None:
+    """README's Quick start, line by line: the check's profile lines and the hint to end the call,
+    which works; `callpolicy ping` says pong. (First on the module's service: acme is empty.)"""
+    srv = f"127.0.0.1:{service.port}"
+    ping = cli("ping", "--server", srv)
+    assert ping.returncode == 0 and ping.stdout.strip() == "pong", ping.stdout + ping.stderr
+    r = cli("check", "--server", srv, "--from", "sip:6001@example.com", "--to", "sip:00861012345678@example.com",
+            "--account", "acme")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    m = re.fullmatch(r"ALLOW  call_id=(cli-[0-9a-f-]{36})", lines[0])
+    assert m, lines[0]
+    cid = m.group(1)
+    assert lines[1:] == [
+        "  total: 1  (count-all)",
+        "  type=international: 1  (count-all)",
+        "  international: 1  (count-international)",
+        "  account=acme: 1/3  (account-cap)",
+        "  user=6001@example.com: 1/4  (user-cap)",
+        "  international: 1/2  (international-shadow shadow)",
+        f"  held until it expires or: callpolicy end {cid}",
+    ]
+    readme = (ROOT / "README.md").read_text()
+    for line in lines[1:-1]:  # what README's Quick start shows is what the CLI prints
+        assert f"\n{line}\n" in readme, line
+    assert "\n  held until it expires or: callpolicy end cli-" in readme
+    assert cli("profile", "size", "account", "acme", "--server", srv).stdout.strip() == "1"
+    hint = lines[-1].split("or: ", 1)[1].split()
+    assert hint[:2] == ["callpolicy", "end"]
+    end = cli(*hint[1:], "--server", srv)
+    assert end.returncode == 0 and end.stdout.strip() == "released"
+    assert cli("profile", "size", "account", "acme", "--server", srv).stdout.strip() == "0"
+    down = cli("ping", "--server", "127.0.0.1:1")
+    assert down.returncode == 2 and "cannot connect to callpolicy at 127.0.0.1:1" in down.stderr
+
+
+def test_cli_check_ruri_reaches_the_rules(tmp_path: Path) -> None:
+    """`check --ruri` sends the Request-URI: a rule on `ruri_user` counts and caps the calls that
+    carry it, and not a call whose To has the same number but no --ruri."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.toml").write_text(
+        '[profiles]\nno_value = ["premium"]\n'
+        '[[rule]]\nname = "premium-cap"\nmatch = { ruri_user = "0900123" }\n'
+        'limit = { profile = "premium", max = 1 }\ndeny = { code = 403, reason = "Premium busy" }\n')
+    svc = ServiceProcess(rules=rules, workdir=tmp_path, config=write_config(tmp_path)).start()
+    try:
+        srv = f"127.0.0.1:{svc.port}"
+        base = ("check", "--server", srv, "--from", "sip:6001@example.com", "--to", "sip:0900123@example.com")
+        first = cli(*base, "--ruri", "sip:0900123@gw.example.com", "--call-id", "r1")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.splitlines()[:2] == ["ALLOW  call_id=r1", "  premium: 1/1  (premium-cap)"]
+        second = cli(*base, "--ruri", "sip:0900123@gw.example.com", "--call-id", "r2")
+        assert second.stdout.startswith("DENY 403 Premium busy (rule premium-cap)  call_id=r2"), second.stdout
+        plain = cli(*base, "--call-id", "r3")  # no Request-URI: the rule does not match
+        assert plain.stdout.splitlines() == ["ALLOW  call_id=r3", "  held until it expires or: callpolicy end r3"]
+        other = cli(*base, "--ruri", "sip:0900999@gw.example.com", "--call-id", "r4")
+        assert other.stdout.startswith("ALLOW  call_id=r4"), other.stdout
+        assert cli("profile", "size", "premium", "--server", srv).stdout.strip() == "1"
+    finally:
+        svc.stop()
 
 
 def test_cli_check_profile_end_stats(service: ServiceProcess) -> None:
@@ -348,3 +454,88 @@ def test_prometheus_metrics(tmp_path: Path) -> None:
     assert 'callpolicy_rule_decisions_total{outcome="deny",rule="account-cap"} 1.0' in body
     assert "callpolicy_dialog_early_dialogs 3.0" in body
     assert 'callpolicy_task_restarts_total{task="sweeper"} 0.0' in body
+
+
+def ping_unix(svc: ServiceProcess, timeout: float = 15.0) -> dict[str, object]:
+    """Ping `svc` on its own Unix socket, waiting (bounded) until it is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert svc.proc is not None and svc.proc.poll() is None, svc.log()
+        try:
+            c = LineClient(unix=svc.unix, timeout=1.0)
+        except OSError:
+            assert time.monotonic() < deadline, f"{svc.unix} never answered:\n{svc.log()}"
+            time.sleep(0.05)
+            continue
+        try:
+            r = c.call("ping")
+        finally:
+            c.close()
+        assert r["ok"], r
+        return r
+
+
+def test_reuse_port_two_processes_answer_on_one_port(tmp_path: Path) -> None:
+    """`[listen] reuse_port = true`: two processes (an embedded store each) serve one TCP and UDP
+    port and the kernel spreads new connections and datagrams over both; without it the second
+    process cannot bind the port.
+
+    Each process has its own rules (a different rules_version, which `ping` returns), so a reply
+    says which process answered."""
+    rules_b = tmp_path / "rules-b"
+    shutil.copytree(ROOT / "rules", rules_b)
+    (rules_b / "account-limits.toml").write_text("[overrides.account-cap]\nacme = 1\n")
+    procs: list[ServiceProcess] = []
+    try:
+        for name, rules in (("a", ROOT / "rules"), ("b", rules_b)):
+            work = tmp_path / name
+            work.mkdir()
+            cfg = write_config(work, extra="[listen]\nreuse_port = true\n[rules]\nwatch = false\n")
+            procs.append(ServiceProcess(rules=rules, workdir=work, config=cfg,
+                                        port=procs[0].port if procs else None).start())
+        a, b = procs
+        assert a.port == b.port
+        versions = {}
+        for svc in (a, b):  # each one's own version, asked on its own Unix socket
+            # start() returns on a ping over the shared port, which the other one may have answered
+            versions[svc.unix] = ping_unix(svc)["rules_version"]
+        assert len(set(versions.values())) == 2
+        for svc in (a, b):
+            [listening] = [e for e in svc.log_events() if e["event"] == "listening"]
+            assert listening["tcp"] == listening["udp"] == f"127.0.0.1:{a.port}"
+
+        seen_tcp: set[str] = set()
+        for _ in range(200):  # each new connection lands on one of them (hash of the 4-tuple)
+            c = LineClient(port=a.port)
+            r = c.call("ping")
+            c.close()
+            assert r["ok"] and r["pong"] is True
+            seen_tcp.add(r["rules_version"])
+            if seen_tcp == set(versions.values()):
+                break
+        assert seen_tcp == set(versions.values())
+
+        seen_udp: set[str] = set()
+        for i in range(200):  # each new source port: one of them (padded: a UDP answer is never bigger)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.settimeout(2.0)
+                u.sendto(orjson.dumps({"op": "ping", "id": i, "pad": "x" * 100}), ("127.0.0.1", a.port))
+                r = orjson.loads(u.recv(65535))
+            assert r["ok"] and r["id"] == i
+            seen_udp.add(r["rules_version"])
+            if seen_udp == set(versions.values()):
+                break
+        assert seen_udp == set(versions.values())
+
+        work = tmp_path / "c"
+        work.mkdir()
+        r = cli("--config", str(write_config(work)), "serve", "--rules", str(ROOT / "rules"), "--listen",
+                f"127.0.0.1:{a.port}", "--unix", "none", "--snapshot", "none", "--metrics", "none")
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith("callpolicy: cannot start: ") and str(a.port) in r.stderr, r.stderr
+        assert "address already in use" in r.stderr, r.stderr
+        for svc in (a, b):  # the refused one disturbed neither
+            assert ping_unix(svc)["rules_version"] == versions[svc.unix]
+    finally:
+        codes = [svc.stop() for svc in procs]
+    assert codes == [0, 0]
