@@ -287,3 +287,60 @@ def on_terminal(args: list[str], answer: str, timeout: float = 30.0) -> tuple[st
         os.close(master)
         if proc.poll() is None:
             proc.kill()
+
+
+# -- terminate --profile asks first; profile list pages past one page --------------------------------
+
+
+def test_terminate_profile_asks_first(svc: ServiceProcess) -> None:
+    """`terminate --profile P VALUE` asks y/N before it asks any proxy: refused without a terminal
+    (no --yes) with the hint, 'n' on the terminal shows the question and sends nothing; 'y' goes on
+    to the request (here: no proxy, so the service's 'unavailable'). The calls stay held throughout."""
+    hold(svc, "termask", 2)
+    srv = f"127.0.0.1:{svc.port}"
+    args = ["terminate", "--profile", "account", "termask", "--server", srv]
+    r = cli(*args)
+    assert r.returncode == 1 and "not confirmed (no terminal): add --yes" in r.stderr, r
+    assert "unavailable" not in r.stderr and r.stdout == "" and size(svc, "account", "termask") == 2
+    out, rc = on_terminal(args, answer="n")
+    assert rc == 1, out
+    assert "End the 2 call(s) in account=termask in the proxies (BYE or CANCEL to both sides)? [y/N]" in out
+    assert "unavailable" not in out and "ended in their proxy" not in out  # no request was made
+    assert size(svc, "account", "termask") == 2
+    out, rc = on_terminal(args, answer="y")  # the yes reaches the service, which has no proxy to ask
+    assert rc == 1 and "End the 2 call(s) in account=termask" in out and "unavailable" in out, out
+    assert size(svc, "account", "termask") == 2
+
+
+def test_profile_list_pages_past_one_page(svc: ServiceProcess) -> None:
+    """`profile list account VALUE` prints every call though the service answers at most MAX_PAGE
+    (1000) per request; `--limit N` stops at N, across a page boundary too; no call twice."""
+    from policy.store.base import MAX_PAGE
+
+    n = 3 * MAX_PAGE
+    c = svc.client()
+    for i in range(n):
+        c.send({"op": "answer", "call_id": f"page-{i}", "account": "paged", "create": True,
+                "from": f"sip:pg{i}@x", "to": "sip:1@x"})
+    for _ in range(n):
+        assert c.recv()["ok"]
+    c.close()
+    srv = f"127.0.0.1:{svc.port}"
+    assert size(svc, "account", "paged") == n
+
+    def listed(*extra: str) -> list[str]:
+        r = cli("profile", "list", "account", "paged", "--server", srv, *extra)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].split()[0] == "CALL-ID"
+        ids = [ln.split()[0] for ln in lines[1:-1]]
+        assert lines[-1] == f"{len(ids)} call(s)"
+        return ids
+
+    every = listed()
+    assert len(every) == n and set(every) == {f"page-{i}" for i in range(n)}
+    for limit in (1, MAX_PAGE, MAX_PAGE + 500):
+        some = listed("--limit", str(limit))
+        assert len(some) == limit and len(set(some)) == limit and set(some) <= set(every)
+    data = orjson.loads(cli("profile", "list", "account", "paged", "--server", srv, "--json").stdout)
+    assert len(data["calls"]) == n and len({call["call_id"] for call in data["calls"]}) == n

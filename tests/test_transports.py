@@ -158,6 +158,40 @@ async def test_oversized_fields_refused_with_bad_field(tmp_path: Path) -> None:
         await c.close()
 
 
+
+async def test_max_vars_refused_with_bad_field(tmp_path: Path) -> None:
+    """[protocol] max_vars bounds a call's variables: a check carrying more is refused with
+    bad_field (nothing held, only bad_requests counted, the connection still answers); set_var adding
+    one past the bound is refused, overwriting or deleting an existing one still works."""
+    async with serving(tmp_path, max_vars=2) as srv:
+        c = await srv.tcp()
+        before = await c.call("stats")
+        r = await c.call("check", **chk("v3", vars={"a": "1", "b": "2", "c": "3"}))
+        assert r["ok"] is False and r["error"] == {"code": "bad_field",
+                                                   "message": "'vars' holds more than 2 variables"}
+        assert (await c.call("ping"))["ok"] is True  # the connection stays usable
+        after = await c.call("stats")
+        bad = before["decisions"].get("bad_requests", 0) + 1  # counted as a bad request, nothing else
+        assert after["decisions"] == {**before["decisions"], "bad_requests": bad}
+        assert after["rules"] == before["rules"]
+        assert after["dialogs"] == before["dialogs"]
+        assert await srv.service.store.profile_size("total", None, srv.clock.now()) == 0
+        assert await srv.service.store.get_call("v3", srv.clock.now()) is None
+
+        r = await c.call("check", **chk("v2", vars={"a": "1", "b": "2"}))
+        assert r["decision"] == "allow", r
+        r = await c.call("set_var", call_id="v2", name="c", value="3")
+        assert r["ok"] is False and r["error"] == {"code": "bad_field",
+                                                   "message": "the call already holds 2 variables"}
+        r = await c.call("set_var", call_id="v2", name="a", value="changed")
+        assert r["found"] is True and r["vars"] == {"a": "changed", "b": "2"}
+        r = await c.call("set_var", call_id="v2", name="b", value=None)
+        assert r["found"] is True and r["vars"] == {"a": "changed"}
+        r = await c.call("set_var", call_id="v2", name="c", value="3")  # room again after the delete
+        assert r["found"] is True and r["vars"] == {"a": "changed", "c": "3"}
+        assert await srv.service.store.profile_size("total", None, srv.clock.now()) == 1
+        await c.close()
+
 # -- connection bounds -------------------------------------------------------------------------
 
 
