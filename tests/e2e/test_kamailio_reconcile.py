@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ from tests.e2e.harness import (
     wait_for,
     wait_profiles_zero,
 )
-from tests.helpers import LineClient, RedisServer
+from tests.helpers import ROOT, LineClient, RedisServer
 
 pytestmark = pytest.mark.kamailio
 
@@ -225,10 +227,26 @@ def test_reconcile_command_reports_the_node(make_stack: StackFactory) -> None:
             stats = c.call("stats")
         finally:
             c.close()
+        # the same through the CLI, as an operator runs it
+        srv = f"127.0.0.1:{st.port}"
+        out = cli("reconcile", "--dry-run", "--server", srv)
+        one = cli("reconcile", "--dry-run", "--node", st.kam.evapi, "--server", srv)
+        unknown = cli("reconcile", "--dry-run", "--node", "127.0.0.1:1", "--server", srv)
         bg.result()
     node = r["nodes"][st.kam.evapi]
     assert r["ok"] and (node["dialogs"], node["held"], node["released"], node["added"]) == (2, 2, 0, 0), r
     assert stats["reconcile"]["runs"] >= 1 and stats["reconcile"]["errors"] == 0, stats["reconcile"]
+    line = f"{st.kam.evapi}: 2 dialogs on the node, 2 calls in the store; 0 would be released, 0 added"
+    assert out.returncode == 0 and line in out.stdout, (out.stdout, out.stderr)
+    assert one.returncode == 0 and line in one.stdout, (one.stdout, one.stderr)
+    said = unknown.stdout + unknown.stderr
+    assert unknown.returncode == 1 and "127.0.0.1:1" in said, said
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`callpolicy ARGS` (python -m policy) from the repository."""
+    return subprocess.run([sys.executable, "-m", "policy", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60, check=False)
 
 
 # -- Redis restarted empty ---------------------------------------------------------------------
