@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
 import signal
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -97,8 +98,9 @@ class Server:
             service.info_providers["records"] = records.info
         if s.tcp:
             host, port = split_hostport(s.tcp)
-            srv = await serve_tcp(service, host, port, self.conn_stats, limits=limits, role=stream_role(tokens),
-                                  reuse_port=s.reuse_port)
+            with _naming("tcp", s.tcp, s.reuse_port):
+                srv = await serve_tcp(service, host, port, self.conn_stats, limits=limits, role=stream_role(tokens),
+                                      reuse_port=s.reuse_port)
             self.servers.append(srv)
             sock = srv.sockets[0].getsockname()
             self.listening["tcp"] = f"{sock[0]}:{sock[1]}"
@@ -107,8 +109,9 @@ class Server:
             host, port = split_hostport(s.udp)
             if s.tcp and port == 0 and "tcp" in self.listening:
                 port = int(self.listening["tcp"].rsplit(":", 1)[1])
-            transport, proto = await serve_udp(service, host, port, s.max_message, s.reuse_port, allow=allow,
-                                               warn=self.warn)
+            with _naming("udp", s.udp, s.reuse_port):
+                transport, proto = await serve_udp(service, host, port, s.max_message, s.reuse_port, allow=allow,
+                                                   warn=self.warn)
             self.closers.append(transport.close)
             service.info_providers["udp"] = proto.info
             sock = transport.get_extra_info("sockname")
@@ -304,3 +307,15 @@ def run(settings: Settings) -> None:
         runner(Server(settings).run())
     finally:
         logs.flush()
+
+
+@contextlib.contextmanager
+def _naming(kind: str, address: str, reuse_port: bool) -> Iterator[None]:
+    """A listener that cannot bind says which one, and what shares a port."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        hint = "" if reuse_port else " (another service on it? processes share a port with [listen] reuse_port = true)"
+        raise OSError(exc.errno, f"[listen] {kind} {address}: address already in use{hint}") from None

@@ -534,6 +534,8 @@ def test_reuse_port_two_processes_answer_on_one_port(tmp_path: Path) -> None:
         assert r.returncode == 1, r.stderr
         assert r.stderr.startswith("callpolicy: cannot start: ") and str(a.port) in r.stderr, r.stderr
         assert "address already in use" in r.stderr, r.stderr
+        # it says which listener, and how processes share a port
+        assert f"[listen] tcp 127.0.0.1:{a.port}" in r.stderr and "reuse_port = true" in r.stderr, r.stderr
         for svc in (a, b):  # the refused one disturbed neither
             assert ping_unix(svc)["rules_version"] == versions[svc.unix]
     finally:
