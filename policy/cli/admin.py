@@ -140,6 +140,22 @@ def _size(c: Client, profile: str, value: str | None) -> tuple[int | None, dict[
     return (int(r["size"]), {}) if r.get("ok") else (None, r)
 
 
+def _confirmed_size(c: Client, args: argparse.Namespace, question: str) -> tuple[int, int]:
+    """(exit status, size) of the profile key `args` names, once the operator said yes to
+    `question` (formatted with `size` and `key`); size 0: stop with that status (an error, an
+    empty key, or no)."""
+    key = _key(args.profile, args.target)
+    size, err = _size(c, args.profile, args.target)
+    if err:
+        return fail(err), 0
+    if not size:
+        print(f"nothing held in {key}")
+        return 0, 0
+    if not confirm(question.format(size=size, key=key), args.yes):
+        return 1, 0
+    return 0, size
+
+
 def cmd_end(args: argparse.Namespace) -> int:
     """Release counts: one call (`release` op), or every call in a profile key, after confirmation.
     The calls stay up in the proxy: `terminate` ends them there."""
@@ -158,15 +174,10 @@ def cmd_end(args: argparse.Namespace) -> int:
         return 0
     key = _key(args.profile, args.target)
     with client(args) as c:
-        size, err = _size(c, args.profile, args.target)
-        if err:
-            return fail(err)
+        rc, size = _confirmed_size(c, args, "Release the {size} call(s) in {key}? Counts only: the calls stay up "
+                                            "in the proxy (`terminate` ends them)")
         if not size:
-            print(f"nothing held in {key}")
-            return 0
-        if not confirm(f"Release the {size} call(s) in {key}? Counts only: the calls stay up in the proxy "
-                       "(`terminate` ends them)", args.yes):
-            return 1
+            return rc
         r = c.request("release", profile=args.profile, value=args.target)
     if not r.get("ok"):
         return fail(r)
@@ -215,14 +226,10 @@ def cmd_terminate(args: argparse.Namespace) -> int:
         return 0
     key = _key(args.profile, args.target)
     with client(args) as c:
-        size, err = _size(c, args.profile, args.target)
-    if err:
-        return fail(err)
+        rc, size = _confirmed_size(c, args, "End the {size} call(s) in {key} in the proxies (BYE or CANCEL to "
+                                            "both sides)?")
     if not size:
-        print(f"nothing held in {key}")
-        return 0
-    if not confirm(f"End the {size} call(s) in {key} in the proxies (BYE or CANCEL to both sides)?", args.yes):
-        return 1
+        return rc
     # many calls: each is a round trip to its proxy; give the whole run time to finish
     with client(args, timeout=max(args.timeout, 60.0) + args.wait + size / 50) as c:
         r = c.request("terminate", profile=args.profile, value=args.target, wait=args.wait)
